@@ -1,0 +1,15 @@
+"""python eval.py experiment=<name> [overrides]; see README.md."""
+
+import hydra
+from omegaconf import DictConfig
+
+from mmsuite import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig):
+    return run.evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Send image grids (e.g. originals above reconstructions) to whatever loggers a trainer has.
+
+No torchvision: :func:`make_grid` is a few lines of tensor code. TensorBoard gets ``add_image``, W&B gets
+``log_image`` (wandb is only touched through Lightning's logger, lazily), every other logger (CSV, ...)
+gets a PNG file under ``<log_dir>/samples/``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> one uint8 ``[3, rows*(H+p)+p, nrow*(W+p)+p]`` image, filled row by row."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, 3, H, W] (or [N, 1, H, W]), got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8, got {images.dtype}")
+    images = images.detach().cpu()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    n, c, h, w = images.shape
+    nrow = max(1, min(int(nrow), max(n, 1)))
+    rows = max(1, math.ceil(n / nrow))
+    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def _safe_tag(tag: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag.replace("/", "_"))
+
+
+def log_image_grid(trainer, tag: str, images: torch.Tensor, nrow: int, step: int | None = None) -> list[Path]:
+    """Build a grid from uint8 ``images`` ``[N, 3, H, W]`` and send it to every logger of ``trainer``.
+
+    Rank zero only (other ranks return at once). Returns the PNG files written (for file-based loggers).
+    """
+    if not getattr(trainer, "is_global_zero", True):
+        return []
+    grid = make_grid(images, nrow)
+    step = int(trainer.global_step) if step is None else int(step)
+    written: list[Path] = []
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, grid, step, dataformats="CHW")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[grid.permute(1, 2, 0).numpy()], step=step)
+        else:
+            from PIL import Image
+
+            root = getattr(logger, "log_dir", None) or trainer.default_root_dir
+            path = Path(root) / "samples" / f"{_safe_tag(tag)}_step{step}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())).save(path)
+            written.append(path)
+    return written

@@ -1,0 +1,201 @@
+"""ShardDataModule: the Lightning side of :mod:`mmsuite.datamodules.shards`.
+
+A family's DataModule subclasses it and says how to build its dataset folder (``build``), how one decoded
+sample becomes training items (``expand``) and how items become a batch (``collate``). This base class
+builds what is missing (``prepare_data``), checks the manifest's token space and every shard (``setup``),
+and serves seeded, rank-disjoint, equal-length streams whose position is saved in checkpoints, so a
+resumed run continues with exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mmsuite.datamodules.shards import ShardStream, healthy_shards, read_manifest, split_shards
+from mmsuite.tokenizers.token_space import TokenSpace, check_same
+
+
+def settings_hash(settings: dict) -> str:
+    """Short stable hash of a settings dict; names cached dataset folders."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader over a :class:`ShardStream` that tells the stream its epoch and resume offset."""
+
+    def __init__(self, stream: ShardStream, datamodule: ShardDataModule, num_workers: int):
+        super().__init__(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(0),  # never draw from the global RNG
+            multiprocessing_context="fork" if num_workers > 0 else None,
+        )
+        self._datamodule = datamodule
+
+    def __iter__(self):
+        if self.dataset.train:
+            trainer = self._datamodule.trainer
+            epoch = trainer.current_epoch if trainer is not None else 0
+            self.dataset.epoch = epoch
+            self.dataset.skip_batches = self._datamodule._take_resume_offset(epoch)
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Base for every family's DataModule; see the module docstring."""
+
+    items_per_sample: int = 1
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        samples_per_shard: int = 64,
+        seed: int = 0,
+        on_corrupt: str = "raise",
+        token_space: TokenSpace | None = None,
+        plan_dir: str | None = None,
+    ):
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.samples_per_shard = samples_per_shard
+        self.seed = seed
+        self.on_corrupt = on_corrupt
+        self.token_space = token_space
+        self.plan_dir = plan_dir
+        self.corrupt_shards: list[str] = []
+        self._streams: dict[str, ShardStream] = {}
+        self._position = (0, 0)  # (epoch, next batch index) of the training stream
+        self._resume: dict | None = None
+
+    # -- what a family provides ------------------------------------------------------------------
+    @property
+    def dataset_name(self) -> str:
+        """Folder name under ``data_dir``; include a hash of every setting that changes the data."""
+        raise NotImplementedError
+
+    def build(self, out_dir: Path) -> None:
+        """Write the dataset folder (shards + manifest) to ``out_dir`` with a DatasetWriter."""
+        raise NotImplementedError
+
+    def expand(self, sample: dict) -> list:
+        return [sample]
+
+    def collate(self, items: list) -> dict:
+        raise NotImplementedError
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self.data_dir / self.dataset_name
+
+    def prepare_data(self) -> None:
+        if not (self.root / "manifest.json").exists():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            self.build(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        manifest = read_manifest(self.root)
+        self._check_token_space(manifest)
+        rank, world = (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
+        common = dict(
+            expand=self.expand,
+            collate=self.collate,
+            items_per_sample=self.items_per_sample,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+            on_corrupt=self.on_corrupt,
+        )
+        for split in ("train", "val", "test"):
+            if split not in manifest["splits"]:
+                continue
+            shards, bad = healthy_shards(split_shards(self.root, split, manifest), self.on_corrupt)
+            self.corrupt_shards += bad
+            train = split == "train"
+            bs = self.batch_size if train else self.val_batch_size
+            self._streams[split] = ShardStream(
+                shards, batch_size=bs, train=train, shuffle_buffer=self.shuffle_buffer if train else 0, **common
+            )
+        if self.plan_dir is not None and "train" in self._streams:
+            self._write_plan(rank)
+
+    def _check_token_space(self, manifest: dict) -> None:
+        if manifest.get("token_space_sha256") is None or self.token_space is None:
+            return  # the shards hold no token ids (e.g. raw frames)
+        check_same(
+            self.token_space.sha256,
+            "the run's token space (config token_space.ranges)",
+            manifest["token_space_sha256"],
+            f"the data's token space ({self.root / 'manifest.json'})",
+        )
+
+    def _write_plan(self, rank: int) -> None:
+        stream = self._streams["train"]
+        plan = {
+            "rank": rank,
+            "world_size": stream.world_size,
+            "batches_per_epoch": len(stream),
+            "epoch0_shards_by_worker": stream.plan(0),
+            "corrupt_shards_skipped": self.corrupt_shards,
+        }
+        path = Path(self.plan_dir) / f"data_plan_rank{rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=2) + "\n")
+
+    def _loader(self, split: str) -> DataLoader:
+        if split not in self._streams:
+            raise RuntimeError(f"dataset {self.root} has no '{split}' split")
+        return _EpochLoader(self._streams[split], self, self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- the stream position: carried by each batch, saved in checkpoints -------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        pos = batch.pop("stream_pos", None) if isinstance(batch, dict) else None
+        if pos is not None:
+            self._position = (int(pos[0]), int(pos[1]) + 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        epoch, next_batch = self._position
+        return {"epoch": epoch, "next_batch": next_batch, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+        self._position = (state["epoch"], state["next_batch"])
+
+    def _take_resume_offset(self, epoch: int) -> int:
+        state, self._resume = self._resume, None
+        if state is None or state["epoch"] != epoch:
+            return 0
+        if state["num_workers"] != self.num_workers:
+            warnings.warn(
+                f"resuming with data.num_workers={self.num_workers} but the checkpoint used "
+                f"{state['num_workers']}: the rest of this epoch will see a different sample order",
+                stacklevel=2,
+            )
+        return state["next_batch"]

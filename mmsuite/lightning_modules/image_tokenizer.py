@@ -1,0 +1,160 @@
+"""Lightning module that trains :class:`~mmsuite.tokenizers.image.ImageAutoencoder` (FSQ or continuous).
+
+Batches are dicts with ``"image"``: uint8 ``[B, 3, H, W]``. Checkpoint keys of the network are ``net.*`` and
+the hyper-parameters are plain python, so :meth:`ImageTokenizer.from_checkpoint` can rebuild the tokenizer
+with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from mmsuite.callbacks.samples import log_image_grid
+from mmsuite.nn.schedule import warmup_cosine_scheduler
+from mmsuite.tokenizers.image import ImageAutoencoder, psnr
+
+_LOSS_KEYS = {"l1", "mse", "perceptual"}
+
+
+class ImageTokenizerModule(L.LightningModule):
+    def __init__(
+        self,
+        net: dict,
+        optim: dict,
+        schedule: dict,
+        loss: dict,
+        n_sample_images: int = 8,
+        image_size: int = 64,
+    ):
+        super().__init__()
+        unknown = set(loss) - _LOSS_KEYS
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(_LOSS_KEYS)}")
+        if float(loss.get("perceptual", 0.0)) > 0:
+            raise NotImplementedError(
+                "loss.perceptual > 0: a perceptual loss needs a local pretrained feature network "
+                "(e.g. VGG/LPIPS weights on disk), which is not implemented yet; set loss.perceptual=0"
+            )
+        self.save_hyperparameters()
+        self.net = ImageAutoencoder(**net)
+        self.image_size = int(image_size)
+        self.w_l1 = float(loss.get("l1", 1.0))
+        self.w_mse = float(loss.get("mse", 0.0))
+        if self.w_l1 < 0 or self.w_mse < 0 or self.w_l1 + self.w_mse <= 0:
+            raise ValueError(f"loss weights must be >= 0 with l1 + mse > 0, got {loss}")
+        self.n_sample_images = int(n_sample_images)
+        self._code_counts: torch.Tensor | None = None
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _images(batch) -> torch.Tensor:
+        x = batch["image"]
+        if x.dtype == torch.uint8:
+            return x.float().div(127.5).sub(1.0)
+        if x.is_floating_point():  # float images in [0, 1]
+            return x.float().mul(2.0).sub(1.0)
+        raise TypeError(f"batch['image'] must be uint8 [B, 3, H, W] (or float in [0, 1]), got {x.dtype}")
+
+    def _losses(self, recon: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        l1 = (recon - x).abs().mean()
+        mse = (recon - x).pow(2).mean()
+        return {"loss": self.w_l1 * l1 + self.w_mse * mse, "l1": l1, "mse": mse}
+
+    # -- training -----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x = self._images(batch)
+        recon, _ = self.net(x)
+        out = self._losses(recon.float(), x)
+        bs = x.shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/l1", out["l1"], batch_size=bs)
+        self.log("train/mse", out["mse"], batch_size=bs)
+        return out["loss"]
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def _reset_counts(self) -> None:
+        k = self.net.codebook_size
+        self._code_counts = torch.zeros(k, dtype=torch.long, device=self.device) if k else None
+
+    def _eval_step(self, batch, batch_idx: int, prefix: str, dataloader_idx: int = 0):
+        x = self._images(batch)
+        recon, idx = self.net(x)
+        recon = recon.float()
+        out = self._losses(recon, x)
+        bs = x.shape[0]
+        recon01 = (recon.clamp(-1, 1) + 1) / 2
+        x01 = (x + 1) / 2
+        self.log(f"{prefix}/loss", out["loss"], batch_size=bs, sync_dist=True, add_dataloader_idx=False)
+        self.log(
+            f"{prefix}/psnr", psnr(recon01, x01), prog_bar=True, batch_size=bs, sync_dist=True, add_dataloader_idx=False
+        )
+        if idx is not None:
+            if self._code_counts is None or self._code_counts.device != idx.device:
+                self._reset_counts()
+            self._code_counts += torch.bincount(idx.flatten(), minlength=self._code_counts.numel())
+        if (
+            batch_idx == 0
+            and dataloader_idx == 0
+            and self.n_sample_images > 0
+            and self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+        ):
+            n = min(self.n_sample_images, bs)
+            to_u8 = lambda t: (t[:n] * 255).round().clamp(0, 255).to(torch.uint8)
+            grid = torch.cat([to_u8(x01), to_u8(recon01)])
+            log_image_grid(self.trainer, f"{prefix}/reconstructions", grid, nrow=n, step=self.global_step)
+        return out["loss"]
+
+    def _log_code_stats(self, prefix: str) -> None:
+        counts = self._code_counts
+        if counts is None:
+            return
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum") if self.trainer.world_size > 1 else counts
+        counts = counts.double()
+        total = counts.sum().clamp_min(1.0)
+        usage = (counts > 0).double().mean()
+        p = counts / total
+        entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum()
+        self.log(f"{prefix}/codebook_usage", usage.float(), rank_zero_only=True)
+        self.log(f"{prefix}/perplexity", entropy.exp().float(), rank_zero_only=True)
+        self._code_counts = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_counts()
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self._eval_step(batch, batch_idx, "val", dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_code_stats("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_counts()
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self._eval_step(batch, batch_idx, "test", dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_code_stats("test")
+
+    # -- optimisation -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        opt = torch.optim.AdamW(
+            self.net.parameters(),
+            lr=float(o.get("lr", 1e-3)),
+            betas=tuple(float(b) for b in o.get("betas", (0.9, 0.99))),
+            weight_decay=float(o.get("weight_decay", 0.0)),
+        )
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError(
+                f"ImageTokenizerModule needs trainer.max_steps > 0 for its warmup-cosine schedule, got {total}; "
+                "set trainer.max_steps"
+            )
+        s = self.hparams.schedule
+        sched = warmup_cosine_scheduler(
+            opt, int(s.get("warmup_steps", 0)), int(total), float(s.get("floor_ratio", 0.1))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

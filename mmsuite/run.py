@@ -1,0 +1,497 @@
+"""Glue between Hydra and Lightning: compose -> instantiate -> run dir -> resume -> fit/validate/test.
+
+Entry points (``train.py``, ``eval.py``, ``prepare.py``, ``generate.py``) are thin Hydra apps over the
+functions here. The run dir is ``${paths.log_dir}/<name>/<run>/`` and is decided by Hydra before any DDP
+process starts (Lightning forwards it to the processes it launches); rank 0 alone writes into it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mmsuite.callbacks.run_state import AtomicCheckpointIO, RunState
+from mmsuite.tokenizers.token_space import TokenSpace, check_same
+
+DONE_MARKER = "DONE"
+
+
+# ---------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------
+def is_rank_zero() -> bool:
+    """True in the launching process; Lightning's DDP children carry LOCAL_RANK/NODE_RANK > 0."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def git_revision() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_config(cfg: DictConfig) -> DictConfig:
+    """Apply the experiment's ``smoke:`` block under debug presets that ask for it; drop helper keys."""
+    if cfg.get("apply_smoke") and cfg.get("smoke"):
+        cfg = OmegaConf.merge(cfg, cfg.smoke)
+    return cfg
+
+
+def print_config(cfg: DictConfig) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    Console(stderr=False).print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_token_space(cfg: DictConfig) -> TokenSpace:
+    ranges = OmegaConf.select(cfg, "token_space.ranges")
+    if ranges is None:
+        raise ValueError("the experiment defines no token_space.ranges (conf/experiment/<name>.yaml)")
+    return TokenSpace.from_config(OmegaConf.to_container(ranges, resolve=True))
+
+
+def set_threads(cfg: DictConfig) -> None:
+    threads = OmegaConf.select(cfg, "hardware.threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+# ---------------------------------------------------------------------------------------------------
+# run dir, resume, finished marker
+# ---------------------------------------------------------------------------------------------------
+def check_multirun_strategy(cfg: DictConfig) -> None:
+    """``-m`` with a script-relaunching strategy would make every child start its own sweep: refuse."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    strategy, devices = str(cfg.trainer.get("strategy", "auto")), cfg.trainer.get("devices", 1)
+    multi = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1) or isinstance(devices, list | str)
+    if strategy.startswith("ddp") and strategy != "ddp_spawn" and multi and str(devices) != "1":
+        raise SystemExit(
+            f"multirun (-m) cannot run a multi-process strategy (trainer.strategy={strategy}, "
+            f"trainer.devices={devices}): Lightning would relaunch this script, sweep included, in every process. "
+            "Run each job as its own command (no -m), or use trainer.strategy=ddp_spawn inside sweeps."
+        )
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to continue from, or None; refuses what ``resume`` forbids."""
+    mode = cfg.get("resume", "auto")
+    if mode not in ("auto", "never", "must"):
+        raise ValueError(f"resume must be auto, never or must; got {mode!r}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if mode == "never":
+        if last.exists():
+            raise SystemExit(f"resume=never but {last} exists: choose another run=NAME or delete {run_dir}")
+        return None
+    if mode == "must" and not last.exists():
+        raise SystemExit(f"resume=must but there is no checkpoint at {last}")
+    return str(last) if last.exists() else None
+
+
+def finished_metrics(run_dir: Path) -> dict | None:
+    marker = run_dir / DONE_MARKER
+    if not marker.exists():
+        return None
+    metrics = run_dir / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.exists() else {}
+
+
+def check_same_job(cfg: DictConfig, run_dir: Path) -> None:
+    """A sweep job dir reused by a different sweep would silently mix runs: stop instead."""
+    saved = run_dir / "overrides.json"
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and saved.exists()):
+        return
+    now = sorted(HydraConfig.get().overrides.task)
+    before = json.loads(saved.read_text())
+    if before != now:
+        raise SystemExit(f"{run_dir} holds a job with overrides {before}, not {now}: pass a new sweep=NAME")
+
+
+def check_run_dir_token_space(run_dir: Path, token_space: TokenSpace) -> None:
+    saved = run_dir / "token_space.json"
+    if saved.exists():
+        check_same(
+            TokenSpace.load(saved).sha256,
+            f"the run dir's token space ({saved})",
+            token_space.sha256,
+            "this command's token space (config token_space.ranges)",
+        )
+
+
+@rank_zero_only
+def write_run_info(cfg: DictConfig, run_dir: Path, token_space: TokenSpace) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    token_space.save(run_dir / "token_space.json")
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    overrides = sorted(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    write_text_atomic(run_dir / "overrides.json", json.dumps(overrides) + "\n")
+    with open(run_dir / "commands.log", "a") as f:
+        f.write(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}  git {git_revision()}  {shlex.join([sys.executable, *sys.argv])}\n"
+        )
+
+
+def wandb_id(run_dir: Path) -> str:
+    path = run_dir / "wandb_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# building the Lightning objects
+# ---------------------------------------------------------------------------------------------------
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if not isinstance(lcfg, DictConfig) or "_target_" not in lcfg:
+            continue
+        if lcfg._target_.endswith("WandbLogger") and lcfg.get("id") is None:
+            with open_dict(lcfg):
+                lcfg.id = wandb_id(run_dir)
+        loggers.append(instantiate(lcfg))
+        rank_zero_info(f"[mmsuite] logger {key}: {type(loggers[-1]).__name__}")
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, token_space: TokenSpace) -> list:
+    ccfg = cfg.callbacks
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        RunState(
+            OmegaConf.to_container(cfg, resolve=True),
+            token_space.sha256,
+            git_revision(),
+            str(run_dir / "token_space.json"),
+        ),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=cfg.checkpoint_every_n_steps,
+            enable_version_counter=False,
+        ),
+    ]
+    if ccfg.get("monitor"):
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="best",
+                monitor=ccfg.monitor,
+                mode=ccfg.mode,
+                save_top_k=1,
+                save_last=False,
+                enable_version_counter=False,
+            )
+        )
+    if ccfg.get("progress_bar"):
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    if ccfg.get("lr_monitor") and cfg.get("logger"):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    for extra in (ccfg.get("extra") or {}).values():
+        callbacks.append(instantiate(extra))
+    return callbacks
+
+
+def build_datamodule(cfg: DictConfig, token_space: TokenSpace, run_dir: Path | None):
+    dm = instantiate(cfg.data, token_space=token_space, _convert_="all")
+    if run_dir is None:
+        dm.plan_dir = None
+    return dm
+
+
+def build_model(cfg: DictConfig):
+    return instantiate(cfg.model, _convert_="all")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path) -> L.Trainer:
+    return instantiate(
+        cfg.trainer,
+        enable_progress_bar=bool(cfg.callbacks.get("progress_bar")),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        _convert_="all",
+    )
+
+
+def collect_metrics(trainer: L.Trainer, callbacks: list) -> dict:
+    final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = {}
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_score is not None:
+            best[cb.monitor] = float(cb.best_model_score)
+            best["best_ckpt"] = cb.best_model_path
+    return {"final": final, "best": best, "global_step": trainer.global_step, "epoch": trainer.current_epoch}
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> float | None:
+    """Fit (and optionally test) one run; returns ``optimized_metric`` for sweepers."""
+    try:
+        metrics = _train(cfg)
+    except Exception:
+        if cfg.get("fail_fast", True) or not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            raise
+        traceback.print_exc()
+        print(f"[mmsuite] job failed; fail_fast=false so the sweep goes on (run dir {cfg.paths.run_dir})")
+        return float("nan")
+    finally:
+        _close_wandb()
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    value = metrics.get("best", {}).get(key, metrics.get("final", {}).get(key))
+    if value is None:
+        raise KeyError(f"optimized_metric {key!r} was not logged; logged: {sorted(metrics.get('final', {}))}")
+    return value
+
+
+def _train(cfg: DictConfig) -> dict:
+    cfg = prepare_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    set_threads(cfg)
+    check_multirun_strategy(cfg)
+    token_space = build_token_space(cfg)
+    check_run_dir_token_space(run_dir, token_space)
+    done = finished_metrics(run_dir)
+    if done is not None and cfg.resume != "never":
+        print(
+            f"[mmsuite] {run_dir} is finished (marker {run_dir / DONE_MARKER}); not training again.\n"
+            f"          final metrics: {json.dumps(done.get('final', {}), sort_keys=True)}\n"
+            "          to train more: raise trainer.max_steps and delete the marker, or pass run=NEW_NAME"
+        )
+        return done
+    check_same_job(cfg, run_dir)
+    ckpt_path = resolve_resume(cfg, run_dir)
+    if is_rank_zero():
+        if cfg.get("print_config"):
+            print_config(cfg)
+        write_run_info(cfg, run_dir, token_space)
+        print(f"[mmsuite] run dir: {run_dir}" + (f" (resuming {ckpt_path})" if ckpt_path else " (new run)"))
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg, token_space, run_dir)
+    model = build_model(cfg)
+    callbacks = build_callbacks(cfg, run_dir, token_space)
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if not trainer.interrupted:  # the final state, with the metrics of the final validation
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    metrics = collect_metrics(trainer, callbacks)
+    if datamodule.corrupt_shards:
+        metrics["corrupt_shards_skipped"] = datamodule.corrupt_shards
+    if cfg.get("test"):
+        best = metrics["best"].get("best_ckpt")
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics["test"] = test[0] if test else {}
+    if trainer.is_global_zero and not trainer.interrupted:
+        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(run_dir / DONE_MARKER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        print(f"[mmsuite] finished; metrics in {run_dir / 'metrics.json'}")
+    return metrics
+
+
+def _close_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval, prepare, generate
+# ---------------------------------------------------------------------------------------------------
+def load_checkpoint_config(ckpt_path: str | os.PathLike) -> tuple[dict, dict]:
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=...)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "mmsuite" not in ckpt:
+        raise RuntimeError(f"{path} was not written by mmsuite (no 'mmsuite' entry)")
+    return ckpt["mmsuite"], ckpt
+
+
+def rebuild_from_checkpoint(cfg: DictConfig):
+    """Model, data and token space as the checkpoint's own config describes them; hardware from ``cfg``."""
+    extra, _ = load_checkpoint_config(cfg.ckpt_path)
+    saved = OmegaConf.create(extra["config"])
+    token_space = build_token_space(saved)
+    check_same(
+        extra["token_space_sha256"],
+        f"the checkpoint ({cfg.ckpt_path})",
+        token_space.sha256,
+        "the token space rebuilt from the checkpoint's config",
+    )
+    with open_dict(saved):
+        saved.data.plan_dir = None
+        saved.data.num_workers = cfg.data.get("num_workers", saved.data.num_workers)
+    datamodule = build_datamodule(saved, token_space, None)
+    model = build_model(saved)
+    return saved, extra, datamodule, model
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    set_threads(cfg)
+    saved, extra, datamodule, model = rebuild_from_checkpoint(cfg)
+    trainer_cfg = OmegaConf.merge(
+        cfg.trainer,
+        {
+            "limit_val_batches": saved.trainer.get("limit_val_batches"),
+            "limit_test_batches": saved.trainer.get("limit_val_batches"),
+        },
+    )
+    loggers = build_loggers(cfg, Path(cfg.paths.run_dir))
+    trainer = instantiate(
+        trainer_cfg,
+        logger=loggers or False,
+        callbacks=[],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=cfg.paths.run_dir,
+        _convert_="all",
+    )
+    run = trainer.validate if cfg.split == "val" else trainer.test
+    results = run(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)[0]
+    out = {
+        "ckpt_path": str(cfg.ckpt_path),
+        "split": cfg.split,
+        "metrics": results,
+        "checkpoint_val_metrics": extra.get("val_metrics", {}),
+    }
+    out_path = Path(cfg.ckpt_path).parent.parent / f"eval_{cfg.split}.json"
+    write_text_atomic(out_path, json.dumps(out, indent=2, sort_keys=True) + "\n")
+    print(f"[mmsuite] {cfg.split} metrics of {cfg.ckpt_path}:")
+    for k, v in sorted(results.items()):
+        print(f"  {k:32s} {v:.6g}")
+    print(f"[mmsuite] written to {out_path}")
+    return out
+
+
+def prepare(cfg: DictConfig) -> Path:
+    cfg = prepare_config(cfg)
+    set_threads(cfg)
+    datamodule = build_datamodule(cfg, build_token_space(cfg), None)
+    datamodule.prepare_data()
+    manifest = json.loads((datamodule.root / "manifest.json").read_text())
+    print(f"[mmsuite] dataset {datamodule.root}")
+    for split, info in manifest["splits"].items():
+        print(f"  {split:6s} {info['samples']:7d} samples in {len(info['shards'])} shards")
+    return datamodule.root
+
+
+def generate(cfg: DictConfig) -> Path:
+    set_threads(cfg)
+    saved, extra, datamodule, model = rebuild_from_checkpoint(cfg)
+    _, ckpt = load_checkpoint_config(cfg.ckpt_path)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    if not hasattr(model, "generate_samples"):
+        raise NotImplementedError(f"{type(model).__name__} has no generate_samples(batch, out_dir)")
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader() if cfg.split == "val" else datamodule.test_dataloader()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch = next(iter(loader))
+    batch = {k: v[: cfg.n_samples] if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.no_grad():
+        written = model.generate_samples(batch, out_dir)
+    for p in written:
+        print(f"[mmsuite] wrote {p}")
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# sweeps
+# ---------------------------------------------------------------------------------------------------
+class SweepSummary(HydraCallback):
+    """At the end of ``-m``: a table of every job's overrides and final metrics (printed, and saved)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+        if isinstance(storage, str) and storage.startswith("sqlite:///"):  # the study's folder must exist
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = []
+        for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
+            overrides = job_dir / "overrides.json"
+            if not overrides.exists():
+                continue
+            metrics_path = job_dir / "metrics.json"
+            metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+            rows.append(
+                (
+                    job_dir.name,
+                    json.loads(overrides.read_text()),
+                    metrics.get("final", {}),
+                    "done" if (job_dir / DONE_MARKER).exists() else "failed/unfinished",
+                )
+            )
+        keys = sorted({k for _, _, m, _ in rows for k in m if k.startswith(("val/", "test/"))})
+        header = ["job", "status", "overrides", *keys]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for job, ov, m, status in rows:
+            cells = [job, status, " ".join(ov)] + [_fmt(m.get(k)) for k in keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        table = "\n".join(lines) + "\n"
+        write_text_atomic(sweep_dir / "summary.md", table)
+        write_text_atomic(
+            sweep_dir / "summary.json",
+            json.dumps([{"job": j, "overrides": o, "final": m, "status": s} for j, o, m, s in rows], indent=2) + "\n",
+        )
+        print(f"\n[mmsuite] sweep {sweep_dir}: {len(rows)} job(s)\n{table}")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}"

@@ -1,0 +1,97 @@
+"""Multi-process training (2 CPU processes, gloo) and Hydra multirun sweeps."""
+
+import json
+
+from tests.cli.conftest import run_cli
+
+
+def test_ddp_cpu_one_run_dir_disjoint_shards_equal_batches(tmp_path, shared_data):
+    proc = run_cli(
+        "train.py",
+        "debug=smoke",
+        "hardware=ddp_cpu",
+        "callbacks.progress_bar=false",
+        logs=tmp_path,
+        data=shared_data,
+        timeout=400,
+    )
+    runs = list((tmp_path / "image_tokenizer").iterdir())
+    assert [p.name for p in runs] == ["image_tokenizer-smoke"], runs
+    run_dir = runs[0]
+    plans = [json.loads((run_dir / f"data_plan_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [p["world_size"] for p in plans] == [2, 2]
+    shards = [{s for role in p["epoch0_shards_by_worker"] for s in role} for p in plans]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert plans[0]["batches_per_epoch"] == plans[1]["batches_per_epoch"] > 0
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 8
+    assert proc.stdout.count("[mmsuite] run dir:") == 1  # side effects on rank 0 only
+
+
+def test_multirun_sweep_writes_job_dirs_and_summary(tmp_path, shared_data):
+    proc = run_cli(
+        "train.py",
+        "-m",
+        "debug=smoke",
+        "sweep=lr",
+        "model.optim.lr=0.001,0.003",
+        "callbacks.progress_bar=false",
+        logs=tmp_path,
+        data=shared_data,
+        timeout=400,
+    )
+    sweep = tmp_path / "image_tokenizer" / "sweeps" / "lr"
+    for job in ("0", "1"):
+        assert (sweep / job / "metrics.json").exists() and (sweep / job / "DONE").exists()
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [r["overrides"] for r in rows] == [
+        ["debug=smoke", "model.optim.lr=0.001"],
+        ["debug=smoke", "model.optim.lr=0.003"],
+    ] or all("model.optim.lr=" in " ".join(r["overrides"]) for r in rows)
+    assert all("val/psnr" in r["final"] for r in rows)
+    table = (sweep / "summary.md").read_text()
+    assert "model.optim.lr=0.001" in table and "model.optim.lr=0.003" in table and "val/psnr" in table
+    assert "model.optim.lr=0.003" in proc.stdout
+
+
+def test_failed_job_does_not_stop_the_sweep_with_fail_fast_off(tmp_path, shared_data):
+    run_cli(
+        "train.py",
+        "-m",
+        "debug=smoke",
+        "sweep=bad",
+        "fail_fast=false",
+        "model.optim.lr=-1.0,0.001",
+        "callbacks.progress_bar=false",
+        logs=tmp_path,
+        data=shared_data,
+        timeout=400,
+    )
+    rows = {r["job"]: r for r in json.loads((tmp_path / "image_tokenizer/sweeps/bad/summary.json").read_text())}
+    assert rows["0"]["status"] != "done" and rows["1"]["status"] == "done"
+
+
+def test_multirun_with_ddp_stops_with_a_clear_message(tmp_path, shared_data):
+    proc = run_cli(
+        "train.py", "-m", "debug=smoke", "hardware=ddp_cpu", "sweep=ddp", logs=tmp_path, data=shared_data, check=False
+    )
+    assert proc.returncode != 0
+    assert "multirun (-m) cannot run a multi-process strategy" in proc.stdout + proc.stderr
+
+
+def test_optuna_study_in_sqlite_continues(tmp_path, shared_data):
+    args = [
+        "hparams_search=optuna_image_tokenizer",
+        "debug=smoke",
+        "hydra.sweeper.n_trials=2",
+        "callbacks.progress_bar=false",
+    ]
+    run_cli("train.py", *args, logs=tmp_path, data=shared_data, timeout=400)
+    db = tmp_path / "image_tokenizer" / "sweeps" / "optuna.db"
+    assert db.exists()
+    import optuna
+
+    study = optuna.load_study(study_name="image_tokenizer_optuna", storage=f"sqlite:///{db}")
+    assert len(study.trials) == 2
+    run_cli("train.py", *args, logs=tmp_path, data=shared_data, timeout=400)  # the same command again
+    study = optuna.load_study(study_name="image_tokenizer_optuna", storage=f"sqlite:///{db}")
+    assert len(study.trials) == 4  # the stopped study was continued, not restarted

@@ -1,0 +1,193 @@
+"""End-to-end runs of train.py / eval.py / prepare.py / generate.py on the smoke toy world."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli.conftest import ROOT, cli_env, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+CASES = [(e, ()) for e in EXPERIMENTS] + [("image_tokenizer", ("tokenizer=continuous",))]
+
+
+@pytest.mark.parametrize(("experiment", "extra"), CASES)
+def test_every_experiment_runs_with_smoke(experiment, extra, tmp_path, shared_data):
+    run_cli("train.py", f"experiment={experiment}", "debug=smoke", *extra, logs=tmp_path, data=shared_data)
+    run_dir = tmp_path / experiment / f"{experiment}-smoke"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 8
+    for name in ("config.yaml", "token_space.json", "overrides.json", "commands.log", "DONE", "checkpoints/last.ckpt"):
+        assert (run_dir / name).exists(), name
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    extra = ckpt["mmsuite"]
+    assert extra["token_space_sha256"] == json.loads((run_dir / "token_space.json").read_text())["sha256"]
+    assert extra["config"]["name"] == experiment and extra["git_rev"] and "torch" in extra["rng"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, shared_data):
+    """One finished smoke run of the main experiment, shared by the tests that only read it."""
+    logs = tmp_path_factory.mktemp("logs")
+    proc = run_cli("train.py", "debug=smoke", logs=logs, data=shared_data)
+    return logs, logs / "image_tokenizer" / "image_tokenizer-smoke", proc
+
+
+def test_finished_run_is_not_retrained(smoke_run, shared_data):
+    logs, run_dir, _ = smoke_run
+    before = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    proc = run_cli("train.py", "debug=smoke", logs=logs, data=shared_data)
+    assert "is finished" in proc.stdout
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
+    assert len((run_dir / "commands.log").read_text().splitlines()) == 1
+
+
+def test_resume_modes(smoke_run, shared_data, tmp_path):
+    logs, run_dir, _ = smoke_run
+    proc = run_cli("train.py", "debug=smoke", "resume=never", logs=logs, data=shared_data, check=False)
+    assert proc.returncode != 0 and "resume=never" in proc.stderr + proc.stdout
+    proc = run_cli("train.py", "debug=smoke", "resume=must", "run=fresh", logs=tmp_path, data=shared_data, check=False)
+    assert proc.returncode != 0 and "no checkpoint" in proc.stderr + proc.stdout
+
+
+def test_tensorboard_holds_scalars_and_images(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = smoke_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/psnr", "val/codebook_usage"} <= scalars
+    assert acc.Tags()["images"], "no image summaries"
+    assert len(acc.Scalars("train/loss")) >= 2
+
+
+def test_eval_reproduces_checkpoint_validation_metrics(smoke_run, shared_data):
+    logs, run_dir, _ = smoke_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    stored = torch.load(ckpt, weights_only=True)["mmsuite"]["val_metrics"]
+    proc = run_cli("eval.py", "experiment=image_tokenizer", f"ckpt_path={ckpt}", logs=logs, data=shared_data)
+    assert "val/psnr" in proc.stdout
+    got = json.loads((run_dir / "eval_val.json").read_text())["metrics"]
+    for key in ("val/psnr", "val/loss", "val/codebook_usage"):
+        assert got[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-5), key
+
+
+def test_generate_writes_reconstructions(smoke_run, shared_data, tmp_path):
+    logs, run_dir, _ = smoke_run
+    run_cli(
+        "generate.py",
+        "experiment=image_tokenizer",
+        f"ckpt_path={run_dir / 'checkpoints/last.ckpt'}",
+        f"out_dir={tmp_path / 'gen'}",
+        "n_samples=4",
+        logs=logs,
+        data=shared_data,
+    )
+    assert list((tmp_path / "gen").glob("*.png"))
+
+
+def test_token_space_mismatch_stops_with_both_hashes(smoke_run, shared_data):
+    logs, run_dir, _ = smoke_run
+    proc = run_cli(
+        "train.py",
+        "debug=smoke",
+        "tokenizer=fsq_64k",
+        "tokenizer.downsample=8",
+        logs=logs,
+        data=shared_data,
+        check=False,
+    )
+    err = proc.stderr + proc.stdout
+    assert proc.returncode != 0
+    saved = json.loads((run_dir / "token_space.json").read_text())["sha256"]
+    assert "token space mismatch" in err and saved in err and str(run_dir / "token_space.json") in err
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path, shared_data):
+    common = [
+        "debug=smoke",
+        "trainer.deterministic=true",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=10",
+        "checkpoint_every_n_steps=3",
+        "callbacks.progress_bar=false",
+    ]
+    run_cli("train.py", *common, "run=straight", logs=tmp_path, data=shared_data)
+
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"paths.log_dir={tmp_path}",
+        f"paths.data_dir={shared_data}",
+        *common,
+        "run=killed",
+    ]
+    run_dir = tmp_path / "image_tokenizer" / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():
+            step = torch.load(last, weights_only=True)["global_step"]
+            if step >= 9:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 9 <= killed_at < 40 and not (run_dir / "DONE").exists()
+
+    out = run_cli("train.py", *common, "run=killed", logs=tmp_path, data=shared_data)
+    assert "resuming" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "image_tokenizer").iterdir()) == ["killed", "straight"]
+    assert len((run_dir / "commands.log").read_text().splitlines()) == 2
+    a = _weights(tmp_path / "image_tokenizer" / "straight" / "checkpoints" / "last.ckpt")
+    b = _weights(last)
+    assert a.keys() == b.keys()
+    diff = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not diff, f"resumed run differs from the uninterrupted one (killed at step {killed_at}): {diff}"
+
+
+def test_corrupt_shard_stops_or_is_skipped(tmp_path):
+    data = tmp_path / "data"
+    run_cli("prepare.py", "debug=smoke", "apply_smoke=true", logs=tmp_path, data=data)
+    (dataset,) = list(data.iterdir())
+    shard = dataset / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    proc = run_cli("train.py", "debug=smoke", logs=tmp_path, data=data, check=False)
+    assert proc.returncode != 0
+    assert str(shard) in proc.stderr + proc.stdout
+    run_cli("train.py", "debug=smoke", "data.on_corrupt=skip", "run=skip", logs=tmp_path, data=data)
+    metrics = json.loads((tmp_path / "image_tokenizer" / "skip" / "metrics.json").read_text())
+    assert metrics["corrupt_shards_skipped"] == [str(shard)]
+
+
+def test_wandb_offline(tmp_path, shared_data):
+    run_cli(
+        "train.py",
+        "debug=smoke",
+        "logger=wandb",
+        logs=tmp_path,
+        data=shared_data,
+        extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    run_dir = tmp_path / "image_tokenizer" / "image_tokenizer-smoke"
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline and list(offline[0].glob("*.wandb"))

@@ -1,0 +1,15 @@
+"""python train.py experiment=<name> [overrides]; see README.md."""
+
+import hydra
+from omegaconf import DictConfig
+
+from mmsuite import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig):
+    return run.train(cfg)
+
+
+if __name__ == "__main__":
+    main()
