@@ -138,6 +138,23 @@ class ImageTokenizerModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_code_stats("test")
 
+    # -- generation (generate.py) ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_samples(self, batch, out_dir) -> list:
+        """Write originals (top row) over reconstructions (bottom row) as one PNG; returns the paths."""
+        from pathlib import Path
+
+        from PIL import Image
+
+        x = self._images(batch)
+        recon, _ = self.net(x)
+        to_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        top, bottom = (torch.cat(list(to_u8(t)), dim=2) for t in (x, recon.float()))
+        grid = torch.cat([top, bottom], dim=1).permute(1, 2, 0).cpu().numpy()
+        path = Path(out_dir) / "reconstructions.png"
+        Image.fromarray(grid).save(path)
+        return [path]
+
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.hparams.optim

@@ -138,17 +138,22 @@ def _per_level(value: int | Sequence[int], n: int, name: str) -> list[int]:
     return value
 
 
-def _num_down(downsample: int) -> int:
+def _num_down(downsample: int, patch_size: int = 1) -> int:
+    """Stride-2 stages after a ``patch_size`` space-to-depth stem: log2(downsample / patch_size)."""
     if downsample not in (2, 4, 8, 16, 32):
         raise ValueError(f"downsample must be a power of two in {{2, 4, 8, 16, 32}} (8 or 16 usual), got {downsample}")
-    return int(round(math.log2(downsample)))
+    if patch_size not in (1, 2, 4, 8, 16) or patch_size > downsample:
+        raise ValueError(f"patch_size must be a power of two <= downsample ({downsample}), got {patch_size}")
+    return int(round(math.log2(downsample // patch_size)))
 
 
 class Encoder(nn.Module):
     """Images ``[B, 3, H, W]`` -> latents ``[B, out_channels, H/ds, W/ds]``.
 
-    Resolution level ``i`` (``0..log2(ds)``) has width ``channels * channel_mult[i]`` and ``num_res_blocks[i]``
-    residual blocks; a stride-2 conv goes from level ``i`` to ``i + 1``.
+    An optional ``patch_size`` stem first folds each ``p x p`` pixel patch into channels (space-to-depth),
+    which moves all compute to coarser grids (much faster on CPUs). Resolution level ``i``
+    (``0..log2(ds / p)``) has width ``channels * channel_mult[i]`` and ``num_res_blocks[i]`` residual blocks;
+    a stride-2 conv goes from level ``i`` to ``i + 1``.
     """
 
     def __init__(
@@ -158,17 +163,19 @@ class Encoder(nn.Module):
         channels: int,
         channel_mult: Sequence[int],
         num_res_blocks: int | Sequence[int],
+        patch_size: int = 1,
     ):
         super().__init__()
-        n = _num_down(downsample)
+        n = _num_down(downsample, patch_size)
         if len(channel_mult) != n + 1:
             raise ValueError(
-                f"channel_mult needs log2(downsample) + 1 = {n + 1} entries for downsample {downsample}, "
-                f"got {list(channel_mult)}"
+                f"channel_mult needs log2(downsample / patch_size) + 1 = {n + 1} entries for downsample "
+                f"{downsample} and patch_size {patch_size}, got {list(channel_mult)}"
             )
+        self.patch_size = patch_size
         widths = [channels * int(m) for m in channel_mult]
         blocks = _per_level(num_res_blocks, n + 1, "num_res_blocks")
-        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(3 * patch_size**2, widths[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i in range(n + 1):
             layers += [ResBlock(widths[i], widths[i]) for _ in range(blocks[i])]
@@ -179,6 +186,8 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(x)))))
 
 
@@ -196,14 +205,16 @@ class Decoder(nn.Module):
         channels: int,
         channel_mult: Sequence[int],
         num_res_blocks: int | Sequence[int],
+        patch_size: int = 1,
     ):
         super().__init__()
-        n = _num_down(downsample)
+        n = _num_down(downsample, patch_size)
         if len(channel_mult) != n + 1:
             raise ValueError(
-                f"channel_mult needs log2(downsample) + 1 = {n + 1} entries for downsample {downsample}, "
-                f"got {list(channel_mult)}"
+                f"channel_mult needs log2(downsample / patch_size) + 1 = {n + 1} entries for downsample "
+                f"{downsample} and patch_size {patch_size}, got {list(channel_mult)}"
             )
+        self.patch_size = patch_size
         widths = [channels * int(m) for m in channel_mult]
         blocks = _per_level(num_res_blocks, n + 1, "num_res_blocks")
         self.conv_in = nn.Conv2d(in_channels, widths[-1], 3, padding=1)
@@ -217,10 +228,11 @@ class Decoder(nn.Module):
                 ]
         self.body = nn.Sequential(*layers)
         self.norm_out = _norm(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[0], 3 * patch_size**2, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))
+        x = self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))
+        return F.pixel_shuffle(x, self.patch_size) if self.patch_size > 1 else x
 
 
 class ImageAutoencoder(nn.Module):
@@ -237,12 +249,19 @@ class ImageAutoencoder(nn.Module):
         channel_mult: Sequence[int] = (1, 1, 2, 2),
         num_res_blocks: int | Sequence[int] = 1,
         latent_channels: int = 4,
+        patch_size: int = 1,
     ):
         super().__init__()
         self.downsample = int(downsample)
         self.quantizer = FSQ(levels) if levels is not None else None
         self.latent_channels = self.quantizer.dim if self.quantizer is not None else int(latent_channels)
-        kw = dict(downsample=downsample, channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks)
+        kw = dict(
+            downsample=downsample,
+            channels=channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            patch_size=int(patch_size),
+        )
         self.encoder = Encoder(self.latent_channels, **kw)
         self.decoder = Decoder(self.latent_channels, **kw)
 

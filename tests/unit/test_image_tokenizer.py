@@ -89,6 +89,24 @@ def test_autoencoder_shapes(downsample, mult, levels):
         net.encode(torch.zeros(1, 3, 60, 64))
 
 
+@pytest.mark.parametrize("downsample,patch_size,mult", [(8, 4, [1, 2]), (16, 4, [1, 2, 2]), (8, 8, [1])])
+def test_autoencoder_patch_stem_shapes(downsample, patch_size, mult):
+    net = ImageAutoencoder(
+        levels=[8, 5, 5, 5],
+        downsample=downsample,
+        patch_size=patch_size,
+        channels=8,
+        channel_mult=mult,
+        num_res_blocks=1,
+    )
+    x = torch.rand(2, 3, 32, 64) * 2 - 1
+    recon, idx = net(x)
+    assert recon.shape == x.shape
+    assert idx.shape == (2, 32 // downsample, 64 // downsample)
+    with pytest.raises(ValueError, match="channel_mult"):
+        ImageAutoencoder(downsample=8, patch_size=4, channel_mult=[1, 2, 2])
+
+
 def test_metrics_helpers():
     x = torch.rand(2, 3, 8, 8)
     assert psnr(x, x) > 90
@@ -275,3 +293,20 @@ def test_log_image_grid_csv_writes_png(tmp_path):
     arr = np.asarray(Image.open(written[0]))
     assert arr.shape == (2 * 10 + 2, 3 * 12 + 2, 3)  # 2 rows x 3 cols, padding 2
     assert (arr[2:10, 2:12] == 200).all() and (arr[2:10, 14:24] == 0).all()
+
+
+def test_patch_size_stem_shapes_and_validation():
+    import pytest as _pytest
+
+    from mmsuite.tokenizers.image import ImageAutoencoder
+
+    net = ImageAutoencoder(
+        levels=[8, 5, 5, 5], downsample=8, patch_size=4, channels=8, channel_mult=[1, 2], num_res_blocks=[1, 1]
+    )
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    recon, idx = net(x)
+    assert recon.shape == x.shape and idx.shape == (2, 8, 8)
+    with _pytest.raises(ValueError, match="channel_mult"):
+        ImageAutoencoder(downsample=8, patch_size=4, channel_mult=[1, 2, 4])
+    with _pytest.raises(ValueError, match="patch_size"):
+        ImageAutoencoder(downsample=8, patch_size=16, channel_mult=[1])
