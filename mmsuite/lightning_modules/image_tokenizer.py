@@ -12,7 +12,7 @@ import torch
 
 from mmsuite.callbacks.samples import log_image_grid
 from mmsuite.nn.schedule import warmup_cosine_scheduler
-from mmsuite.tokenizers.image import ImageAutoencoder, psnr
+from mmsuite.tokenizers.image import ImageAutoencoder, codebook_stats, psnr
 
 _LOSS_KEYS = {"l1", "mse", "perceptual"}
 
@@ -111,13 +111,9 @@ class ImageTokenizerModule(L.LightningModule):
         if counts is None:
             return
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum") if self.trainer.world_size > 1 else counts
-        counts = counts.double()
-        total = counts.sum().clamp_min(1.0)
-        usage = (counts > 0).double().mean()
-        p = counts / total
-        entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum()
-        self.log(f"{prefix}/codebook_usage", usage.float(), rank_zero_only=True)
-        self.log(f"{prefix}/perplexity", entropy.exp().float(), rank_zero_only=True)
+        usage, perplexity = codebook_stats(counts.cpu())
+        self.log(f"{prefix}/codebook_usage", usage, rank_zero_only=True)
+        self.log(f"{prefix}/perplexity", perplexity, rank_zero_only=True)
         self._code_counts = None
 
     def on_validation_epoch_start(self) -> None:

@@ -48,3 +48,17 @@ def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
+
+
+def test_native_cpu_precision_follows_the_cpu(monkeypatch):
+    from mmsuite import run
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert run.native_cpu_precision() == "bf16-mixed"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert run.native_cpu_precision() == "32-true"
+    # the resolver is registered for configs
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create({"p": "${native_cpu_precision:}"}).p == "32-true"
