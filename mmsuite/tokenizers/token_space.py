@@ -3,6 +3,11 @@
 A token space is an ordered list of ``(name, size)`` ranges laid out back to back from id 0.
 Its identity is the sha256 of its canonical JSON; that hash is written into every shard manifest,
 checkpoint and run dir, and compared at every load (:func:`check_same`).
+
+A range may instead hold named special tokens (:meth:`TokenSpace.register_specials`): its ids map to
+names such as ``<pad>``/``<bos>``/``<eos>`` in order, optionally followed by reserved, unnamed ids. Code
+asks for a special by name (:meth:`TokenSpace.special`), never by tokenizing its string. Such a range
+carries a ``tokens`` list in the JSON; a space without specials serialises exactly as before.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,17 @@ FORMAT_VERSION = 1
 
 class TokenSpaceMismatch(RuntimeError):
     """Raised when two token spaces that must agree do not."""
+
+
+class UnknownSpecialToken(KeyError):
+    """A special token name (or id) that the token space does not define."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _is_token_list(spec) -> bool:
+    return isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Mapping))
 
 
 @dataclass(frozen=True)
@@ -36,13 +52,22 @@ class TokenRange:
 
 
 class TokenSpace:
-    """Ordered, named, non-overlapping global ID ranges."""
+    """Ordered, named, non-overlapping global ID ranges.
 
-    def __init__(self, ranges: Iterable[tuple[str, int]] = ()):
+    ``ranges`` holds ``(name, size)`` pairs; a pair ``(name, [token, ...])`` registers named specials.
+    """
+
+    def __init__(self, ranges: Iterable[tuple[str, int | Sequence[str]]] = ()):
         self._ranges: dict[str, TokenRange] = {}
         self._next = 0
-        for name, size in ranges:
-            self.register(name, size)
+        self._range_tokens: dict[str, tuple[str, ...]] = {}  # specials range name -> its token names
+        self._special_ids: dict[str, int] = {}  # token name -> global id
+        self._special_names: dict[int, str] = {}  # global id -> token name
+        for name, spec in ranges:
+            if _is_token_list(spec):
+                self.register_specials(name, tokens=spec)
+            else:
+                self.register(name, spec)
 
     # -- building -------------------------------------------------------------------------------
     def register(self, name: str, size: int) -> TokenRange:
@@ -58,17 +83,65 @@ class TokenSpace:
         self._next = rng.stop
         return rng
 
+    def register_specials(
+        self, name: str = "specials", *, tokens: Iterable[str], size: int | None = None
+    ) -> TokenRange:
+        """Append a range ``name`` whose first ids are the named special ``tokens``, in order.
+
+        ``size`` (default ``len(tokens)``) may be larger to reserve unnamed ids for later specials; note
+        that naming a reserved id later changes the space (and its sha256) all the same.
+        """
+        if not _is_token_list(tokens):
+            raise ValueError(f"token range {name!r}: tokens must be a list of strings, got {tokens!r}")
+        tokens = tuple(tokens)
+        if not tokens:
+            raise ValueError(f"token range {name!r}: tokens must not be empty")
+        seen: set[str] = set()
+        for t in tokens:
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"token range {name!r}: special token names must be non-empty strings, got {t!r}")
+            if t in seen:
+                raise ValueError(f"token range {name!r}: special token {t!r} is listed twice")
+            if t in self._special_ids:
+                other = self.range_of(self._special_ids[t]).name
+                raise ValueError(f"token range {name!r}: special token {t!r} is already registered in range {other!r}")
+            seen.add(t)
+        if size is None:
+            size = len(tokens)
+        elif int(size) != size or size < len(tokens):
+            raise ValueError(f"token range {name!r}: size {size!r} is smaller than its {len(tokens)} special tokens")
+        rng = self.register(name, size)
+        self._range_tokens[name] = tokens
+        for i, t in enumerate(tokens):
+            self._special_ids[t] = rng.start + i
+            self._special_names[rng.start + i] = t
+        return rng
+
     @classmethod
     def from_config(cls, ranges: Iterable[Mapping] | Mapping) -> TokenSpace:
-        """Build from config: a list of ``{name, size}`` or an ordered mapping ``name: size``."""
+        """Build from config: a list of ``{name, size}`` / ``{name, tokens[, size]}`` entries, or an
+        ordered mapping ``name: size`` / ``name: [token, ...]``."""
+        space = cls()
         if isinstance(ranges, Mapping):
-            return cls((str(k), int(v)) for k, v in ranges.items())
-        out = []
+            for k, v in ranges.items():
+                if _is_token_list(v):
+                    space.register_specials(str(k), tokens=[str(t) for t in v])
+                else:
+                    space.register(str(k), int(v))
+            return space
         for i, r in enumerate(ranges):
-            if "name" not in r or "size" not in r:
-                raise ValueError(f"token_space.ranges[{i}] needs 'name' and 'size', got {dict(r)}")
-            out.append((str(r["name"]), int(r["size"])))
-        return cls(out)
+            if "name" not in r or ("size" not in r and "tokens" not in r):
+                raise ValueError(
+                    f"token_space.ranges[{i}] needs 'name' and 'size' (or 'tokens' for specials), got {dict(r)}"
+                )
+            if "tokens" in r:
+                if not _is_token_list(r["tokens"]):
+                    raise ValueError(f"token_space.ranges[{i}].tokens must be a list of strings, got {r['tokens']!r}")
+                size = int(r["size"]) if r.get("size") is not None else None
+                space.register_specials(str(r["name"]), tokens=[str(t) for t in r["tokens"]], size=size)
+            else:
+                space.register(str(r["name"]), int(r["size"]))
+        return space
 
     # -- queries --------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> TokenRange:
@@ -96,13 +169,50 @@ class TokenSpace:
                 return r
         raise ValueError(f"token id {token_id} lies outside every range (vocab size {self.vocab_size})")
 
+    # -- named specials -------------------------------------------------------------------------
+    @property
+    def specials(self) -> dict[str, int]:
+        """Every named special token -> its global id, in id order."""
+        return dict(self._special_ids)
+
+    def special(self, token: str) -> int:
+        """Global id of the special ``token`` (e.g. ``"<eos>"``)."""
+        try:
+            return self._special_ids[token]
+        except KeyError:
+            known = list(self._special_ids) or "none (register_specials / a config entry with 'tokens')"
+            raise UnknownSpecialToken(
+                f"no special token {token!r} in the token space; known specials: {known}"
+            ) from None
+
+    def special_name(self, token_id: int) -> str:
+        """Name of the special token with global id ``token_id``."""
+        try:
+            return self._special_names[int(token_id)]
+        except KeyError:
+            where = self.range_of(token_id) if 0 <= token_id < self.vocab_size else None
+            why = "an unnamed (reserved) special id" if where and where.name in self._range_tokens else "not a special"
+            place = f"range {where.name!r} [{where.start},{where.stop})" if where else "no range"
+            raise UnknownSpecialToken(f"token id {token_id} is {why} (it lies in {place})") from None
+
+    def is_special(self, token_id: int) -> bool:
+        """True when ``token_id`` is a named special token."""
+        return int(token_id) in self._special_names
+
+    def special_tokens(self, range_name: str) -> tuple[str, ...]:
+        """The named specials of range ``range_name`` in id order (empty for an ordinary range)."""
+        self[range_name]  # clear error for an unknown range
+        return self._range_tokens.get(range_name, ())
+
     # -- identity and persistence ---------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT_VERSION,
-            "ranges": [{"name": r.name, "start": r.start, "size": r.size} for r in self._ranges.values()],
-            "vocab_size": self.vocab_size,
-        }
+        ranges = []
+        for r in self._ranges.values():
+            entry = {"name": r.name, "start": r.start, "size": r.size}
+            if r.name in self._range_tokens:  # only specials ranges carry the key: old spaces keep their sha256
+                entry["tokens"] = list(self._range_tokens[r.name])
+            ranges.append(entry)
+        return {"format": FORMAT_VERSION, "ranges": ranges, "vocab_size": self.vocab_size}
 
     def canonical_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -134,7 +244,10 @@ class TokenSpace:
             raise ValueError(f"{path}: unsupported token space format {body.get('format')!r}")
         space = cls()
         for r in body["ranges"]:
-            got = space.register(r["name"], r["size"])
+            if "tokens" in r:
+                got = space.register_specials(r["name"], tokens=r["tokens"], size=r["size"])
+            else:
+                got = space.register(r["name"], r["size"])
             if got.start != r["start"]:
                 raise ValueError(f"{path}: range {r['name']!r} starts at {r['start']}, expected {got.start}")
         if "sha256" in body and body["sha256"] != space.sha256:
