@@ -13,6 +13,9 @@ $(VENV_OK): pyproject.toml
 	# torch first, pinned to the CPU wheel on local disk; the rest must not pull another torch
 	.venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q "torch>=2.4,<2.15"
 	.venv/bin/pip install -q -e ".[dev]"
+	# encodec without its deps: it requires torchaudio, which pulls a CUDA torch; its model code needs only
+	# torch, einops and numpy (mmsuite.tokenizers.audio.import_encodec covers the missing torchaudio)
+	.venv/bin/pip install -q --no-deps "encodec==0.1.1"
 	touch $(VENV_OK)
 
 install: $(VENV_OK) ## create .venv and install mmsuite with its dev tools
