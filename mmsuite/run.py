@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mmsuite.callbacks.run_state import AtomicCheckpointIO, RunState
+from mmsuite.tokenizers.text import TEXT_TOKENIZERS, prepare_text_tokenizer, text_tokenizer_from_config
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
 
 DONE_MARKER = "DONE"
@@ -435,14 +436,23 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def prepare(cfg: DictConfig) -> Path:
+    """Build the experiment's data set; with a text tokenizer config, train (text_bpe) and check it too."""
     cfg = prepare_config(cfg)
     set_threads(cfg)
-    datamodule = build_datamodule(cfg, build_token_space(cfg), None)
+    token_space = build_token_space(cfg)
+    datamodule = build_datamodule(cfg, token_space, None)
     datamodule.prepare_data()
     manifest = json.loads((datamodule.root / "manifest.json").read_text())
     print(f"[mmsuite] dataset {datamodule.root}")
     for split, info in manifest["splits"].items():
         print(f"  {split:6s} {info['samples']:7d} samples in {len(info['shards'])} shards")
+    if OmegaConf.select(cfg, "tokenizer.name") in TEXT_TOKENIZERS:
+        tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+        if tokenizer_cfg["name"] == "text_bpe":
+            prepare_text_tokenizer(tokenizer_cfg, datamodule.root)  # train split only, once per settings
+        text = text_tokenizer_from_config(tokenizer_cfg, token_space, datamodule.root)
+        specials = ", ".join(f"{name}={i}" for name, i in token_space.specials.items())
+        print(f"[mmsuite] {text!r}; specials {specials}")
     return datamodule.root
 
 

@@ -289,6 +289,22 @@ def iter_raw_samples(path: str, on_corrupt: str = "raise") -> Iterator[dict]:
         yield current
 
 
+def read_texts(root: str | os.PathLike, split: str, member: str) -> Iterator[str]:
+    """The text member ``member`` (e.g. ``caption.txt``) of every sample of ``split``, in manifest order.
+
+    Only the shards that ``manifest.json`` lists for ``split`` are opened, so no other split's text is seen
+    (a tokenizer trained on it cannot leak val/test). A sample without the member is an error naming it.
+    """
+    if not member.endswith(".txt"):
+        raise ValueError(f"read_texts reads .txt members, got {member!r}")
+    for shard in split_shards(root, split):
+        for raw in iter_raw_samples(shard.path):
+            if member not in raw:
+                have = sorted(k for k in raw if k != "__key__")
+                raise ShardError(f"shard {shard.path}: sample {raw['__key__']} has no {member} (it has {have})")
+            yield decode_member(".txt", raw[member])
+
+
 # ---------------------------------------------------------------------------------------------------
 # the deterministic stream
 # ---------------------------------------------------------------------------------------------------

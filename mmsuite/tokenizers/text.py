@@ -13,19 +13,30 @@ Ids are global: local tokenizer id + ``token_space[range_name].start``. Control 
 token space's named specials (:meth:`TokenSpace.special`), added by id, never found by matching strings in
 the text. By default even a pretrained tokenizer's own special strings (``<|im_end|>``, ...) appearing in the
 input are encoded as plain text (``literal_specials=True``), so a caption cannot inject a control token.
+
+From a config (``conf/tokenizer/text_bpe.yaml``, ``hf_text.yaml``): :func:`prepare_text_tokenizer` trains the
+BPE once per data set and settings on the train split's captions (``prepare.py tokenizer=text_bpe``), and
+:func:`text_tokenizer_from_config` loads either kind, checked against the config and the token space.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mmsuite.tokenizers.token_space import TokenRange, TokenSpace
 
 TOKENIZER_FILE = "tokenizer.json"
+SETTINGS_SUFFIX = ".settings.json"  # tokenizer.json -> tokenizer.settings.json: what it was trained with
+TRAIN_SPLIT = "train"  # the only split a tokenizer learns from: val/test text must not shape the vocabulary
+BPE_RECIPE = 1  # bump when train_bpe would turn the same captions into a different tokenizer
+TEXT_TOKENIZERS = ("text_bpe", "hf_text")  # tokenizer config names that this module serves
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike, *, min_frequency: int = 2) -> Path:
@@ -102,6 +113,12 @@ def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return backend
 
 
+def vocab_size_of(tokenizer: Tokenizer) -> int:
+    """Local ids ``tokenizer`` can produce: its vocabulary and added tokens (= ``len(AutoTokenizer)``)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    return max(tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
+
+
 class TextTokenizer:
     """Strings <-> global ids of the ``range_name`` range of ``token_space``.
 
@@ -129,8 +146,7 @@ class TextTokenizer:
         self.source = str(source) if source is not None else "<in-memory tokenizer>"
         self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
         tokenizer.encode_special_tokens = literal_specials
-        vocab = tokenizer.get_vocab(with_added_tokens=True)
-        self._vocab_size = max(tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
+        self._vocab_size = vocab_size_of(tokenizer)
         rng = token_space[range_name]
         if rng.size < self._vocab_size:
             raise ValueError(
@@ -227,3 +243,181 @@ class TextTokenizer:
     def __repr__(self) -> str:
         r = self.range
         return f"TextTokenizer({self.source}, vocab={self._vocab_size}, range={r.name}=[{r.start},{r.stop}))"
+
+
+# ---------------------------------------------------------------------------------------------------
+# from a config: train once per data set (prepare.py), load checked
+# ---------------------------------------------------------------------------------------------------
+def bpe_settings(cfg: Mapping, data_root: str | os.PathLike) -> dict:
+    """Everything that decides what a ``text_bpe`` config trains on ``data_root``; recorded next to it."""
+    return {
+        "kind": "byte_level_bpe",
+        "recipe": BPE_RECIPE,
+        "vocab_size": int(cfg["vocab_size"]),
+        "min_frequency": int(cfg.get("min_frequency", 2)),
+        "text_field": str(cfg.get("text_field", "caption.txt")),
+        "data": Path(data_root).name,  # the data set folder's name carries the hash of its settings
+        "split": TRAIN_SPLIT,
+    }
+
+
+def text_bpe_path(cfg: Mapping, data_root: str | os.PathLike) -> Path:
+    """``tokenizer.path`` (a ``.json`` file, else a folder holding tokenizer.json), by default
+    ``<data_root>/text_bpe-<hash of the settings>/tokenizer.json``: one folder per settings, next to the shards."""
+    if cfg.get("path"):
+        path = Path(cfg["path"])
+        return path if path.suffix == ".json" else path / TOKENIZER_FILE
+    from mmsuite.datamodules.base import settings_hash
+
+    return Path(data_root) / f"text_bpe-{settings_hash(bpe_settings(cfg, data_root))}" / TOKENIZER_FILE
+
+
+def settings_path(tokenizer_path: str | os.PathLike) -> Path:
+    path = Path(tokenizer_path)
+    return path.with_name(path.stem + SETTINGS_SUFFIX)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_trained_bpe(path: str | os.PathLike, settings: Mapping) -> dict:
+    """Stop unless ``path`` is a BPE that prepare.py trained with exactly ``settings``, unchanged since.
+
+    Returns its record (``tokenizer.settings.json``). Never retrains by itself: shards and checkpoints made
+    with a tokenizer hold its ids, so replacing it is the user's decision.
+    """
+    path = Path(path)
+    record_path = settings_path(path)
+    if not record_path.is_file():
+        raise ValueError(
+            f"{path} exists but {record_path.name} does not: it was not trained by prepare.py (or training was "
+            f"interrupted). Delete {path} to train it, or wrap an existing tokenizer with tokenizer=hf_text"
+        )
+    try:
+        record = json.loads(record_path.read_text())
+        trained_with = dict(record["settings"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{record_path}: not a tokenizer settings record ({e}); delete it and {path}") from None
+    if trained_with != dict(settings):
+        keys = sorted(set(trained_with) | set(settings), key=str)
+        diff = [
+            f"{k}: {trained_with.get(k)!r} there, {settings.get(k)!r} now"
+            for k in keys
+            if trained_with.get(k) != settings.get(k)
+        ]
+        raise ValueError(
+            f"the text tokenizer {path} was trained with other settings than the config asks for "
+            f"({'; '.join(diff)}; from {record_path}). It is not retrained silently: shards and checkpoints "
+            f"may hold its ids. Delete {path} and {record_path.name} to retrain, or set tokenizer.path elsewhere"
+        )
+    sha = _file_sha256(path)
+    if record.get("tokenizer_sha256") != sha:
+        raise ValueError(
+            f"{path} changed since prepare.py trained it: sha256 {sha}, recorded {record.get('tokenizer_sha256')} "
+            f"in {record_path}. Delete both files to retrain"
+        )
+    return record
+
+
+def prepare_text_tokenizer(cfg: Mapping, data_root: str | os.PathLike) -> Path:
+    """Train the byte-level BPE of a ``text_bpe`` config on the captions of ``data_root``'s train split, once.
+
+    Captions come from the train shards listed in the data set's manifest (:func:`read_texts`), never from
+    val/test. ``tokenizer.settings.json`` (settings, sha256, sizes) and then ``tokenizer.json`` are written
+    atomically, so an interrupted run never leaves a tokenizer.json without its record. An existing
+    tokenizer with the same settings is reused; one with other settings stops with the difference.
+    Returns the tokenizer.json path.
+    """
+    from tqdm.auto import tqdm
+
+    from mmsuite.datamodules.shards import read_manifest, read_texts
+
+    data_root = Path(data_root)
+    settings = bpe_settings(cfg, data_root)
+    path = text_bpe_path(cfg, data_root)
+    if path.exists():
+        record = check_trained_bpe(path, settings)
+        print(f"[mmsuite] text tokenizer {path} exists with these settings ({record['trained_vocab_size']} tokens)")
+        return path
+
+    total = read_manifest(data_root)["splits"].get(TRAIN_SPLIT, {}).get("samples")
+    print(
+        f"[mmsuite] training a byte-level BPE (vocab_size {settings['vocab_size']}, min_frequency "
+        f"{settings['min_frequency']}) on the {TRAIN_SPLIT} captions ({settings['text_field']}) of {data_root}"
+    )
+    seen = {"texts": 0}
+
+    def texts():
+        for text in tqdm(read_texts(data_root, TRAIN_SPLIT, settings["text_field"]), total=total, unit="caption"):
+            seen["texts"] += 1
+            yield text
+
+    record_path = settings_path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    record_tmp = record_path.with_name(f".{record_path.name}.tmp-{os.getpid()}")
+    try:
+        train_bpe(texts(), settings["vocab_size"], tmp, min_frequency=settings["min_frequency"])  # makes the folder
+        if seen["texts"] == 0:
+            raise ValueError(f"{data_root}: the {TRAIN_SPLIT} split holds no {settings['text_field']} to train on")
+        record = {
+            "settings": settings,
+            "tokenizer_sha256": _file_sha256(tmp),
+            "trained_vocab_size": vocab_size_of(Tokenizer.from_file(str(tmp))),
+            "n_texts": seen["texts"],
+            "tokenizers_version": tokenizers.__version__,
+        }
+        record_tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(record_tmp, record_path)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        record_tmp.unlink(missing_ok=True)
+    print(f"[mmsuite] trained on {seen['texts']} captions: {record['trained_vocab_size']} tokens -> {path}")
+    return path
+
+
+def text_tokenizer_from_config(
+    cfg: Mapping, token_space: TokenSpace, data_root: str | os.PathLike | None = None
+) -> TextTokenizer:
+    """The :class:`TextTokenizer` of a ``text_bpe`` or ``hf_text`` tokenizer config, checked.
+
+    ``text_bpe``: the tokenizer.json prepare.py trained for ``data_root`` with these very settings.
+    ``hf_text``: ``tokenizer.path`` (local), whose vocabulary size must equal the token space's ``text`` range.
+    Every special the config names (``tokenizer.specials``) must be a special of ``token_space``.
+    """
+    name = cfg.get("name")
+    if name == "text_bpe":
+        if data_root is None:
+            raise ValueError("a text_bpe tokenizer is loaded for a data set: pass data_root (the data set folder)")
+        path = text_bpe_path(cfg, data_root)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no trained text tokenizer at {path}: run `python prepare.py tokenizer=text_bpe` with the same "
+                "experiment and data settings"
+            )
+        check_trained_bpe(path, bpe_settings(cfg, data_root))
+    elif name == "hf_text":
+        path = Path(cfg["path"])
+    else:
+        raise ValueError(f"tokenizer {name!r} is not a text tokenizer (expected one of {TEXT_TOKENIZERS})")
+    tokenizer = load_hf_tokenizer(path)
+    range_name = "text"
+    declared, got = token_space[range_name].size, vocab_size_of(tokenizer)
+    if name == "hf_text" and got != declared:
+        raise ValueError(
+            f"the text tokenizer {path} has {got} tokens but the token space's {range_name!r} range "
+            f"(tokenizer.vocab_size) declares {declared}: set tokenizer.vocab_size={got}"
+        )
+    specials = dict(cfg.get("specials") or {})
+    for special in specials.values():
+        token_space.special(special)  # a clear error naming the known specials
+    roles = {role: specials[role] for role in ("bos", "eos", "pad") if role in specials}
+    return TextTokenizer(
+        tokenizer,
+        token_space,
+        range_name,
+        literal_specials=bool(cfg.get("literal_specials", True)),
+        source=path,
+        **roles,
+    )

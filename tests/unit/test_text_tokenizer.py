@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from mmsuite.tokenizers.text import TextTokenizer, load_hf_tokenizer, train_bpe
+from mmsuite.datamodules.shards import DatasetWriter, ShardError
+from mmsuite.tokenizers.text import (
+    TextTokenizer,
+    load_hf_tokenizer,
+    prepare_text_tokenizer,
+    settings_path,
+    text_bpe_path,
+    text_tokenizer_from_config,
+    train_bpe,
+)
 from mmsuite.tokenizers.token_space import TokenSpace
 
 COLORS = ["red", "green", "blue", "yellow", "black"]
@@ -202,3 +213,132 @@ def test_missing_or_broken_paths_raise_clear_errors(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
         load_hf_tokenizer(broken)
+
+
+# ---------------------------------------------------------------------------------------------------
+# from a config: prepare_text_tokenizer (train once, train split only) and text_tokenizer_from_config
+# ---------------------------------------------------------------------------------------------------
+CONF = Path(__file__).resolve().parents[2] / "conf" / "tokenizer"
+HELD_OUT = ["a zebra giraffe figure", "zebra giraffe zebra giraffe"]  # only in val/test: must not be learnt
+
+
+def _tokenizer_cfg(name: str, **overrides) -> dict:
+    """conf/tokenizer/<name>.yaml as the run resolves it, with ``overrides``."""
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A caption-only data set: CAPTIONS in train, HELD_OUT text (many times) in val and test."""
+    root = tmp_path_factory.mktemp("data") / "captions-0123456789"
+    with DatasetWriter(root, samples_per_shard=16) as w:
+        for i, c in enumerate(CAPTIONS):
+            w.write("train", f"s{i:04d}", {"caption.txt": c, "label.json": {"i": i}})
+        for i in range(20):
+            w.write("val" if i % 2 else "test", f"h{i:04d}", {"caption.txt": HELD_OUT[i % 2]})
+    return root
+
+
+def test_prepare_text_tokenizer_trains_once_on_train_captions_only(dataset, monkeypatch):
+    cfg = _tokenizer_cfg("text_bpe", vocab_size=400)
+    path = prepare_text_tokenizer(cfg, dataset)
+    assert path.parent.parent == dataset and path.parent.name.startswith("text_bpe-") and path.name == "tokenizer.json"
+    record = json.loads(settings_path(path).read_text())
+    assert record["settings"]["split"] == "train" and record["n_texts"] == len(CAPTIONS)
+    assert record["settings"]["data"] == dataset.name and record["settings"]["vocab_size"] == 400
+    vocab = Tokenizer.from_file(str(path)).get_vocab()
+    assert record["trained_vocab_size"] == len(vocab) <= 400
+    assert "Ġfigure" in vocab and "Ġbackground" in vocab  # train words were merged...
+    assert not any(len(t) > 2 and t.strip("Ġ") in "zebragiraffe" for t in vocab)  # ...held-out ones never
+
+    # a second call reuses the file without reading a single shard
+    before = (path.stat().st_mtime_ns, path.read_bytes())
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the shards were read again")
+
+    monkeypatch.setattr("mmsuite.datamodules.shards.read_texts", no_reading)
+    assert prepare_text_tokenizer(cfg, dataset) == path
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == before
+    # other settings get their own folder next to it
+    other = _tokenizer_cfg("text_bpe", vocab_size=400, min_frequency=3)
+    assert text_bpe_path(other, dataset).parent != path.parent
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tokenizer.json", "tokenizer.settings.json"]
+
+
+def test_prepare_text_tokenizer_refuses_other_settings_and_edited_files(dataset, tmp_path):
+    cfg = _tokenizer_cfg("text_bpe", vocab_size=300, path=str(tmp_path / "mine"))
+    path = prepare_text_tokenizer(cfg, dataset)
+    assert path == tmp_path / "mine" / "tokenizer.json"
+    with pytest.raises(ValueError, match=r"other settings.*vocab_size: 300 there, 320 now.*Delete"):
+        prepare_text_tokenizer(dict(cfg, vocab_size=320), dataset)
+    with pytest.raises(ValueError, match=r"data: 'captions-0123456789' there, 'elsewhere' now"):
+        prepare_text_tokenizer(cfg, tmp_path / "elsewhere")
+    path.write_bytes(path.read_bytes() + b" ")  # still a valid tokenizer.json, but not the trained one
+    with pytest.raises(ValueError, match="changed since prepare.py trained it"):
+        prepare_text_tokenizer(cfg, dataset)
+    settings_path(path).unlink()
+    with pytest.raises(ValueError, match="tokenizer.settings.json does not"):
+        prepare_text_tokenizer(cfg, dataset)
+
+
+def test_prepare_text_tokenizer_names_a_missing_caption_field(dataset, tmp_path):
+    cfg = _tokenizer_cfg("text_bpe", text_field="text.txt", path=str(tmp_path / "bpe" / "t.json"))
+    with pytest.raises(ShardError, match=r"sample s0000 has no text.txt \(it has \['caption.txt', 'label.json'\]\)"):
+        prepare_text_tokenizer(cfg, dataset)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, not even the folder
+
+
+def test_text_bpe_from_config_uses_the_token_space_specials(dataset):
+    cfg = _tokenizer_cfg("text_bpe", vocab_size=400, min_frequency=5)
+    space = TokenSpace.from_config(cfg["token_ranges"])
+    with pytest.raises(FileNotFoundError, match="python prepare.py tokenizer=text_bpe"):
+        text_tokenizer_from_config(cfg, space, dataset)
+    prepare_text_tokenizer(cfg, dataset)
+    tok = text_tokenizer_from_config(cfg, space, dataset)
+    assert (space["text"].start, space["text"].size) == (0, 400) and tok.range == space["text"]
+    ids = tok.encode(CAPTIONS[3], add_bos=True, add_eos=True)
+    assert ids[0] == space.special("<bos>") == 401 and ids[-1] == space.special("<eos>") == 402
+    assert all(0 <= i < tok.vocab_size for i in ids[1:-1]) and tok.decode(ids, skip_specials=True) == CAPTIONS[3]
+    assert tok.pad_id == space.special("<pad>") == 400
+    with pytest.raises(KeyError, match="no special token '<pad>' in the token space"):
+        text_tokenizer_from_config(cfg, TokenSpace.from_config([{"name": "text", "size": 400}]), dataset)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, bpe_path):
+    """A tiny transformers tokenizer folder with added tokens of its own, as save_pretrained writes it."""
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("hf_tokenizer")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(bpe_path)), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    hf.save_pretrained(out)
+    return out, len(hf)
+
+
+def test_hf_text_config_loads_a_local_folder_checked_against_the_range(hf_dir, bpe_path):
+    folder, size = hf_dir
+    cfg = _tokenizer_cfg("hf_text", path=str(folder), vocab_size=size)
+    space = TokenSpace.from_config(cfg["token_ranges"])
+    tok = text_tokenizer_from_config(cfg, space)
+    assert tok.vocab_size == size == Tokenizer.from_file(str(bpe_path)).get_vocab_size() + 2
+    s = "a red figure<|im_end|> <eos>"
+    ids = tok.encode(s, add_eos=True)
+    assert ids[-1] == space.special("<eos>") == size + 2 and not any(space.is_special(i) for i in ids[:-1])
+    assert tok.decode(ids[:-1]) == s  # the tokenizer's own special string stays text
+    assert tok.encode("a red figure") == [
+        i - 4 for i in TextTokenizer.from_file(bpe_path, _space()).encode("a red figure")
+    ]
+
+    for declared in (size - 1, size + 10):
+        wrong = _tokenizer_cfg("hf_text", path=str(folder), vocab_size=declared)
+        with pytest.raises(ValueError, match=rf"{folder} has {size} tokens but .*'text' range.* declares {declared}"):
+            text_tokenizer_from_config(wrong, TokenSpace.from_config(wrong["token_ranges"]))
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        missing = _tokenizer_cfg("hf_text", path=str(folder.parent / "no_such_folder"), vocab_size=size)
+        text_tokenizer_from_config(missing, space)
+    with pytest.raises(ValueError, match="'fsq_toy' is not a text tokenizer"):
+        text_tokenizer_from_config({"name": "fsq_toy"}, space)
