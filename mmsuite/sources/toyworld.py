@@ -465,22 +465,38 @@ def _render_background(bg: dict, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     shape = (*xs.shape, xs.shape[1], 3)
     if kind == "plain":
         return np.broadcast_to(colors[0], shape).copy()
-    if kind == "stripes":
-        coord = xs if bg["vertical"] else ys
-        band = (np.floor((coord + bg["offset"]) / (bg["period"] / 2)) % 2).astype(bool)  # [T, S]
-        band = band[:, None, :, None] if bg["vertical"] else band[:, :, None, None]
-        return np.broadcast_to(np.where(band, colors[1], colors[0]), shape).copy()
-    if kind == "checker":
-        ix = np.floor((xs + bg["offset"][0]) / bg["cell"]).astype(np.int64)
-        iy = np.floor((ys + bg["offset"][1]) / bg["cell"]).astype(np.int64)
-        odd = ((iy[:, :, None] + ix[:, None, :]) % 2).astype(bool)[..., None]
-        return np.where(odd, colors[1], colors[0])
+    if kind == "stripes":  # box-filtered (anti-aliased): each pixel shows the share of colour 1 it covers
+        coord = (xs if bg["vertical"] else ys) + bg["offset"]
+        cover = _band_coverage(coord, bg["period"])  # [T, S]
+        cover = cover[:, None, :, None] if bg["vertical"] else cover[:, :, None, None]
+        return _blend(colors, np.broadcast_to(cover, shape))
+    if kind == "checker":  # the product of two +-1 square waves, box-filtered per axis (separable)
+        mx = 1.0 - 2.0 * _band_coverage(xs + bg["offset"][0], 2 * bg["cell"])
+        my = 1.0 - 2.0 * _band_coverage(ys + bg["offset"][1], 2 * bg["cell"])
+        cover = 0.5 * (1.0 - my[:, :, None] * mx[:, None, :])  # [T, S, S]
+        return _blend(colors, cover[..., None])
     # noise: value noise on a coarse grid, smoothstep-interpolated (separable, so two small matmuls)
     grid = bg["grid"].astype(np.float32)
     wy, wx = (_interp_weights((c - bg["origin"]) / bg["cell"], len(grid)) for c in (ys, xs))
     noise = wy @ grid @ wx.transpose(0, 2, 1)  # [T, S, S]
     noisy = colors[0].astype(np.float32) + (NOISE_AMPLITUDE * noise[..., None] + 0.5)
     return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _band_coverage(coord: np.ndarray, period: float) -> np.ndarray:
+    """Share of the unit pixel centred at ``coord`` that lies in the odd half of a square wave of ``period``."""
+    half = period / 2
+
+    def odd_length(u):  # measure of odd half-periods in [0, u]
+        return np.floor(u / period) * half + np.clip(np.mod(u, period) - half, 0.0, half)
+
+    return (odd_length(coord + 0.5) - odd_length(coord - 0.5)).astype(np.float32)
+
+
+def _blend(colors: np.ndarray, cover: np.ndarray) -> np.ndarray:
+    """uint8 mix of ``colors[0]`` and ``colors[1]`` with weight ``cover`` of the second."""
+    c0, c1 = colors[0].astype(np.float32), colors[1].astype(np.float32)
+    return (c0 + (c1 - c0) * cover + 0.5).astype(np.uint8)
 
 
 def _interp_weights(u: np.ndarray, n: int) -> np.ndarray:

@@ -307,3 +307,33 @@ def test_draw_skeleton_draws_visible_bones_on_a_copy():
     np.testing.assert_array_equal(tw.draw_skeleton(image, joints, np.zeros(13, bool)), image)
     with pytest.raises(ValueError):
         tw.draw_skeleton(image[..., 0], joints, visible)
+
+
+# -- anti-aliased patterns ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("period", [4.0, 16.0, 23.7])
+def test_band_coverage_matches_supersampling(period):
+    """Each pixel shows the share of its area inside the odd half-periods (box filter), not a point sample."""
+    coord = np.linspace(-7.3, 41.9, 97)[None, :]
+    fine = coord[..., None] + (np.arange(400) + 0.5) / 400 - 0.5  # 400 sub-samples across each pixel
+    expected = (np.floor(fine / (period / 2)) % 2).mean(-1)
+    np.testing.assert_allclose(tw._band_coverage(coord, period), expected, atol=2e-3)
+
+
+def test_pattern_edges_are_blended_and_interiors_exact():
+    cfg = tw.ToyWorldConfig(backgrounds=("stripes", "checker"), occluder_prob=0.0, frames=2)
+    mixed = 0
+    for index in range(6):
+        clip = tw.make_clip(cfg, index)
+        a = clip.attributes
+        c0, c1 = (np.array(tw.PALETTE[n], np.int64) for n in (a["background_color"], a["background_color2"]))
+        top = clip.frames[0, :6].reshape(-1, 3).astype(np.int64)  # rows above the figure's head
+        exact = (top == c0).all(-1) | (top == c1).all(-1)
+        assert exact.mean() > 0.6  # band interiors carry the two palette colours exactly
+        # every other pixel is a mix of the two: on the segment between them (up to uint8 rounding)
+        t = ((top - c0) @ (c1 - c0)) / float((c1 - c0) @ (c1 - c0))
+        assert ((t > -0.01) & (t < 1.01)).all()
+        assert np.abs(c0 + np.clip(t, 0, 1)[:, None] * (c1 - c0) - top).max() <= 1.0
+        mixed += int((~exact).sum())
+    assert mixed > 0  # edges at sub-pixel positions are blended, not point-sampled
