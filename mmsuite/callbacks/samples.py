@@ -1,8 +1,8 @@
-"""Send image grids (e.g. originals above reconstructions) to whatever loggers a trainer has.
+"""Send image grids (e.g. originals above reconstructions) and audio clips to whatever loggers a trainer has.
 
-No torchvision: :func:`make_grid` is a few lines of tensor code. TensorBoard gets ``add_image``, W&B gets
-``log_image`` (wandb is only touched through Lightning's logger, lazily), every other logger (CSV, ...)
-gets a PNG file under ``<log_dir>/samples/``.
+No torchvision: :func:`make_grid` is a few lines of tensor code. TensorBoard gets ``add_image`` /
+``add_audio``, W&B gets ``log_image`` / ``log_audio`` (wandb is only touched through Lightning's logger,
+lazily), every other logger (CSV, ...) gets PNG / 16-bit WAV files under ``<log_dir>/samples/``.
 """
 
 from __future__ import annotations
@@ -63,4 +63,33 @@ def log_image_grid(trainer, tag: str, images: torch.Tensor, nrow: int, step: int
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())).save(path)
             written.append(path)
+    return written
+
+
+def log_audio(trainer, tag: str, audio: torch.Tensor, sample_rate: int, step: int | None = None) -> list[Path]:
+    """Send float clips ``audio`` ``[N, S]`` (mono, clipped to [-1, 1]) to every logger of ``trainer``, as
+    ``{tag}/{i}``. Rank zero only. Returns the WAV files written (for file-based loggers)."""
+    if not getattr(trainer, "is_global_zero", True):
+        return []
+    if audio.ndim != 2:
+        raise ValueError(f"audio must be [N, S] (mono clips), got shape {tuple(audio.shape)}")
+    clips = audio.detach().float().clamp(-1, 1).cpu()
+    step = int(trainer.global_step) if step is None else int(step)
+    written: list[Path] = []
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        if isinstance(logger, TensorBoardLogger):
+            for i, clip in enumerate(clips):
+                logger.experiment.add_audio(f"{tag}/{i}", clip[None], step, sample_rate=int(sample_rate))
+        elif isinstance(logger, WandbLogger):
+            rates = [int(sample_rate)] * len(clips)
+            logger.log_audio(key=tag, audios=[c.numpy() for c in clips], step=step, sample_rate=rates)
+        else:
+            from mmsuite.sources.wav import write_wav
+
+            root = Path(getattr(logger, "log_dir", None) or trainer.default_root_dir) / "samples"
+            root.mkdir(parents=True, exist_ok=True)
+            for i, clip in enumerate(clips):
+                written.append(write_wav(root / f"{_safe_tag(tag)}_step{step}_{i}.wav", clip.numpy(), sample_rate))
     return written

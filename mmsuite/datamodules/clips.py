@@ -83,6 +83,7 @@ class ToyWorldDataModule(ShardDataModule):
             "splits": self.splits,
             "samples_per_shard": self.samples_per_shard,
             "writer": WRITER_VERSION,
+            "render": toyworld.RENDER_VERSION,
         }
         return f"toyworld-{self.world.get('image_size', 64)}px-{settings_hash(settings)}"
 

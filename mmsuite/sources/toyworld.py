@@ -78,6 +78,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 FIGURE_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black")
 BACKGROUNDS: tuple[str, ...] = ("plain", "stripes", "checker", "noise")
+# Bump when the rendering of a given (config, index) changes: it is part of every toy-world data set's name, so
+# shards built by older code are rebuilt instead of silently reused. 2: anti-aliased stripes / checkers.
+RENDER_VERSION = 2
 
 MIN_CONTRAST = 120.0  # min RGB distance between the figure colour and any background colour
 PATTERN_CONTRAST = 80.0  # min RGB distance between the two colours of a stripe / checker pattern

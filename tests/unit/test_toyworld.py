@@ -337,3 +337,20 @@ def test_pattern_edges_are_blended_and_interiors_exact():
         assert np.abs(c0 + np.clip(t, 0, 1)[:, None] * (c1 - c0) - top).max() <= 1.0
         mixed += int((~exact).sum())
     assert mixed > 0  # edges at sub-pixel positions are blended, not point-sampled
+
+
+def test_data_set_name_changes_with_the_render_version(monkeypatch):
+    """Shards rendered by older toy-world code are never silently reused."""
+    from mmsuite.datamodules.clips import FramesDataModule
+
+    kw = dict(
+        world={"image_size": 32},
+        n_clips=10,
+        splits={"train": 0.8, "val": 0.1, "test": 0.1},
+        data_dir="/tmp",
+        batch_size=4,
+    )
+    name = FramesDataModule(**kw).dataset_name
+    assert name == FramesDataModule(**kw).dataset_name
+    monkeypatch.setattr(tw, "RENDER_VERSION", tw.RENDER_VERSION + 1)
+    assert FramesDataModule(**kw).dataset_name != name

@@ -1,0 +1,316 @@
+"""Lightning module that trains an EnCodec audio tokenizer (the ``encodec`` package's SEANet encoder and
+decoder and residual vector quantiser) from scratch.
+
+Batches are dicts with ``"audio"``: float ``[B, 1, S]`` in [-1, 1] at the codec's sample rate. The network is
+``self.net``, an ``encodec.EncodecModel`` built by :meth:`AudioTokenizer.from_config` from the tokenizer
+config (``codec``), so checkpoint keys are ``net.*`` and :func:`audio_tokenizer_from_checkpoint` rebuilds the
+tokenizer with ``torch.load(..., weights_only=True)``. The codebooks and their EMA statistics (``embed``,
+``embed_avg``, ``cluster_size``, ``inited``) are buffers of ``net``, so they are saved and restored with it.
+
+Losses: waveform L1 + multi-scale STFT (linear + log magnitudes) + commitment. The residual quantisation loop is
+written out here, on encodec's own codebook layers (k-means init on the first training batch, EMA updates),
+with three fixes to encodec 0.1.1:
+
+* commitment for every codebook: encodec subtracts the straight-through output from the residual, which
+  cuts the gradient of every residual after the first, so only codebook 0's commitment reached the encoder
+  (facebookresearch/encodec#25); here each layer's output is detached before the subtraction and the whole
+  stack gets one straight-through estimator;
+* dead codes are really replaced: encodec's ``expire_codes_`` writes new vectors into ``embed`` and the EMA
+  step right after overwrites them from ``embed_avg / cluster_size`` (a no-op, and unused codes drift off to
+  huge values). Here a code whose EMA count falls below ``dead_code_threshold`` gets a random vector of the
+  current batch in ``embed`` *and* consistent ``embed_avg`` / ``cluster_size``; encodec's own is switched off;
+* evaluation never initialises codebooks: encodec's codebook ``forward`` runs k-means on whatever it sees
+  first, in eval mode too (e.g. Lightning's sanity validation); evaluation here uses ``encode``/``decode``.
+
+and one to its init: :func:`variance_preserving_init_` (``init_output_gain``), without which a fresh encoder maps
+every clip to nearly the same vector and codebook 0 collapses to a single code.
+
+The adversarial loss (encodec's multi-scale STFT discriminator) is not implemented; ``loss.adversarial > 0``
+stops with an error rather than being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from mmsuite.callbacks.samples import log_audio
+from mmsuite.nn.audio import MelDistance, MultiScaleSTFTLoss, code_histogram, codebook_usage, si_snr
+from mmsuite.nn.schedule import warmup_cosine_scheduler
+from mmsuite.sources.wav import write_wav
+from mmsuite.tokenizers.audio import AudioTokenizer, import_encodec
+
+_LOSS_KEYS = {"waveform", "stft", "commitment", "adversarial"}
+_STFT_KEYS = {"n_ffts", "n_mels", "linear_weight", "log_weight", "eps"}
+
+
+class AudioTokenizerModule(L.LightningModule):
+    def __init__(
+        self,
+        codec: dict,
+        optim: dict,
+        schedule: dict,
+        loss: dict,
+        stft: dict | None = None,
+        dead_code_threshold: float = 0.25,
+        n_sample_audio: int = 4,
+        init_output_gain: float | None = 0.1,
+    ):
+        super().__init__()
+        unknown = set(loss) - _LOSS_KEYS
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(_LOSS_KEYS)}")
+        if float(loss.get("adversarial", 0.0)) > 0:
+            raise NotImplementedError(
+                "loss.adversarial > 0: the adversarial loss (a multi-scale STFT discriminator, encodec.msstftd) is "
+                "not implemented yet; set loss.adversarial=0"
+            )
+        self.w_wave = float(loss.get("waveform", 1.0))
+        self.w_stft = float(loss.get("stft", 1.0))
+        self.w_commit = float(loss.get("commitment", 1.0))
+        if min(self.w_wave, self.w_stft, self.w_commit) < 0 or self.w_wave + self.w_stft <= 0:
+            raise ValueError(f"loss weights must be >= 0 with waveform + stft > 0, got {loss}")
+        stft = dict(stft or {})
+        if set(stft) - _STFT_KEYS:
+            raise ValueError(f"unknown stft settings {sorted(set(stft) - _STFT_KEYS)}; known: {sorted(_STFT_KEYS)}")
+        if "threshold_ema_dead_code" in codec:
+            raise ValueError(
+                "set the dead-code threshold with model.dead_code_threshold, not the codec's threshold_ema_dead_code "
+                "(encodec's own dead-code replacement has no effect; see this module's docstring)"
+            )
+        if not float(dead_code_threshold) >= 0:
+            raise ValueError(f"dead_code_threshold must be >= 0 (0: off), got {dead_code_threshold!r}")
+        self.save_hyperparameters()
+
+        tokenizer = AudioTokenizer.from_config({**codec, "threshold_ema_dead_code": 0})
+        self.net = tokenizer.model.train()  # the tokenizer wrapper hands it over in eval mode
+        if init_output_gain is not None and not codec.get("path"):
+            variance_preserving_init_(self.net, float(init_output_gain))
+        self.n_q, self.bins, self.bandwidth = tokenizer.n_q, tokenizer.bins, tokenizer.bandwidth
+        self.sample_rate = tokenizer.sample_rate
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.stft_loss = MultiScaleSTFTLoss(self.sample_rate, **stft)
+        self.mel_distance = MelDistance(self.sample_rate)
+        self.n_sample_audio = int(n_sample_audio)
+        self._code_counts: torch.Tensor | None = None
+
+    # -- the network ----------------------------------------------------------------------------------
+    def quantize(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residual VQ of encoder output ``[B, D, T]`` -> (quantized ``[B, D, T]``, codes ``[B, n_q, T]``,
+        commitment loss of each codebook ``[n_q]``). Training updates the codebooks (see the module docstring)."""
+        residual, total = emb, torch.zeros_like(emb)
+        codes, commit = [], []
+        for layer in self.net.quantizer.vq.layers[: self.n_q]:
+            if self.training:
+                q, idx, _ = layer(residual)  # k-means init on the first batch, EMA update of the codebook
+                q = q.detach()
+                revive_dead_codes(layer._codebook, residual.detach().transpose(1, 2), self.dead_code_threshold)
+            else:
+                idx = layer.encode(residual)
+                q = layer.decode(idx)
+            commit.append(F.mse_loss(residual, q))
+            residual = residual - q
+            total = total + q
+            codes.append(idx)
+        if self.training:
+            total = emb + (total - emb).detach()  # straight-through over the whole residual stack
+        return total, torch.stack(codes, dim=1), torch.stack(commit)
+
+    def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, 1, S]`` -> (reconstruction ``[B, 1, S]``, codes ``[B, n_q, T]``, commitment loss)."""
+        emb = self.net.encoder(audio)
+        with torch.autocast(audio.device.type, enabled=False):  # distances and EMA statistics in fp32
+            quantized, codes, commit = self.quantize(emb.float())
+        recon = self.net.decoder(quantized)[..., : audio.shape[-1]]
+        return recon, codes, commit.mean()
+
+    @staticmethod
+    def _audio(batch) -> torch.Tensor:
+        x = batch["audio"]
+        if not x.is_floating_point() or x.ndim != 3:
+            raise TypeError(f"batch['audio'] must be float [B, C, S], got {x.dtype} {tuple(x.shape)}")
+        return x.float()
+
+    def _losses(self, recon: torch.Tensor, x: torch.Tensor, commit: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            recon = recon.float()
+            wave = (recon - x).abs().mean()
+            spec = self.stft_loss(recon, x)
+            loss = self.w_wave * wave + self.w_stft * spec + self.w_commit * commit
+        return {"loss": loss, "l1": wave, "stft": spec, "commitment": commit}
+
+    # -- training -------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x = self._audio(batch)
+        recon, _, commit = self(x)
+        out = self._losses(recon, x, commit)
+        bs = x.shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        for key in ("l1", "stft", "commitment"):
+            self.log(f"train/{key}", out[key], batch_size=bs)
+        return out["loss"]
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def _eval_step(self, batch, batch_idx: int, prefix: str, dataloader_idx: int = 0):
+        x = self._audio(batch)
+        recon, codes, commit = self(x)
+        recon = recon.float()
+        out = self._losses(recon, x, commit)
+        bs = x.shape[0]
+        log = dict(batch_size=bs, sync_dist=True, add_dataloader_idx=False)
+        self.log(f"{prefix}/loss", out["loss"], **log)
+        for key in ("l1", "stft", "commitment"):
+            self.log(f"{prefix}/{key}", out[key], **log)
+        self.log(f"{prefix}/si_snr", si_snr(recon, x).mean(), prog_bar=True, **log)
+        self.log(f"{prefix}/mel_distance", self.mel_distance(recon, x).mean(), **log)
+        counts = code_histogram(codes, self.bins)
+        self._code_counts = counts if self._code_counts is None else self._code_counts + counts
+        if (
+            batch_idx == 0
+            and dataloader_idx == 0
+            and self.n_sample_audio > 0
+            and self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+        ):
+            n = min(self.n_sample_audio, bs)
+            step = self.global_step
+            log_audio(self.trainer, f"{prefix}/decoded", recon[:n, 0], self.sample_rate, step=step)
+            log_audio(self.trainer, f"{prefix}/original", x[:n, 0], self.sample_rate, step=step)
+        return out["loss"]
+
+    def _log_code_stats(self, prefix: str) -> None:
+        counts, self._code_counts = self._code_counts, None
+        if counts is None:
+            return
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        usage = codebook_usage(counts.cpu())
+        self.log(f"{prefix}/codebook_usage_min", float(usage.min()), rank_zero_only=True)
+        for k, u in enumerate(usage.tolist()):
+            self.log(f"{prefix}/codebook_usage_q{k}", u, rank_zero_only=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._code_counts = None
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self._eval_step(batch, batch_idx, "val", dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_code_stats("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._code_counts = None
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self._eval_step(batch, batch_idx, "test", dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_code_stats("test")
+
+    # -- generation (generate.py) -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_samples(self, batch, out_dir) -> list:
+        """Write each clip and its decoded version as 16-bit WAVs (plus captions.txt); returns the paths."""
+        x = self._audio(batch)
+        recon, _, _ = self(x)
+        out_dir = Path(out_dir)
+        written = []
+        for i in range(x.shape[0]):
+            for name, wav in (("original", x[i]), ("decoded", recon[i].float().clamp(-1, 1))):
+                written.append(write_wav(out_dir / f"{i:02d}_{name}.wav", wav.cpu().numpy(), self.sample_rate))
+        captions = batch.get("caption")
+        if captions:
+            path = out_dir / "captions.txt"
+            path.write_text("".join(f"{i:02d} {c}\n" for i, c in enumerate(captions[: x.shape[0]])))
+            written.append(path)
+        return written
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        opt = torch.optim.AdamW(
+            self.net.parameters(),
+            lr=float(o.get("lr", 1e-3)),
+            betas=tuple(float(b) for b in o.get("betas", (0.8, 0.99))),
+            weight_decay=float(o.get("weight_decay", 0.0)),
+        )
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError(
+                f"AudioTokenizerModule needs trainer.max_steps > 0 for its warmup-cosine schedule, got {total}; "
+                "set trainer.max_steps"
+            )
+        s = self.hparams.schedule
+        sched = warmup_cosine_scheduler(
+            opt, int(s.get("warmup_steps", 0)), int(total), float(s.get("floor_ratio", 0.1))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+@torch.no_grad()
+def variance_preserving_init_(net, output_gain: float = 0.1) -> None:
+    """Re-initialise every convolution of an EnCodec model with weights ``N(0, 1/fan_in)`` and zero biases, and
+    scale the decoder's last convolution by ``output_gain`` (the first reconstructions are quiet, not loud noise).
+
+    With PyTorch's default init each convolution shrinks the signal's variance about threefold while its bias
+    adds a constant, so a fresh SEANet encoder maps every toy clip to nearly the same vector (measured: frame to
+    frame std ~3 % of the mean magnitude); k-means then puts it all in one code of codebook 0, the codes carry
+    no information and training sits at "output silence" (SI-SNR around -75 dB after 100 steps). Here the
+    signal keeps its scale through the encoder. Weight-normed convolutions get ``weight_v`` and a matching
+    ``weight_g``.
+    """
+    is_conv = lambda m: isinstance(m, torch.nn.Conv1d | torch.nn.ConvTranspose1d)  # noqa: E731
+    last = [m for m in net.decoder.modules() if is_conv(m)][-1]  # the decoder's output convolution
+    for conv in filter(is_conv, net.modules()):
+        v = conv.weight_v if hasattr(conv, "weight_v") else conv.weight
+        if isinstance(conv, torch.nn.ConvTranspose1d):  # [in, out, k]: each output sees in * k / stride weights
+            fan_in = v.shape[0] * v.shape[2] / conv.stride[0]
+        else:  # [out, in, k]
+            fan_in = v.shape[1] * v.shape[2]
+        w = torch.randn_like(v) / fan_in**0.5
+        if conv is last:
+            w = w * output_gain
+        if hasattr(conv, "weight_v"):
+            conv.weight_v.copy_(w)
+            conv.weight_g.copy_(w.norm(dim=tuple(range(1, w.ndim)), keepdim=True))
+        else:
+            conv.weight.copy_(w)
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+
+@torch.no_grad()
+def revive_dead_codes(codebook, samples: torch.Tensor, threshold: float) -> None:
+    """Give every code of an encodec ``EuclideanCodebook`` whose EMA count is below ``threshold`` a random
+    vector from ``samples`` (``[..., D]``), with consistent EMA statistics so the next EMA step keeps it.
+
+    No data-dependent branch (no GPU sync): the replacement is a masked write every step.
+    """
+    if threshold <= 0:
+        return
+    dead = codebook.cluster_size < threshold
+    new = import_encodec().quantization.core_vq.sample_vectors(samples.reshape(-1, samples.shape[-1]), dead.numel())
+    new = new.to(codebook.embed.dtype)
+    codebook.embed.copy_(torch.where(dead[:, None], new, codebook.embed))
+    codebook.embed_avg.copy_(torch.where(dead[:, None], new * threshold, codebook.embed_avg))
+    floor = torch.full_like(codebook.cluster_size, threshold)
+    codebook.cluster_size.copy_(torch.where(dead, floor, codebook.cluster_size))
+    import_encodec().distrib.broadcast_tensors(codebook.buffers())
+
+
+def audio_tokenizer_from_checkpoint(path, token_space=None, device: str | torch.device = "cpu") -> AudioTokenizer:
+    """An :class:`AudioTokenizer` with the trained weights and codebooks of an AudioTokenizerModule checkpoint
+    (``torch.load(weights_only=True)``; the architecture comes from the checkpoint's own ``codec`` config)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        codec = dict(ckpt["hyper_parameters"]["codec"])
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    except KeyError as e:
+        raise ValueError(f"{path}: not an AudioTokenizerModule checkpoint (no {e})") from None
+    codec.pop("path", None)
+    tokenizer = AudioTokenizer.from_config(codec, token_space=token_space, device=device)
+    tokenizer.model.load_state_dict(state)
+    return tokenizer
