@@ -3,7 +3,10 @@
 Each benchmark measures its own ratio in one process where it can (e.g. Lightning vs a bare loop on the
 same model and batches), so that figures taken on a busy or different machine still compare.
 
-    python -m benchmarks.run [--only toyworld,shards,...] [--quick]
+    python -m benchmarks.run [--only toyworld,shards,...] [--quick] [--threads N]
+
+The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
+``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# keys of a result that describe the set-up rather than measure it: kept in the JSON, left out of the table
+CONFIG_KEYS = frozenset(
+    {"batch", "image_size", "steps", "clips", "clip_s", "sample_rate", "n_q", "bins", "captions", "vocab_size"}
+)
 
 
 def device_info() -> dict:
@@ -115,9 +123,8 @@ def _default_tokenizer_net():
 
     from mmsuite.tokenizers.image import ImageAutoencoder
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    net = OmegaConf.load(conf / "model" / "image_tokenizer.yaml").net
-    tok = OmegaConf.load(conf / "tokenizer" / "fsq_toy.yaml")
+    net = OmegaConf.load(CONF / "model" / "image_tokenizer.yaml").net
+    tok = OmegaConf.load(CONF / "tokenizer" / "fsq_toy.yaml")
     kwargs = OmegaConf.to_container(net, resolve=False)
     kwargs.update(levels=list(tok.levels), downsample=int(tok.downsample))
     return ImageAutoencoder(**kwargs), kwargs
@@ -137,6 +144,62 @@ def bench_tokenizer(quick: bool) -> dict:
         "batch": len(images),
         "image_size": 64,
         "net": kwargs,
+    }
+
+
+def bench_audio_tokenizer(quick: bool) -> dict:
+    """The default scratch EnCodec (conf/tokenizer/encodec_toy.yaml, random weights): seconds of audio per second."""
+    from omegaconf import OmegaConf
+
+    from mmsuite.tokenizers.audio import AudioTokenizer
+
+    cfg = OmegaConf.load(CONF / "tokenizer" / "encodec_toy.yaml")
+    cfg.kmeans_init = False  # usable random codebooks straight away (k-means would wait for a training batch)
+    torch.manual_seed(0)
+    tok = AudioTokenizer.from_config(cfg)
+    clips, clip_s, rep = (2, 0.4, 2) if quick else (8, 1.0, 5)  # whole frames: 0.4 s = 30 hops
+    n = int(clip_s * tok.sample_rate)
+    wav = 0.1 * torch.randn(clips, tok.channels, n, generator=torch.Generator().manual_seed(0))
+    ids = tok.encode(wav, sample_rate=tok.sample_rate)
+    audio_s = clips * clip_s
+    return {
+        "encode_audio_s_per_s": audio_s / timed(lambda: tok.encode(wav, sample_rate=tok.sample_rate), rep),
+        "decode_audio_s_per_s": audio_s / timed(lambda: tok.decode(ids, length=n), rep),
+        "tokens_per_audio_s": ids.shape[1] / clip_s,
+        "clips": clips,
+        "clip_s": clip_s,
+        "sample_rate": tok.sample_rate,
+        "n_q": tok.n_q,
+        "bins": tok.bins,
+    }
+
+
+def bench_text_tokenizer(quick: bool) -> dict:
+    """Byte-level BPE (conf/tokenizer/text_bpe.yaml) trained on toy-world captions: tokens per second."""
+    from omegaconf import OmegaConf
+
+    from mmsuite.sources import toyworld
+    from mmsuite.tokenizers.text import TextTokenizer, train_bpe
+    from mmsuite.tokenizers.token_space import TokenSpace
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "tokenizer" / "text_bpe.yaml"), resolve=True)
+    world = toyworld.ToyWorldConfig(image_size=32, frames=1, seed=0)  # only the captions are used
+    n_train, n_batch, rep = (100, 256, 2) if quick else (400, 2048, 5)
+    captions = [toyworld.make_clip(world, i).caption for i in range(n_train + n_batch)]
+    train, batch = captions[:n_train], captions[n_train:]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = train_bpe(train, cfg["vocab_size"], Path(tmp), min_frequency=cfg["min_frequency"])
+        space = TokenSpace.from_config(cfg["token_ranges"])
+        specials = {role: cfg["specials"][role] for role in ("bos", "eos", "pad")}
+        tok = TextTokenizer.from_file(path, space, literal_specials=cfg["literal_specials"], **specials)
+    ids = tok.encode_batch(batch)
+    n_tokens = sum(len(x) for x in ids)
+    return {
+        "encode_tokens_per_s": n_tokens / timed(lambda: tok.encode_batch(batch), rep),
+        "decode_tokens_per_s": n_tokens / timed(lambda: tok.decode_batch(ids), rep),
+        "tokens_per_caption": n_tokens / len(batch),
+        "captions": len(batch),
+        "vocab_size": tok.vocab_size,
     }
 
 
@@ -242,37 +305,82 @@ BENCHES = {
     "shards": bench_shards,
     "tokenizer": bench_tokenizer,
     "loop_overhead": bench_loop_overhead,
+    "audio_tokenizer": bench_audio_tokenizer,
+    "text_tokenizer": bench_text_tokenizer,
 }
 
 
-def table(results: dict) -> str:
-    lines = ["| benchmark | figure | value |", "|---|---|---|"]
+def device_text(info) -> str:
+    """The machine a result was measured on, as the table's Device line names it."""
+    if not isinstance(info, dict):
+        return "unknown device"
+    cpu = f"{info.get('machine')} CPU, {info.get('cpu_count')} cores, {info.get('torch_threads')} torch threads"
+    return f"{info.get('gpu') or cpu}; torch {info.get('torch')}"
+
+
+def load_results(results_dir: Path | None = None) -> dict[str, dict]:
+    """Every ``<name>.json`` in ``results_dir`` (default RESULTS): BENCHES in their order, then others by name."""
+    found = {}
+    for f in sorted(Path(results_dir or RESULTS).glob("*.json")):
+        try:
+            found[f.stem] = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f}: not a readable benchmark result ({e}); delete it or rerun that bench") from None
+        if not isinstance(found[f.stem], dict):
+            raise ValueError(f"{f}: a benchmark result must be a JSON object, got {type(found[f.stem]).__name__}")
+    order = [n for n in BENCHES if n in found] + [n for n in found if n not in BENCHES]
+    return {n: found[n] for n in order}
+
+
+def table(results: dict[str, dict]) -> str:
+    """The Device line(s) and a markdown table of the numeric figures of ``results`` (name -> saved JSON).
+
+    Rows from ``--quick`` runs get " (quick)" after the benchmark's name; when the results come from more than
+    one device, the Device line numbers them and each row names its device as ``[k]``."""
+    devices = list(dict.fromkeys(device_text(res.get("device")) for res in results.values()))
+    if len(devices) <= 1:
+        head = f"Device: {devices[0] if devices else 'none'}"
+    else:
+        head = "Devices: " + "; ".join(f"[{i + 1}] {d}" for i, d in enumerate(devices))
+    lines = [head, "", "| benchmark | figure | value |", "|---|---|---|"]
     for name, res in results.items():
+        label = name + (" (quick)" if res.get("quick") else "")
+        if len(devices) > 1:
+            label += f" [{devices.index(device_text(res.get('device'))) + 1}]"
         for k, v in res.items():
-            if isinstance(v, int | float) and k not in ("batch", "image_size", "steps"):
-                lines.append(f"| {name} | {k} | {v:.4g} |")
+            if k in ("device", "quick") or k in CONFIG_KEYS or isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            lines.append(f"| {label} | {k} | {v:.4g} |")
     return "\n".join(lines) + "\n"
+
+
+def write_summary(results_dir: Path | None = None) -> str:
+    """(Re)write ``results_dir/summary.md`` (default RESULTS) from every result JSON there; returns its text."""
+    results_dir = Path(results_dir or RESULTS)
+    summary = table(load_results(results_dir))
+    (results_dir / "summary.md").write_text(summary)
+    return summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (for a quick look)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (and the Rust tokenizers' thread pool)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     chosen = [n for n in (args.only.split(",") if args.only else BENCHES) if n]
+    unknown = [n for n in chosen if n not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))  # read when tokenizers first goes parallel
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results, info = {}, device_info()
+    info = device_info()
     for name in chosen:
         print(f"[bench] {name} ...", flush=True)
         res = BENCHES[name](args.quick)
-        results[name] = res
         (RESULTS / f"{name}.json").write_text(json.dumps({"device": info, "quick": args.quick, **res}, indent=2) + "\n")
-    summary = table(results)
-    device = info.get("gpu", f"{info['machine']} CPU, {info['cpu_count']} cores, {args.threads} torch threads")
-    (RESULTS / "summary.md").write_text(f"Device: {device}; torch {info['torch']}\n\n" + summary)
-    print(f"\nDevice: {device}\n" + summary)
+    print("\n" + write_summary())
 
 
 if __name__ == "__main__":
