@@ -43,7 +43,7 @@ from mmsuite.nn.schedule import warmup_cosine_scheduler
 from mmsuite.sources.wav import write_wav
 from mmsuite.tokenizers.audio import AudioTokenizer, import_encodec
 
-_LOSS_KEYS = {"waveform", "stft", "commitment", "adversarial"}
+_LOSS_KEYS = {"waveform", "waveform_mse", "stft", "commitment", "adversarial"}
 _STFT_KEYS = {"n_ffts", "n_mels", "linear_weight", "log_weight", "eps"}
 
 
@@ -69,10 +69,11 @@ class AudioTokenizerModule(L.LightningModule):
                 "not implemented yet; set loss.adversarial=0"
             )
         self.w_wave = float(loss.get("waveform", 1.0))
+        self.w_mse = float(loss.get("waveform_mse", 0.0))
         self.w_stft = float(loss.get("stft", 1.0))
         self.w_commit = float(loss.get("commitment", 1.0))
-        if min(self.w_wave, self.w_stft, self.w_commit) < 0 or self.w_wave + self.w_stft <= 0:
-            raise ValueError(f"loss weights must be >= 0 with waveform + stft > 0, got {loss}")
+        if min(self.w_wave, self.w_mse, self.w_stft, self.w_commit) < 0 or self.w_wave + self.w_mse + self.w_stft <= 0:
+            raise ValueError(f"loss weights must be >= 0 with waveform + waveform_mse + stft > 0, got {loss}")
         stft = dict(stft or {})
         if set(stft) - _STFT_KEYS:
             raise ValueError(f"unknown stft settings {sorted(set(stft) - _STFT_KEYS)}; known: {sorted(_STFT_KEYS)}")
@@ -138,9 +139,10 @@ class AudioTokenizerModule(L.LightningModule):
         with torch.autocast(x.device.type, enabled=False):
             recon = recon.float()
             wave = (recon - x).abs().mean()
+            mse = (recon - x).pow(2).mean()
             spec = self.stft_loss(recon, x)
-            loss = self.w_wave * wave + self.w_stft * spec + self.w_commit * commit
-        return {"loss": loss, "l1": wave, "stft": spec, "commitment": commit}
+            loss = self.w_wave * wave + self.w_mse * mse + self.w_stft * spec + self.w_commit * commit
+        return {"loss": loss, "l1": wave, "mse": mse, "stft": spec, "commitment": commit}
 
     # -- training -------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -149,7 +151,7 @@ class AudioTokenizerModule(L.LightningModule):
         out = self._losses(recon, x, commit)
         bs = x.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        for key in ("l1", "stft", "commitment"):
+        for key in ("l1", "mse", "stft", "commitment"):
             self.log(f"train/{key}", out[key], batch_size=bs)
         return out["loss"]
 
@@ -162,7 +164,7 @@ class AudioTokenizerModule(L.LightningModule):
         bs = x.shape[0]
         log = dict(batch_size=bs, sync_dist=True, add_dataloader_idx=False)
         self.log(f"{prefix}/loss", out["loss"], **log)
-        for key in ("l1", "stft", "commitment"):
+        for key in ("l1", "mse", "stft", "commitment"):
             self.log(f"{prefix}/{key}", out[key], **log)
         self.log(f"{prefix}/si_snr", si_snr(recon, x).mean(), prog_bar=True, **log)
         self.log(f"{prefix}/mel_distance", self.mel_distance(recon, x).mean(), **log)

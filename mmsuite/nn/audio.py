@@ -88,7 +88,13 @@ class Spectrogram(torch.nn.Module):
 
 
 class MultiScaleSTFTLoss(torch.nn.Module):
-    """Mean over FFT sizes of ``w_lin * L1(|X|, |Y|) + w_log * L1(log max(|X|, eps), log max(|Y|, eps))``."""
+    """Mean over FFT sizes of ``w_lin * L1(|X|, |Y|) + w_log * L1(log(|X| + eps), log(|Y| + eps))``.
+
+    The log term is ``log(|X| + eps)``, not ``log(max(|X|, eps))``: the clamp has zero gradient wherever the
+    estimate is quieter than ``eps``, so a codec whose output has gone (nearly) silent gets no push back from it,
+    while the waveform L1 keeps pulling towards silence (measured: output energy 1e-6 of the input after 700
+    steps, SI-SNR -36 dB). With ``+ eps`` the log term pulls hardest exactly there.
+    """
 
     def __init__(
         self,
@@ -110,7 +116,7 @@ class MultiScaleSTFTLoss(torch.nn.Module):
         for spec in self.specs:
             a, b = spec(estimate), spec(reference)
             lin = (a - b).abs().mean()
-            log = (a.clamp(min=self.eps).log() - b.clamp(min=self.eps).log()).abs().mean()
+            log = ((a + self.eps).log() - (b + self.eps).log()).abs().mean()
             total = total + self.linear_weight * lin + self.log_weight * log
         return total / len(self.specs)
 

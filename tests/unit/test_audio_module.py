@@ -97,6 +97,32 @@ def test_spectral_losses_zero_for_identical_positive_otherwise():
     assert d.shape == (2,) and (d > 0).all()
 
 
+def test_log_spectral_term_pushes_a_silent_estimate_towards_the_target():
+    """The bug this guards against: ``log(max(|X|, eps))`` has zero gradient once the estimate is quieter than eps,
+    so a codec whose output had gone silent got no push back from the log term (measured: output energy 1e-6 of
+    the input, SI-SNR -36 dB). ``log(|X| + eps)`` must pull a near-silent estimate up, towards the reference."""
+    x = _sounds(2)
+    quiet = (1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    loss = MultiScaleSTFTLoss(SR, n_ffts=(256,), linear_weight=0.0, log_weight=1.0, eps=1e-3)
+    loss(quiet, x).backward()
+    assert quiet.grad.abs().sum() > 0
+    with torch.no_grad():  # a step against the gradient makes the estimate louder and the loss smaller
+        louder = quiet - 1e-5 * quiet.grad / quiet.grad.abs().max()
+    assert louder.pow(2).sum() > quiet.pow(2).sum()
+    assert float(loss(louder, x)) < float(loss(quiet.detach(), x))
+
+
+def test_waveform_mse_term_is_weighted_and_logged():
+    m = _module(loss={"waveform": 0.0, "waveform_mse": 2.0, "stft": 0.0, "commitment": 0.0})
+    x = _sounds(2)
+    y = x + 0.1
+    out = m._losses(y, x, torch.zeros(()))
+    assert float(out["mse"]) == pytest.approx(0.01, rel=1e-4)
+    assert float(out["loss"]) == pytest.approx(0.02, rel=1e-4)
+    with pytest.raises(ValueError, match=r"waveform \+ waveform_mse \+ stft > 0"):
+        _module(loss={"waveform": 0.0, "waveform_mse": 0.0, "stft": 0.0})
+
+
 def test_mel_filterbank():
     fb = mel_filterbank(SR, 512, 40)
     assert fb.shape == (40, 257) and (fb >= 0).all()
