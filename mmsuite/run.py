@@ -110,6 +110,9 @@ def native_cpu_precision() -> str:
 
 
 OmegaConf.register_new_resolver("native_cpu_precision", native_cpu_precision, replace=True)
+# ${mul:a,b}: integer product, e.g. the token count of an image grid (conf/modalities/)
+OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b), replace=True)
+OmegaConf.register_new_resolver("add", lambda a, b: int(a) + int(b), replace=True)
 
 
 # ---------------------------------------------------------------------------------------------------

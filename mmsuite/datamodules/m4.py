@@ -1,0 +1,267 @@
+"""Frame-pair token shards for the 4M family (``m4_pose``): a reference frame, its pose, the first visually
+distinct successor frame and its pose, and the clip's caption.
+
+``build`` reads clips (the toy world's clip shards, or a Penn Action folder), picks for every frame ``t`` the
+first successor ``t'`` (``t' - t <= max_gap``) whose mean absolute pixel difference reaches ``threshold``,
+tokenises both frames with the trained image tokenizer (exactly ``grid x grid`` tokens, asserted) and both
+poses with :class:`~mmsuite.tokenizers.pose.PoseQuantizer`, and writes one sample per pair:
+``tok_rgb.npy``, ``coords.npy``, ``tok_rgb_next.npy``, ``coords_next.npy`` (int32 GLOBAL ids),
+``caption.txt`` and ``pair.json``. Pairs inherit the split of their clip (splits are by clip, never by frame).
+
+If the image tokenizer's checkpoint is missing, it is trained first by running ``train.py
+experiment=image_tokenizer`` (same ``paths``) in a subprocess: the run manager's resume and finished marker
+apply, so a finished tokenizer is never retrained. The data set's name hashes the tokenizer checkpoint's
+sha256, so a retrained tokenizer gives new shards instead of stale tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmsuite.datamodules.base import ShardDataModule, settings_hash
+from mmsuite.datamodules.clips import ToyWorldDataModule
+from mmsuite.datamodules.shards import (
+    WRITER_VERSION,
+    DatasetWriter,
+    decode_sample,
+    iter_raw_samples,
+    read_manifest,
+    split_shards,
+)
+from mmsuite.sources.pairs import successor_indices
+from mmsuite.tokenizers.pose import PoseQuantizer
+
+MODALITY_FIELDS = ("tok_rgb", "coords", "tok_rgb_next", "coords_next")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_image_tokenizer(cfg: dict, log_dir: str, data_dir: str) -> Path:
+    """The image tokenizer checkpoint ``cfg['ckpt']``; trained first (subprocess) when missing and allowed."""
+    ckpt = Path(cfg["ckpt"])
+    if ckpt.exists():
+        return ckpt
+    if not cfg.get("train_if_missing", True):
+        raise FileNotFoundError(
+            f"image tokenizer checkpoint not found: {ckpt} (data.image_tokenizer.ckpt); train it with "
+            "`python train.py experiment=image_tokenizer` or set data.image_tokenizer.train_if_missing=true"
+        )
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "experiment=image_tokenizer",
+        f"run={cfg['run']}",
+        f"paths.log_dir={log_dir}",
+        f"paths.data_dir={data_dir}",
+        "print_config=false",
+        *[str(o) for o in cfg.get("train_overrides", [])],
+    ]
+    print(f"[mmsuite] image tokenizer missing ({ckpt}); training it first:\n  {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    if not ckpt.exists():
+        raise FileNotFoundError(
+            f"the image tokenizer run finished but {ckpt} does not exist (data.image_tokenizer.ckpt)"
+        )
+    return ckpt
+
+
+class M4PoseDataModule(ShardDataModule):
+    def __init__(
+        self,
+        world: dict,
+        n_clips: int,
+        splits: dict,
+        modalities: list,
+        image_tokenizer: dict,
+        pose: dict,
+        successor: dict,
+        log_dir: str,
+        clip_samples_per_shard: int = 24,
+        source: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.source = dict(source or {"kind": "toyworld"})
+        if self.source.get("kind") not in ("toyworld", "penn_action"):
+            raise ValueError(f"data.source.kind must be 'toyworld' or 'penn_action', got {self.source.get('kind')!r}")
+        if self.source["kind"] == "penn_action" and not Path(str(self.source.get("root", ""))).is_dir():
+            raise FileNotFoundError(
+                f"data.source.root must be a Penn Action folder (frames/NNNN/*.jpg, labels/NNNN.mat), "
+                f"got {self.source.get('root')!r}"
+            )
+        self.world, self.n_clips, self.splits = dict(world), int(n_clips), dict(splits)
+        self.modalities = [dict(m) for m in modalities]
+        names = [m["name"] for m in self.modalities]
+        if tuple(names) != MODALITY_FIELDS:
+            raise ValueError(f"m4_pose data has modalities {list(MODALITY_FIELDS)} in this order; config has {names}")
+        self.image_tokenizer = dict(image_tokenizer)
+        self.pose_cfg = dict(pose)
+        self.successor = {"threshold": float(successor["threshold"]), "max_gap": int(successor["max_gap"])}
+        self.log_dir = log_dir
+        self.clip_samples_per_shard = int(clip_samples_per_shard)
+        self.mean_pose: np.ndarray | None = None
+        self._starts: list[int] | None = None
+
+    # -- the clips this is built from ---------------------------------------------------------------------
+    def _clips(self) -> ToyWorldDataModule:
+        return ToyWorldDataModule(
+            world=self.world,
+            n_clips=self.n_clips,
+            splits=self.splits,
+            data_dir=str(self.data_dir),
+            batch_size=1,
+            samples_per_shard=self.clip_samples_per_shard,
+        )
+
+    def _tokenizer_ckpt(self) -> Path:
+        return ensure_image_tokenizer(self.image_tokenizer, self.log_dir, str(self.data_dir))
+
+    @property
+    def dataset_name(self) -> str:
+        ckpt = Path(self.image_tokenizer["ckpt"])
+        if self.source["kind"] == "toyworld":
+            clips = self._clips().dataset_name
+        else:  # a real folder: its videos, labels and their sizes (a changed folder gives a new data set)
+            root = Path(self.source["root"])
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+            listing = [[str(f.relative_to(root)), f.stat().st_size] for f in files]
+            clips = {"root": str(root.resolve()), "files": listing}
+        settings = {
+            "clips": clips,
+            "world_size": self.world.get("image_size", 64),
+            "tokenizer_sha256": file_sha256(ckpt) if ckpt.exists() else None,
+            "pose": self.pose_cfg,
+            "successor": self.successor,
+            "modalities": self.modalities,
+            "token_space": None if self.token_space is None else self.token_space.sha256,
+            "samples_per_shard": self.samples_per_shard,
+            "writer": WRITER_VERSION,
+        }
+        return f"m4pairs-{settings_hash(settings)}"
+
+    def prepare_data(self) -> None:
+        self._tokenizer_ckpt()  # train it first if needed: its sha256 names the data set
+        super().prepare_data()
+
+    def build(self, out_dir: Path) -> None:
+        from mmsuite.tokenizers.image import ImageTokenizer
+
+        if self.token_space is None:
+            raise ValueError("m4_pose shards hold global token ids: the DataModule needs the run's token space")
+        size = int(self.world.get("image_size", 64))
+        ckpt = self._tokenizer_ckpt()
+        tok = ImageTokenizer.from_checkpoint(ckpt, token_space=self.token_space, image_size=size)
+        quant = PoseQuantizer(bins=int(self.pose_cfg["bins"]), canvas=int(self.pose_cfg["canvas"]))
+        rgb_len = self.modalities[0]["length"]
+        if tok.tokens_per_image != rgb_len:
+            raise ValueError(
+                f"the image tokenizer gives {tok.tokens_per_image} tokens per {size}px frame but modality tok_rgb has "
+                f"length {rgb_len}; set the modality length to the tokenizer's grid (never truncate)"
+            )
+        pose_start = self.token_space["pose_bins"].start
+        info = {
+            "source": {k: str(v) for k, v in self.source.items()},
+            "image_tokenizer": {"ckpt": str(ckpt), "sha256": file_sha256(ckpt), "tokens_per_image": rgb_len},
+            "pose": {**self.pose_cfg, "image_size": size},
+            "successor": self.successor,
+            "sample_fields": [f"{m}.npy" for m in MODALITY_FIELDS] + ["caption.txt", "pair.json"],
+        }
+        pose_sum, pose_n = np.zeros((13, 2)), 0
+        with DatasetWriter(out_dir, self.samples_per_shard, info=info, token_space=self.token_space) as writer:
+            for split, clip in self._iter_clips(size):
+                frames = clip["frames"]
+                succ = successor_indices(frames, self.successor["threshold"], self.successor["max_gap"])
+                if not (succ >= 0).any():
+                    continue
+                ids = tok.encode(frames).reshape(len(frames), -1).numpy().astype(np.int32)
+                joints = quant.scale_to_canvas(clip["joints"].astype(np.float32), size)
+                coords = quant.encode(joints, clip["visible"], clip.get("available"))
+                coords = (coords + pose_start).astype(np.int32)
+                if split == "train":
+                    ok = clip["visible"] if clip.get("available") is None else clip["available"]
+                    pose_sum += np.where(ok[..., None], joints, 0).sum(0)
+                    pose_n += ok.sum(0)[:, None]
+                for t in np.flatnonzero(succ >= 0):
+                    t2 = int(succ[t])
+                    members = {
+                        "tok_rgb.npy": ids[t],
+                        "coords.npy": coords[t],
+                        "tok_rgb_next.npy": ids[t2],
+                        "coords_next.npy": coords[t2],
+                        "caption.txt": clip["caption"],
+                        "pair.json": {"clip": clip["key"], "t": int(t), "t_next": t2},
+                    }
+                    writer.write(split, f"{clip['key']}_t{t:03d}", members)
+            writer.info["mean_pose_canvas_px"] = (pose_sum / np.maximum(pose_n, 1)).round(4).tolist()
+
+    def _iter_clips(self, size: int):
+        """``(split, clip)`` with clip = frames uint8 [T,size,size,3], joints [T,13,2] px, visible [T,13],
+        available [T,13] or None, caption, key; the split is the clip's (video's) own."""
+        if self.source["kind"] == "toyworld":
+            clips = self._clips()
+            clips.prepare_data()
+            manifest = read_manifest(clips.root)
+            for split in ("train", "val", "test"):
+                if split not in manifest["splits"]:
+                    continue
+                n = manifest["splits"][split]["samples"]
+                raw = (r for shard in split_shards(clips.root, split, manifest) for r in iter_raw_samples(shard.path))
+                for clip in tqdm(map(decode_sample, raw), total=n, desc=f"m4 pairs {split}", unit="clip"):
+                    yield split, {**clip, "visible": clip["visible"].astype(bool), "key": clip["__key__"]}
+            return
+        from mmsuite.sources import penn_action
+        from mmsuite.sources.pairs import resize_center_crop_with_pose, split_by_item
+
+        root = self.source["root"]
+        videos = penn_action.list_videos(root)
+        split_of = split_by_item(videos, self.splits, seed=int(self.world.get("seed", 0)))
+        for vid in tqdm(videos, desc="m4 pairs (Penn Action)", unit="video"):
+            v = penn_action.load_video(root, vid)
+            frames = zip(v["frames"], v["joints"], v["visible"])
+            out = [resize_center_crop_with_pose(f, j, vis, size) for f, j, vis in frames]
+            yield (
+                split_of[vid],
+                {
+                    "frames": np.stack([o[0] for o in out]),
+                    "joints": np.stack([o[1] for o in out]),
+                    "visible": np.stack([o[2] for o in out]),
+                    "available": np.stack([o[3] for o in out]),
+                    "caption": f"a person: {v['action']}",
+                    "key": f"video{vid}",
+                },
+            )
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        manifest = read_manifest(self.root)
+        self.mean_pose = np.asarray(manifest["mean_pose_canvas_px"], dtype=np.float32)
+        self._starts = [self.token_space[m["range"]].start for m in self.modalities]
+
+    def collate(self, items: list) -> dict:
+        cols = []
+        for m, start in zip(self.modalities, self._starts):
+            ids = torch.from_numpy(np.stack([it[m["name"]] for it in items]).astype(np.int64)) - start
+            if ids.shape[1] != m["length"]:
+                raise ValueError(f"{self.root}: modality {m['name']} has {ids.shape[1]} tokens, expected {m['length']}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= m["vocab"]):
+                raise ValueError(
+                    f"{self.root}: modality {m['name']} holds ids outside its range {m['range']!r} "
+                    f"(local min {int(ids.min())}, max {int(ids.max())}, vocab {m['vocab']})"
+                )
+            cols.append(ids)
+        return {"tokens": torch.cat(cols, dim=1), "caption": [it["caption"] for it in items]}

@@ -1,0 +1,1 @@
+"""4M masked multimodal model family: masking, network, LightningModule."""

@@ -1,0 +1,272 @@
+"""LightningModule of the 4M family (``m4_pose``, ``nano4m``): Dirichlet-masked multimodal training of
+:class:`~mmsuite.lightning_modules.fourm.model.FourM`, a token-based learning-rate schedule, and the
+evaluation tasks (pose from frame, next pose, any fixed input -> target task) against their baselines.
+
+Batches are ``{"tokens": long [B, S]}`` of LOCAL ids in the model's concatenated modality layout (the
+DataModule converts the shards' global ids). Masks are drawn here, on the CPU, from a generator seeded by
+``(seed, global step)`` for training and ``(seed, batch index)`` for validation: a resumed run draws the
+masks the uninterrupted one would have, validation is the same every time, and the real-token counts that
+drive the schedule are Python ints (no device sync).
+
+Loss (4M's ``mod`` loss): per modality the mean cross-entropy over its real targets in the batch, then the
+mean over the modalities that have targets in this batch (``loss.weighting: token`` averages over tokens).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
+from mmsuite.lightning_modules.fourm.model import FourM
+from mmsuite.nn.schedule import warmup_cosine
+from mmsuite.tokenizers.pose import PoseQuantizer
+
+
+def _plan_to(plan, device):
+    for key in ("enc_index", "enc_valid", "dec_index", "dec_valid"):
+        setattr(plan, key, getattr(plan, key).to(device, non_blocking=True))
+    return plan
+
+
+class FourMModule(L.LightningModule):
+    def __init__(
+        self,
+        modalities: list,
+        net: dict,
+        masking: dict,
+        optim: dict,
+        schedule: dict,
+        loss: dict | None = None,
+        tasks: list | None = None,
+        pose: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = FourM(modalities, **net)
+        self.names = self.net.names
+        self.masking = DirichletMasking(
+            lengths=self.net.lengths,
+            input_alphas=masking["input_alphas"],
+            target_alphas=masking["target_alphas"],
+            input_tokens_range=masking["input_tokens_range"],
+            target_tokens_range=masking["target_tokens_range"],
+            weights=masking.get("weights"),
+        )
+        loss = dict(loss or {})
+        self.weighting = loss.get("weighting", "modality")
+        self.pose_sigma = float(loss.get("pose_sigma_bins", 0.0))
+        if self.weighting not in ("modality", "token"):
+            raise ValueError(f"model.loss.weighting must be 'modality' (4M) or 'token', got {self.weighting!r}")
+        self.tasks = [dict(t) for t in (tasks or [])]
+        for t in self.tasks:
+            for name in [*t["inputs"], t["target"]]:
+                self.net.index(name)  # a clear error for unknown modality names
+        pose = dict(pose or {})
+        self.pose = PoseQuantizer(bins=int(pose.get("bins", 8192)), canvas=int(pose.get("canvas", 256)))
+        self.seed = int(seed)
+        self._sums: dict[str, torch.Tensor] = {}
+        self.tokens_seen = 0  # real (non-padding) input + target tokens trained on; drives the schedule
+        s = dict(schedule)
+        self.total_tokens = float(s["total_tokens"])
+        self.warmup_tokens = float(s.get("warmup_tokens", 0))
+        self.floor_ratio = float(s.get("floor_ratio", 0.0))
+        if self.total_tokens <= 0 or self.warmup_tokens < 0 or self.warmup_tokens >= self.total_tokens:
+            raise ValueError(
+                "model.schedule needs 0 <= warmup_tokens < total_tokens, "
+                f"got {self.warmup_tokens} / {self.total_tokens}"
+            )
+
+    # -- masks ------------------------------------------------------------------------------------------
+    def _rng(self, *stream: int) -> np.random.Generator:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return np.random.default_rng([self.seed, rank, *stream])
+
+    def _losses(self, out: dict) -> dict[str, torch.Tensor]:
+        per_mod, total_ce, total_n = {}, 0.0, 0
+        for name, (logits, target, _) in out.items():
+            ce = self._cross_entropy(name, logits.float(), target)
+            per_mod[name] = (ce, target.numel(), (logits.argmax(-1) == target).float().mean())
+            total_ce, total_n = total_ce + ce, total_n + target.numel()
+        if self.weighting == "token":
+            loss = total_ce / max(total_n, 1)
+        else:
+            loss = sum(ce / n for ce, n, _ in per_mod.values()) / max(len(per_mod), 1)
+        return {"loss": loss, **{f"loss_{k}": ce / n for k, (ce, n, _) in per_mod.items()}} | {
+            f"acc_{k}": acc for k, (_, _, acc) in per_mod.items()
+        }
+
+    def _cross_entropy(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed CE. Pose bins optionally get ordinal soft targets: a Gaussian of ``pose_sigma_bins`` over the
+        neighbouring bins (flags stay one-hot), so a near miss costs less than a far one."""
+        if self.pose_sigma <= 0 or self.net.specs[self.net.index(name)]["kind"] != "pose":
+            return F.cross_entropy(logits, target, reduction="sum")
+        bins = self.pose.bins
+        is_bin = target < bins
+        grid = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+        q = torch.exp(-0.5 * ((grid[None] - target[:, None].float()) / self.pose_sigma) ** 2) * (grid[None] < bins)
+        q = torch.where(is_bin[:, None], q / q.sum(-1, keepdim=True), F.one_hot(target, logits.shape[-1]).float())
+        return -(q * logits.log_softmax(-1)).sum()
+
+    # -- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        tokens = batch["tokens"]
+        plan = _plan_to(self.masking(tokens.shape[0], self._rng(0, self.global_step)), tokens.device)
+        out = self._losses(self.net(tokens, plan))
+        self.tokens_seen += plan.n_real_input + plan.n_real_target
+        bs = tokens.shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        for key, value in out.items():
+            if key != "loss":
+                self.log(f"train/{key}", value, batch_size=bs)
+        self.log("train/tokens_seen_M", self.tokens_seen / 1e6, batch_size=bs)
+        self.log("train/real_tokens_per_sample", (plan.n_real_input + plan.n_real_target) / bs, batch_size=bs)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.tokens_seen >= self.total_tokens:
+            self.trainer.should_stop = True
+
+    def lr_factor(self) -> float:
+        return warmup_cosine(self.tokens_seen, self.warmup_tokens, self.total_tokens, self.floor_ratio)
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        decay, no_decay = [], []
+        for name, p in self.net.named_parameters():
+            # no weight decay on norms, biases, embeddings and the query token (4M's choice)
+            (no_decay if p.ndim < 2 or "emb" in name or name == "query" else decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": float(o.get("weight_decay", 0.05))},
+                {"params": no_decay, "weight_decay": 0},
+            ],
+            lr=float(o["lr"]),
+            betas=tuple(float(b) for b in o.get("betas", (0.9, 0.95))),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self.lr_factor())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fourm_tokens_seen"] = int(self.tokens_seen)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = int(checkpoint.get("fourm_tokens_seen", 0))
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def _modality(self, name: str) -> tuple[int, int, int]:
+        k = self.net.index(name)
+        return k, self.net.offsets[k], self.net.lengths[k]
+
+    def predict(self, tokens: torch.Tensor, inputs: list[str], target: str) -> torch.Tensor:
+        """One-pass prediction (MaskGIT with a single step) of every token of ``target`` from every token of
+        ``inputs``: local ids ``[B, length]``. Pose slots are decoded within their kind (x/y -> bins,
+        visibility -> flags)."""
+        b = tokens.shape[0]
+        plan = fixed_plan(self.net.lengths, b, [self.net.index(n) for n in inputs], [self.net.index(target)])
+        plan = _plan_to(plan, tokens.device)
+        k, _, length = self._modality(target)
+        logits = self.net.predict_logits(tokens, plan)[:, :length, : self.net.vocabs[k]]
+        if self.net.specs[k]["kind"] == "pose":
+            logits = self.pose.constrain_logits(logits)
+        return logits.argmax(-1)
+
+    def _pose_errors(self, pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per visible joint of ``truth``: pixel error (canvas pixels) and whether it is within 0.1 x the
+        truth's bounding-box size (PCK@0.1)."""
+        p_xy, _, p_ok = self.pose.decode_torch(pred)
+        t_xy, t_vis, t_ok = self.pose.decode_torch(truth)
+        mask = t_vis & t_ok
+        err = (p_xy - t_xy).norm(dim=-1)
+        err = torch.where(p_ok, err, torch.full_like(err, self.pose.canvas))  # NA predicted for a visible joint
+        lo = torch.where(mask[..., None], t_xy, torch.full_like(t_xy, float("inf"))).amin(1)
+        hi = torch.where(mask[..., None], t_xy, torch.full_like(t_xy, float("-inf"))).amax(1)
+        size = (hi - lo).amax(-1).clamp_min(1.0)[:, None]
+        return err[mask], (err <= 0.1 * size)[mask]
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch, batch_idx: int, prefix: str) -> None:
+        tokens = batch["tokens"]
+        bs = tokens.shape[0]
+        log = dict(batch_size=bs, sync_dist=True, add_dataloader_idx=False)
+        plan = _plan_to(self.masking(bs, self._rng(1, batch_idx)), tokens.device)
+        out = self._losses(self.net(tokens, plan))
+        self.log(f"{prefix}/loss", out["loss"], prog_bar=True, **log)
+        for key, value in out.items():
+            if key != "loss":
+                self.log(f"{prefix}/{key}", value, **log)
+        for task in self.tasks:
+            self._eval_task(task, tokens, prefix, log)
+
+    def _eval_task(self, task: dict, tokens: torch.Tensor, prefix: str, log: dict) -> None:
+        name, target = task["name"], task["target"]
+        k, off, length = self._modality(target)
+        pred = self.predict(tokens, list(task["inputs"]), target)
+        truth = tokens[:, off : off + length]
+        self.log(f"{prefix}/{name}/token_acc", (pred == truth).float().mean(), **log)
+        if self.net.specs[k]["kind"] != "pose":
+            return
+        err, pck = self._pose_errors(pred, truth)
+        self._accumulate(f"{name}/joint_error_px", err)
+        self._accumulate(f"{name}/pck@0.1", pck.float())
+        baseline = task.get("baseline")
+        if baseline == "copy":  # copy a given pose modality (next pose := current pose)
+            _, boff, blen = self._modality(task["copy_from"])
+            b_err, _ = self._pose_errors(tokens[:, boff : boff + blen], truth)
+        elif baseline == "mean_pose":  # the training split's mean pose, from the DataModule
+            b_err, _ = self._pose_errors(self._mean_pose_tokens(tokens.shape[0], tokens.device), truth)
+        elif baseline is None:
+            return
+        else:
+            raise ValueError(f"task {name!r}: baseline must be 'copy', 'mean_pose' or null, got {baseline!r}")
+        self._accumulate(f"{name}/baseline_error_px", b_err)
+
+    # sums over the whole evaluation epoch, so ratios are ratios of means (not means of per-batch ratios)
+    def _accumulate(self, key: str, values: torch.Tensor) -> None:
+        acc = self._sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=values.device))
+        acc += torch.stack([values.double().sum(), torch.tensor(values.numel(), dtype=torch.float64)])
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_sums("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_sums("test")
+
+    def _log_sums(self, prefix: str) -> None:
+        means = {}
+        for key, acc in sorted(self._sums.items()):
+            if self.trainer.world_size > 1:
+                acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
+            if acc[1] > 0:
+                means[key] = float(acc[0] / acc[1])
+        for key, value in list(means.items()):
+            if key.endswith("/baseline_error_px"):
+                task = key.removesuffix("/baseline_error_px")
+                if f"{task}/joint_error_px" in means and value > 0:
+                    means[f"{task}/error_ratio"] = means[f"{task}/joint_error_px"] / value
+        for key, value in means.items():
+            self.log(f"{prefix}/{key}", value, rank_zero_only=True)
+        self._sums = {}
+
+    def _mean_pose_tokens(self, batch_size: int, device) -> torch.Tensor:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        mean = getattr(dm, "mean_pose", None)
+        if mean is None:
+            raise RuntimeError("the mean_pose baseline needs a DataModule with a mean_pose (train-split mean joints)")
+        xy = np.broadcast_to(np.asarray(mean, dtype=np.float32)[None], (batch_size, *np.shape(mean)))
+        ones = np.ones(xy.shape[:2], dtype=bool)
+        return torch.as_tensor(self.pose.encode(np.ascontiguousarray(xy), ones, ones)).to(device)

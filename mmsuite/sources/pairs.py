@@ -1,0 +1,122 @@
+"""Frame/pose pairs from videos: aligned crop of image and joints, successor-frame choice, split by video.
+
+Joints follow the toy world's pixel convention: ``(x, y) = (column, row)``, pixel centres at integer + 0.5,
+a joint is inside an ``S``-pixel side iff ``0 <= c < S``. In that convention a PIL resize from ``W`` to ``W'``
+columns maps ``x`` to ``x * W' / W`` exactly, so the joints get the same transform as the pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+N_JOINTS = 13
+
+
+def resize_center_crop_with_pose(
+    image: np.ndarray, joints: np.ndarray, visible: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Resize the shorter side of ``image`` to ``size`` (PIL bilinear) and centre-crop ``size x size``.
+
+    ``image`` is uint8 ``[H, W, 3]``, ``joints`` float ``[13, 2]`` pixels, ``visible`` bool ``[13]``. Returns
+    ``(image uint8 [size, size, 3], joints float32 [13, 2], visible bool [13], available bool [13])``: the
+    joints are scaled like the pixels and shifted by the crop offset; a joint that is NaN or falls outside the
+    crop is not available (its coordinates are kept as computed) and not visible.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    joints = np.asarray(joints, np.float64)
+    visible = np.asarray(visible)
+    if joints.shape != (N_JOINTS, 2) or visible.shape != (N_JOINTS,) or visible.dtype != np.bool_:
+        raise ValueError(
+            f"joints must be float [{N_JOINTS}, 2] and visible bool [{N_JOINTS}], got {joints.shape} "
+            f"and {visible.dtype} {visible.shape}"
+        )
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new_w = size if width <= height else max(size, round(width * scale))
+    new_h = size if height <= width else max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = np.ascontiguousarray(image[top : top + size, left : left + size])
+    out = joints * np.array([new_w / width, new_h / height]) - np.array([left, top])
+    available = np.all(np.isfinite(out) & (out >= 0) & (out < size), axis=-1)
+    return image, out.astype(np.float32), visible & available, available
+
+
+def successor_indices(frames: np.ndarray, threshold: float, max_gap: int) -> np.ndarray:
+    """For each frame ``t`` the first ``t' in (t, t + max_gap]`` that differs enough from it, else -1.
+
+    "Differs enough": the mean absolute difference over all pixels and channels, in 0..255 units, is at least
+    ``threshold``. ``frames`` is uint8 ``[T, H, W, 3]``; returns int64 ``[T]``.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if not np.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0 (0..255 units), got {threshold!r}")
+    if isinstance(max_gap, bool) or not isinstance(max_gap, (int, np.integer)) or max_gap < 1:
+        raise ValueError(f"max_gap must be an integer >= 1, got {max_gap!r}")
+    n = len(frames)
+    result = np.full(n, -1, np.int64)
+    per_frame = max(1, frames[0].size if n else 1)
+    chunk = max(1, (32 << 20) // (2 * per_frame))  # ~32 MiB per int16 buffer
+    for gap in range(1, min(max_gap, n - 1) + 1):
+        todo = np.flatnonzero(result[: n - gap] < 0)  # frames still without a successor
+        for s in range(0, len(todo), chunk):
+            t = todo[s : s + chunk]
+            diff = np.abs(frames[t + gap].astype(np.int16) - frames[t].astype(np.int16))
+            mad = diff.reshape(len(t), -1).mean(axis=1)
+            hit = t[mad >= threshold]
+            result[hit] = hit + gap
+    return result
+
+
+def split_by_item(item_ids: Sequence[str], fractions: Mapping[str, float], seed: int) -> dict[str, str]:
+    """Assign every distinct item id (a video, a clip: never a frame) to one split.
+
+    The ids are ranked by ``sha256(f"{seed}:{id}")`` and cut into consecutive blocks whose sizes follow
+    ``fractions`` (largest remainder; each split with a positive fraction gets at least one item when there
+    are enough items). The result depends only on the set of ids, the fractions and ``seed``: not on the order
+    of the ids, duplicates, or Python's hash seed. Pairs inherit the split of their source item.
+    """
+    if isinstance(item_ids, str):
+        raise TypeError("item_ids must be a sequence of strings, not one string")
+    item_ids = list(item_ids)
+    bad = [i for i in item_ids if not isinstance(i, str)]
+    if bad:
+        raise TypeError(f"item ids must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
+    ids = sorted(set(item_ids))
+    names = [str(k) for k in fractions]
+    values = np.array([float(fractions[k]) for k in fractions], np.float64)
+    if not names or not np.all(np.isfinite(values)) or np.any(values < 0) or abs(values.sum() - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {dict(fractions)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+    n = len(ids)
+    exact = values * n
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")  # largest remainders first
+    counts[order[: n - counts.sum()]] += 1
+    for k in np.flatnonzero((values > 0) & (counts == 0)):  # keep small splits non-empty when possible
+        donor = int(np.argmax(counts))
+        if counts[donor] > 1:
+            counts[donor] -= 1
+            counts[k] += 1
+
+    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{int(seed)}:{i}".encode()).digest())
+    out: dict[str, str] = {}
+    start = 0
+    for name, count in zip(names, counts):
+        for item in ranked[start : start + count]:
+            out[item] = name
+        start += count
+    return out

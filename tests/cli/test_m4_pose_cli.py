@@ -1,0 +1,36 @@
+"""m4_pose through the entry points: a Penn Action folder written here goes through prepare.py."""
+
+from __future__ import annotations
+
+import json
+
+from mmsuite.sources.penn_action import write_fake_penn_action
+from tests.cli.conftest import run_cli
+
+
+def test_a_penn_action_folder_goes_through_prepare(tmp_path, shared_data):
+    root = tmp_path / "penn"
+    write_fake_penn_action(root, n_videos=10, n_frames=8, size=(48, 64), seed=0)
+    logs = tmp_path / "logs"
+    proc = run_cli(
+        "prepare.py",
+        "experiment=m4_pose",
+        "debug=smoke",
+        "data.source.kind=penn_action",
+        f"data.source.root={root}",
+        "data.successor.threshold=0.5",
+        logs=logs,
+        data=shared_data,
+    )
+    assert "m4 pairs (Penn Action)" in proc.stderr + proc.stdout
+    folders = [
+        p
+        for p in shared_data.glob("m4pairs-*")
+        if json.loads((p / "manifest.json").read_text())["source"]["kind"] == "penn_action"
+    ]
+    assert len(folders) == 1
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    assert manifest["source"]["root"] == str(root)
+    splits = manifest["splits"]
+    assert splits["train"]["samples"] > 0 and sum(s["samples"] for s in splits.values()) <= 10 * 7
+    assert manifest["token_space_sha256"] and manifest["image_tokenizer"]["tokens_per_image"] == 16

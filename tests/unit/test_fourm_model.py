@@ -1,0 +1,222 @@
+"""The 4M encoder-decoder and its LightningModule: heads, padding, loss weighting, token schedule, tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
+from mmsuite.lightning_modules.fourm.model import FourM
+from mmsuite.lightning_modules.fourm.module import FourMModule
+from mmsuite.tokenizers.pose import PoseQuantizer
+
+BINS = 64
+MODS = [
+    {"name": "tok_rgb", "kind": "image", "range": "image", "vocab": 50, "length": 16, "grid": [4, 4]},
+    {"name": "coords", "kind": "pose", "range": "pose_bins", "vocab": BINS + 3, "length": 39},
+    {"name": "tok_rgb_next", "kind": "image", "range": "image", "vocab": 50, "length": 16, "grid": [4, 4]},
+    {"name": "coords_next", "kind": "pose", "range": "pose_bins", "vocab": BINS + 3, "length": 39},
+]
+LENGTHS = [m["length"] for m in MODS]
+
+
+def _tokens(b: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cols = []
+    quant = PoseQuantizer(bins=BINS, canvas=256)
+    for m in MODS:
+        if m["kind"] == "pose":
+            xy = torch.rand(b, 13, 2, generator=g).numpy() * 255
+            vis = torch.rand(b, 13, generator=g).numpy() > 0.2
+            cols.append(torch.from_numpy(quant.encode(xy.astype(np.float32), vis)))
+        else:
+            cols.append(torch.randint(0, m["vocab"], (b, m["length"]), generator=g))
+    return torch.cat(cols, dim=1)
+
+
+def _net(**kw) -> FourM:
+    torch.manual_seed(0)
+    return FourM(MODS, **{"dim": 32, "encoder_depth": 2, "decoder_depth": 2, "heads": 2, **kw}).eval()
+
+
+def _masking() -> DirichletMasking:
+    return DirichletMasking(LENGTHS, [1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5], [10, 40], [10, 40])
+
+
+def _module(**kw) -> FourMModule:
+    args = dict(
+        modalities=MODS,
+        net={"dim": 32, "encoder_depth": 1, "decoder_depth": 1, "heads": 2},
+        masking={
+            "input_alphas": [1.5, 1.5, 0.5, 0.5],
+            "target_alphas": [0.5, 0.5, 1.5, 1.5],
+            "input_tokens_range": [10, 40],
+            "target_tokens_range": [10, 40],
+        },
+        optim={"lr": 1e-3},
+        schedule={"total_tokens": 1000, "warmup_tokens": 100, "floor_ratio": 0.1},
+        tasks=[{"name": "pose_from_frame", "inputs": ["tok_rgb"], "target": "coords", "baseline": None}],
+        pose={"bins": BINS, "canvas": 256},
+    )
+    args.update(kw)
+    torch.manual_seed(0)
+    return FourMModule(**args)
+
+
+def test_logits_only_at_real_targets_and_only_over_the_targets_own_vocabulary():
+    net, tokens = _net(), _tokens(6)
+    plan = _masking()(6, np.random.default_rng(0))
+    out = net(tokens, plan)
+    seg = net.segment[plan.dec_index]
+    for k, name in enumerate(net.names):
+        n_real = int(((seg == k) & plan.dec_valid).sum())
+        if n_real == 0:
+            assert name not in out
+            continue
+        logits, target, rows = out[name]
+        assert logits.shape == (n_real, MODS[k]["vocab"])  # the modality's own head: it can only emit its ids
+        assert target.shape == rows.shape == (n_real,)
+        assert int(target.max()) < MODS[k]["vocab"]
+    assert sum(v[0].shape[0] for v in out.values()) == plan.n_real_target
+
+
+def test_padding_does_not_change_real_outputs_and_empty_rows_stay_finite():
+    net, tokens = _net(), _tokens(3)
+    plan = _masking()(3, np.random.default_rng(1))
+    ref = net(tokens, plan)
+    pad = lambda t, v: torch.cat([t, torch.full((t.shape[0], 5), v, dtype=t.dtype)], dim=1)  # noqa: E731
+    for name in ("enc", "dec"):
+        setattr(plan, f"{name}_index", pad(getattr(plan, f"{name}_index"), 0))
+        setattr(plan, f"{name}_valid", pad(getattr(plan, f"{name}_valid"), False))
+    padded = net(tokens, plan)
+    for name in ref:
+        assert torch.allclose(ref[name][0], padded[name][0], atol=1e-5)
+    plan.dec_valid[0] = False  # a sample with no targets, one with no inputs
+    plan.enc_valid[1] = False
+    logits = net.predict_logits(tokens, plan)
+    assert torch.isfinite(logits[logits > float("-inf")]).all()
+
+
+def test_positions_image_grid_shared_by_current_and_next_frame_pose_by_joint_and_axis():
+    net = _net()
+    off_rgb, off_next = net.offsets[0], net.offsets[2]
+    idx = torch.arange(16)
+    assert torch.equal(net.positions(idx + off_rgb), net.positions(idx + off_next))
+    assert not torch.equal(net.positions(idx[:1] + off_rgb), net.positions(idx[1:2] + off_rgb))
+    c0, c1 = net.offsets[1], net.offsets[3]
+    assert torch.equal(net.positions(torch.arange(39) + c0), net.positions(torch.arange(39) + c1))
+    # joint 0 x and joint 0 y differ (axis embedding), joint 0 x and joint 1 x differ (joint embedding)
+    p = net.positions(torch.tensor([c0, c0 + 1, c0 + 3]))
+    assert not torch.equal(p[0], p[1]) and not torch.equal(p[0], p[2])
+
+
+def test_loss_weighting_modality_mean_vs_token_mean():
+    m = _module()
+    logits = {"a": torch.zeros(2, 4), "b": torch.zeros(6, 4)}
+    logits["a"][0, 1] = 3.0  # "a" has a lower loss on one token
+    out = {
+        k: (v, torch.zeros(len(v), dtype=torch.long), torch.zeros(len(v), dtype=torch.long)) for k, v in logits.items()
+    }
+    per = {k: torch.nn.functional.cross_entropy(v, torch.zeros(len(v), dtype=torch.long)) for k, v in logits.items()}
+    assert float(m._losses(out)["loss"]) == pytest.approx(float((per["a"] + per["b"]) / 2), rel=1e-5)
+    t = _module(loss={"weighting": "token"})
+    tok = (per["a"] * 2 + per["b"] * 6) / 8
+    assert float(t._losses(out)["loss"]) == pytest.approx(float(tok), rel=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        _module(loss={"weighting": "sample"})
+
+
+def test_token_schedule_counts_real_tokens_and_survives_a_checkpoint():
+    m = _module()
+    assert m.lr_factor() == pytest.approx(1 / 101)
+    m.tokens_seen = 100
+    assert m.lr_factor() == pytest.approx(1.0)
+    m.tokens_seen = 1000
+    assert m.lr_factor() == pytest.approx(0.1)
+    ckpt = {}
+    m.tokens_seen = 321
+    m.on_save_checkpoint(ckpt)
+    other = _module()
+    other.on_load_checkpoint(ckpt)
+    assert other.tokens_seen == 321
+    with pytest.raises(ValueError, match="warmup_tokens < total_tokens"):
+        _module(schedule={"total_tokens": 10, "warmup_tokens": 10})
+
+
+def test_training_step_adds_the_plans_real_tokens():
+    m = _module()
+    tokens = _tokens(4)
+    plan = m.masking(4, m._rng(0, 0))
+    m.training_step({"tokens": tokens}, 0)
+    assert m.tokens_seen == plan.n_real_input + plan.n_real_target  # the same seeded plan
+
+
+def test_predict_emits_only_the_target_modality_with_well_formed_pose_slots():
+    m = _module().eval()
+    tokens = _tokens(5)
+    pred = m.predict(tokens, ["tok_rgb"], "coords")
+    assert pred.shape == (5, 39)
+    quant = PoseQuantizer(bins=BINS, canvas=256)
+    xy, v = pred.reshape(5, 13, 3)[..., :2], pred.reshape(5, 13, 3)[..., 2]
+    assert ((xy < BINS) | (xy == quant.NA)).all()
+    assert ((v == quant.INVISIBLE) | (v == quant.VISIBLE)).all()
+    img = m.predict(tokens, ["coords"], "tok_rgb")
+    assert img.shape == (5, 16) and int(img.max()) < 50
+    with pytest.raises(KeyError, match="unknown modality 'depth'"):
+        m.predict(tokens, ["depth"], "coords")
+
+
+def test_pose_errors_and_pck_against_known_offsets():
+    m = _module()
+    quant = m.pose
+    xy = np.full((2, 13, 2), 100.0, dtype=np.float32)
+    xy[:, :, 0] += np.arange(13) * 5  # a 60 px wide skeleton
+    vis = np.ones((2, 13), dtype=bool)
+    truth = torch.from_numpy(quant.encode(xy, vis))
+    moved = torch.from_numpy(quant.encode(xy + np.float32(4.0), vis))  # 4 px in x and y: sqrt(32) px
+    err, pck = m._pose_errors(moved, truth)
+    assert err.shape == (26,)
+    assert float(err.mean()) == pytest.approx(32**0.5, abs=quant.bin_width * 1.5)
+    assert bool(pck.all())  # 5.7 px <= 0.1 x 60 px
+    far = torch.from_numpy(quant.encode(xy + np.float32(20.0), vis))
+    assert not bool(m._pose_errors(far, truth)[1].any())
+
+
+def test_fixed_plan_tasks_use_every_token():
+    plan = fixed_plan(LENGTHS, 2, [0, 1], [3])
+    assert plan.n_real_input == 2 * (16 + 39) and plan.n_real_target == 2 * 39
+
+
+def test_shared_tables_and_tied_heads():
+    shared = [dict(m) for m in MODS]
+    shared[2]["share_with"], shared[3]["share_with"] = "tok_rgb", "coords"
+    net = FourM(shared, dim=32, encoder_depth=1, decoder_depth=1, heads=2)
+    assert net.tok_emb[0] is net.tok_emb[2] and net.tok_emb[1] is net.tok_emb[3]
+    h = torch.randn(3, 32)
+    assert torch.allclose(net.logits(3, h), h @ net.tok_emb[1].weight.T)  # tied: logits = h . embeddings
+    untied = FourM(MODS, dim=32, encoder_depth=1, decoder_depth=1, heads=2, tie_heads=False)
+    assert untied.logits(1, h).shape == (3, BINS + 3)
+    bad = [dict(m) for m in MODS]
+    bad[2]["share_with"] = "coords"
+    with pytest.raises(ValueError, match="vocab sizes differ"):
+        FourM(bad, dim=32)
+    bad[2]["share_with"] = "coords_next"
+    with pytest.raises(ValueError, match="must name an earlier modality"):
+        FourM(bad, dim=32)
+
+
+def test_ordinal_pose_targets_cost_less_for_near_misses():
+    m = _module(loss={"pose_sigma_bins": 2.0})
+    target = torch.tensor([30])
+    near, far = torch.full((1, BINS + 3), -10.0), torch.full((1, BINS + 3), -10.0)
+    near[0, 31], far[0, 50] = 10.0, 10.0
+    assert float(m._cross_entropy("coords", near, target)) < float(m._cross_entropy("coords", far, target))
+    flag = torch.tensor([BINS + 1])  # a flag target stays one-hot
+    logits = torch.randn(1, BINS + 3)
+    ref = torch.nn.functional.cross_entropy(logits, flag, reduction="sum")
+    assert float(m._cross_entropy("coords", logits, flag)) == pytest.approx(float(ref), rel=1e-5)
+    one_hot = _module()  # sigma 0: plain CE, images always plain
+    assert float(one_hot._cross_entropy("coords", far, target)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(far, target, reduction="sum")), rel=1e-5
+    )
