@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from mmsuite.callbacks.samples import log_audio
 from mmsuite.nn.audio import MelDistance, MultiScaleSTFTLoss, code_histogram, codebook_usage, si_snr
-from mmsuite.nn.schedule import warmup_cosine_scheduler
+from mmsuite.nn.schedule import adamw_warmup_cosine
 from mmsuite.sources.wav import write_wav
 from mmsuite.tokenizers.audio import AudioTokenizer, import_encodec
 
@@ -232,24 +232,14 @@ class AudioTokenizerModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.hparams.optim
-        opt = torch.optim.AdamW(
+        return adamw_warmup_cosine(
             self.net.parameters(),
-            lr=float(o.get("lr", 1e-3)),
-            betas=tuple(float(b) for b in o.get("betas", (0.8, 0.99))),
-            weight_decay=float(o.get("weight_decay", 0.0)),
+            self.hparams.optim,
+            self.hparams.schedule,
+            self.trainer.max_steps,
+            "AudioTokenizerModule",
+            default_betas=(0.8, 0.99),
         )
-        total = self.trainer.max_steps
-        if total is None or total <= 0:
-            raise ValueError(
-                f"AudioTokenizerModule needs trainer.max_steps > 0 for its warmup-cosine schedule, got {total}; "
-                "set trainer.max_steps"
-            )
-        s = self.hparams.schedule
-        sched = warmup_cosine_scheduler(
-            opt, int(s.get("warmup_steps", 0)), int(total), float(s.get("floor_ratio", 0.1))
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
 @torch.no_grad()

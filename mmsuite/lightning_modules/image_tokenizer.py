@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from mmsuite.callbacks.samples import log_image_grid
-from mmsuite.nn.schedule import warmup_cosine_scheduler
+from mmsuite.nn.schedule import adamw_warmup_cosine
 from mmsuite.tokenizers.image import ImageAutoencoder, codebook_stats, psnr
 
 _LOSS_KEYS = {"l1", "mse", "perceptual"}
@@ -153,21 +153,11 @@ class ImageTokenizerModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.hparams.optim
-        opt = torch.optim.AdamW(
+        return adamw_warmup_cosine(
             self.net.parameters(),
-            lr=float(o.get("lr", 1e-3)),
-            betas=tuple(float(b) for b in o.get("betas", (0.9, 0.99))),
-            weight_decay=float(o.get("weight_decay", 0.0)),
+            self.hparams.optim,
+            self.hparams.schedule,
+            self.trainer.max_steps,
+            "ImageTokenizerModule",
+            default_betas=(0.9, 0.99),
         )
-        total = self.trainer.max_steps
-        if total is None or total <= 0:
-            raise ValueError(
-                f"ImageTokenizerModule needs trainer.max_steps > 0 for its warmup-cosine schedule, got {total}; "
-                "set trainer.max_steps"
-            )
-        s = self.hparams.schedule
-        sched = warmup_cosine_scheduler(
-            opt, int(s.get("warmup_steps", 0)), int(total), float(s.get("floor_ratio", 0.1))
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -28,3 +28,25 @@ def warmup_cosine_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, floor_ratio)
     )
+
+
+def adamw_warmup_cosine(
+    params, optim: dict, schedule: dict, total_steps: int | None, owner: str, default_betas=(0.9, 0.99)
+) -> dict:
+    """Lightning's ``configure_optimizers`` answer for the step-scheduled families: AdamW (``optim``: lr, betas,
+    weight_decay) with :func:`warmup_cosine_scheduler` over ``total_steps`` (``trainer.max_steps``)."""
+    opt = torch.optim.AdamW(
+        params,
+        lr=float(optim.get("lr", 1e-3)),
+        betas=tuple(float(b) for b in optim.get("betas", default_betas)),
+        weight_decay=float(optim.get("weight_decay", 0.0)),
+    )
+    if total_steps is None or total_steps <= 0:
+        raise ValueError(
+            f"{owner} needs trainer.max_steps > 0 for its warmup-cosine schedule, got {total_steps}; "
+            "set trainer.max_steps"
+        )
+    sched = warmup_cosine_scheduler(
+        opt, int(schedule.get("warmup_steps", 0)), int(total_steps), float(schedule.get("floor_ratio", 0.1))
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -34,3 +34,23 @@ def test_a_penn_action_folder_goes_through_prepare(tmp_path, shared_data):
     splits = manifest["splits"]
     assert splits["train"]["samples"] > 0 and sum(s["samples"] for s in splits.values()) <= 10 * 7
     assert manifest["token_space_sha256"] and manifest["image_tokenizer"]["tokens_per_image"] == 16
+
+
+def test_generate_writes_the_chain_as_png_and_json(tmp_path, shared_data):
+    logs = tmp_path / "logs"
+    run_cli("train.py", "experiment=m4_pose", "debug=smoke", logs=logs, data=shared_data)
+    out = tmp_path / "gen"
+    run_cli(
+        "generate.py",
+        "experiment=m4_pose",
+        "run=m4_pose-smoke",
+        f"out_dir={out}",
+        "n_samples=3",
+        logs=logs,
+        data=shared_data,
+    )
+    record = json.loads((out / "samples.json").read_text())
+    assert record["chain"] == ["coords", "coords_next", "tok_rgb_next"] and len(record["samples"]) == 3
+    joints = record["samples"][0]["coords"]
+    assert len(joints["generated"]) == len(joints["true"]) == 13
+    assert (out / "samples.png").stat().st_size > 0

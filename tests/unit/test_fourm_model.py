@@ -220,3 +220,12 @@ def test_ordinal_pose_targets_cost_less_for_near_misses():
     assert float(one_hot._cross_entropy("coords", far, target)) == pytest.approx(
         float(torch.nn.functional.cross_entropy(far, target, reduction="sum")), rel=1e-5
     )
+
+
+def test_pose_ordinal_init_makes_neighbouring_bins_alike():
+    net = FourM(MODS, dim=32, encoder_depth=1, decoder_depth=1, heads=2, pose_ordinal_init=0.05)
+    table = net.tok_emb[1].weight.detach()
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(table[10], table[11], dim=0)) > float(cos(table[10], table[40], dim=0)) + 0.2
+    flags = table[BINS:]
+    assert float(flags.std()) < 0.05  # the flags keep the random init

@@ -8,7 +8,8 @@ positions are encoder inputs and which are decoder targets.
 * per-modality token embeddings and output heads: a modality can only ever emit its own ids; a modality may
   share its table with another of the same range (``share_with``: the next frame reads and writes the same
   image codes as the current one), and heads are tied to the embeddings by default (4M's ``share_embedding``),
-  so copying a token is as easy as matching its embedding;
+  so copying a token is as easy as matching its embedding; ``pose_ordinal_init`` starts the pose bins' rows as
+  sin-cos of the bin value, so neighbouring bins start with similar embeddings (and, tied, similar logits);
 * a learned modality embedding; positions: fixed 2-D sin-cos over the token grid for images (the current and
   next frame share it), learned joint + axis (x, y, visibility) embeddings for poses, 1-D sin-cos for sequences;
 * the encoder sees only the visible tokens (padded to the batch maximum), the decoder's queries are
@@ -29,6 +30,7 @@ from mmsuite.nn.transformer import DecoderBlock, EncoderBlock, sincos_1d, sincos
 
 KINDS = ("image", "pose", "seq")
 POSE_COMPONENTS = 3  # x, y, visibility per joint
+POSE_FLAGS = 3  # a pose vocabulary is its bins followed by <invisible> <visible> <na> (tokenizers/pose.py)
 
 
 class FourM(nn.Module):
@@ -42,6 +44,7 @@ class FourM(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = False,
         tie_heads: bool = True,
+        pose_ordinal_init: float = 0.0,
     ):
         super().__init__()
         self.specs = [dict(m) for m in modalities]
@@ -113,6 +116,12 @@ class FourM(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim)
         self.apply(self._init)
         nn.init.normal_(self.query, std=0.02)
+        if pose_ordinal_init > 0:  # bins start as sin-cos of their value: neighbouring bins start alike
+            with torch.no_grad():
+                for k, m in enumerate(self.specs):
+                    if m["kind"] == "pose":
+                        n_bins = self.vocabs[k] - POSE_FLAGS
+                        self.tok_emb[k].weight[:n_bins] = sincos_1d(n_bins, dim) * pose_ordinal_init
 
     @staticmethod
     def _init(m: nn.Module) -> None:

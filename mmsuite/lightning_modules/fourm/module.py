@@ -43,6 +43,8 @@ class FourMModule(L.LightningModule):
         tasks: list | None = None,
         pose: dict | None = None,
         seed: int = 0,
+        generation: dict | None = None,
+        image_tokenizer_ckpt: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +70,8 @@ class FourMModule(L.LightningModule):
         pose = dict(pose or {})
         self.pose = PoseQuantizer(bins=int(pose.get("bins", 8192)), canvas=int(pose.get("canvas", 256)))
         self.seed = int(seed)
+        self.generation = dict(generation or {})
+        self.image_tokenizer_ckpt = image_tokenizer_ckpt
         self._sums: dict[str, torch.Tensor] = {}
         self.tokens_seen = 0  # real (non-padding) input + target tokens trained on; drives the schedule
         s = dict(schedule)
@@ -270,3 +274,101 @@ class FourMModule(L.LightningModule):
         xy = np.broadcast_to(np.asarray(mean, dtype=np.float32)[None], (batch_size, *np.shape(mean)))
         ones = np.ones(xy.shape[:2], dtype=bool)
         return torch.as_tensor(self.pose.encode(np.ascontiguousarray(xy), ones, ones)).to(device)
+
+    # -- generation (generate.py) -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_samples(self, batch, out_dir) -> list:
+        """From each sample's reference frame alone, generate the chain ``generation.chain`` (default: pose ->
+        next pose -> next frame) with MaskGIT or ROAR (``generation.scheme``, ``steps``, ``temperature``), then
+        write ``samples.png`` (rows: given frame + generated pose | generated next frame + generated next pose |
+        true next frame + true next pose) and ``samples.json`` (generated and true joints, canvas pixels)."""
+        import json
+        from pathlib import Path
+
+        from mmsuite.lightning_modules.fourm.generate import generate_chain, pose_constraint
+
+        g = self.generation
+        tokens = batch["tokens"].to(self.device)
+        given = list(g.get("given", ["tok_rgb"]))
+        known = torch.zeros_like(tokens, dtype=torch.bool)
+        for name in given:
+            _, off, length = self._modality(name)
+            known[:, off : off + length] = True
+        chain = list(g.get("chain", ["coords", "coords_next", "tok_rgb_next"]))
+        targets = []
+        for name in chain:
+            t = {"target": name}
+            if self.net.specs[self.net.index(name)]["kind"] == "pose":
+                t["constrain"] = pose_constraint(self.pose)
+            targets.append(t)
+        out, _ = generate_chain(
+            self.net,
+            tokens.masked_fill(~known, 0),
+            known,
+            targets,
+            steps=int(g.get("steps", 8)),
+            scheme=g.get("scheme", "maskgit"),
+            temperature=float(g.get("temperature", 0.0)),
+            generator=torch.Generator(device=tokens.device).manual_seed(self.seed),
+        )
+        out_dir = Path(out_dir)
+        record = {"given": given, "chain": chain, "samples": []}
+        poses = {}
+        for name in ("coords", "coords_next"):
+            if name in chain:
+                _, off, length = self._modality(name)
+                xy, vis, ok = self.pose.decode(out[:, off : off + length].cpu().numpy(), strict=False)
+                txy, tvis, tok = self.pose.decode(tokens[:, off : off + length].cpu().numpy(), strict=False)
+                poses[name] = (xy, vis & ok, txy, tvis & tok)
+        for i in range(tokens.shape[0]):
+            record["samples"].append(
+                {
+                    name: {
+                        "generated": np.nan_to_num(p[0][i], nan=-1).round(2).tolist(),
+                        "true": p[2][i].round(2).tolist(),
+                    }
+                    for name, p in poses.items()
+                }
+            )
+        written = [out_dir / "samples.json"]
+        written[0].write_text(json.dumps(record, indent=1) + "\n")
+        if self.image_tokenizer_ckpt and Path(self.image_tokenizer_ckpt).exists():
+            written.append(self._sample_grid(out, tokens, poses, out_dir / "samples.png"))
+        return written
+
+    def _sample_grid(self, out: torch.Tensor, tokens: torch.Tensor, poses: dict, path):
+        """Rows of [given frame + generated pose | generated next frame + generated next pose | true next frame +
+        true next pose], decoded with the image tokenizer, skeletons drawn in white (generated) / green (true)."""
+        from PIL import Image, ImageDraw
+
+        from mmsuite.sources.toyworld import SKELETON
+        from mmsuite.tokenizers.image import ImageTokenizer
+
+        k, off, length = self._modality("tok_rgb")
+        h, w = (int(v) for v in self.net.specs[k]["grid"])
+        tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_ckpt)
+        size = h * tok.downsample
+        tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_ckpt, image_size=size)
+        _, noff, _ = self._modality("tok_rgb_next")
+        frames = [
+            tok.decode(tokens[:, off : off + length].reshape(-1, h, w).cpu()),
+            tok.decode(out[:, noff : noff + length].reshape(-1, h, w).cpu()),
+            tok.decode(tokens[:, noff : noff + length].reshape(-1, h, w).cpu()),
+        ]
+        scale = size / self.pose.canvas
+        drawn = [(0, "coords", 0, "white"), (1, "coords_next", 0, "white"), (2, "coords_next", 2, "lime")]
+        rows = []
+        for i in range(tokens.shape[0]):
+            tiles = []
+            for col, name, which, colour in drawn:
+                img = Image.fromarray(frames[col][i].numpy()).resize((4 * size, 4 * size), Image.NEAREST)
+                if name in poses:
+                    xy, vis = poses[name][which][i] * scale * 4, poses[name][which + 1][i]
+                    d = ImageDraw.Draw(img)
+                    for a, b in SKELETON:
+                        if vis[a] and vis[b]:
+                            d.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=2)
+                tiles.append(np.asarray(img))
+            rows.append(np.concatenate(tiles, axis=1))
+        Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+        return path
