@@ -456,6 +456,16 @@ def prepare(cfg: DictConfig) -> Path:
         text = text_tokenizer_from_config(tokenizer_cfg, token_space, datamodule.root)
         specials = ", ".join(f"{name}={i}" for name, i in token_space.specials.items())
         print(f"[mmsuite] {text!r}; specials {specials}")
+    chosen = OmegaConf.select(cfg, "tokenize")
+    if chosen is not None and any(chosen.get(m) is not None for m in ("image", "text", "audio")):
+        from mmsuite.tokenize import tokenize_dataset
+
+        opts = OmegaConf.to_container(chosen, resolve=True)
+        return tokenize_dataset(
+            datamodule.root,
+            **{k: opts.get(k) for k in ("image", "text", "audio", "out")},
+            batch_size=int(opts.get("batch_size") or 32),
+        )
     return datamodule.root
 
 
