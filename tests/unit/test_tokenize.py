@@ -105,3 +105,57 @@ def test_errors_name_the_key_and_file(source, tmp_path):
     with pytest.raises(TokenizeError, match=r"tokenize\.image.*bad\.ckpt"):
         tokenize_dataset(root, image=str(bad), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_audio_and_text_token_shards_from_toy_sound(tmp_path):
+    """The audio path: toy sound + a tiny saved audio tokenizer checkpoint + a BPE -> frame-major audio ids."""
+    from mmsuite.datamodules.sounds import build_toysound
+    from mmsuite.lightning_modules.audio_tokenizer import AudioTokenizerModule, audio_tokenizer_from_checkpoint
+
+    sr = 8000
+    codec = dict(
+        kind="scratch",
+        name="tiny",
+        sample_rate=sr,
+        n_filters=4,
+        ratios=[8, 5, 4, 2],
+        dimension=16,
+        lstm=0,
+        causal=False,
+        bins=16,
+        bandwidth=0.4,
+        target_bandwidths=[0.4],
+        kmeans_init=False,
+        token_ranges=[{"name": f"audio_q{k}", "size": 16} for k in range(4)],
+    )
+    root = build_toysound(tmp_path / "sound", {"sample_rate": sr, "duration_s": 0.5}, 8, SPLITS, 4)
+    torch.manual_seed(0)
+    module = AudioTokenizerModule(
+        codec=codec,
+        optim={"lr": 1e-3},
+        schedule={"warmup_steps": 1},
+        loss={"waveform_mse": 1.0, "stft": 0.0},
+    )
+    ckpt = tmp_path / "audio.ckpt"
+    state = {"net." + k: v for k, v in module.net.state_dict().items()}
+    torch.save({"hyper_parameters": {"codec": codec}, "state_dict": state}, ckpt)
+    captions = [s["caption"] for _, s in samples(root)]
+    bpe = train_bpe(captions, 300, tmp_path / "bpe" / "tokenizer.json", min_frequency=1)
+    out = tokenize_dataset(root, audio={"ckpt": str(ckpt)}, text=str(bpe))
+    manifest = read_manifest(out)
+    ranges = {r["name"]: (r["start"], r["start"] + r["size"]) for r in manifest["token_space"]["ranges"]}
+    assert [r["name"] for r in manifest["token_space"]["ranges"]] == ["text", "specials"] + [
+        f"audio_q{k}" for k in range(4)
+    ]
+    tok = audio_tokenizer_from_checkpoint(ckpt)
+    n_frames = -(-int(0.5 * sr) // 320)
+    got = {key["__key__"]: (split, key) for split, key in samples(out)}
+    for split, src in samples(root):
+        split2, sample = got[src["__key__"]]
+        assert split2 == split
+        ids = sample["tok_audio"]
+        assert ids.dtype == np.int32 and ids.shape == (n_frames * 4,)
+        for p, i in enumerate(ids):  # frame-major: position p holds codebook p % 4
+            lo, hi = ranges[f"audio_q{p % 4}"]
+            assert lo <= i < hi
+        assert tok.n_q == 4
