@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mmsuite.sources.penn_action import write_fake_penn_action
 from tests.cli.conftest import run_cli
 
 
-def test_a_penn_action_folder_goes_through_prepare(tmp_path, shared_data):
+@pytest.fixture(scope="module")
+def m4_logs(tmp_path_factory):
+    """One log dir for this module: the smoke image tokenizer that m4_pose needs is trained once."""
+    return tmp_path_factory.mktemp("m4_logs")
+
+
+def test_a_penn_action_folder_goes_through_prepare(tmp_path, shared_data, m4_logs):
     root = tmp_path / "penn"
     write_fake_penn_action(root, n_videos=10, n_frames=8, size=(48, 64), seed=0)
-    logs = tmp_path / "logs"
+    logs = m4_logs
     proc = run_cli(
         "prepare.py",
         "experiment=m4_pose",
@@ -36,8 +44,8 @@ def test_a_penn_action_folder_goes_through_prepare(tmp_path, shared_data):
     assert manifest["token_space_sha256"] and manifest["image_tokenizer"]["tokens_per_image"] == 16
 
 
-def test_generate_writes_the_chain_as_png_and_json(tmp_path, shared_data):
-    logs = tmp_path / "logs"
+def test_generate_writes_the_chain_as_png_and_json(tmp_path, shared_data, m4_logs):
+    logs = m4_logs
     run_cli("train.py", "experiment=m4_pose", "debug=smoke", logs=logs, data=shared_data)
     out = tmp_path / "gen"
     run_cli(
