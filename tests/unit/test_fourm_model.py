@@ -194,7 +194,7 @@ def test_shared_tables_and_tied_heads():
     net = FourM(shared, dim=32, encoder_depth=1, decoder_depth=1, heads=2)
     assert net.tok_emb[0] is net.tok_emb[2] and net.tok_emb[1] is net.tok_emb[3]
     h = torch.randn(3, 32)
-    assert torch.allclose(net.logits(3, h), h @ net.tok_emb[1].weight.T)  # tied: logits = h . embeddings
+    assert torch.allclose(net.logits(3, h), h @ net.tok_emb[1].weight.T / 32**0.5)  # tied: h . embeddings / sqrt(D)
     untied = FourM(MODS, dim=32, encoder_depth=1, decoder_depth=1, heads=2, tie_heads=False)
     assert untied.logits(1, h).shape == (3, BINS + 3)
     bad = [dict(m) for m in MODS]
@@ -228,4 +228,4 @@ def test_pose_ordinal_init_makes_neighbouring_bins_alike():
     cos = torch.nn.functional.cosine_similarity
     assert float(cos(table[10], table[11], dim=0)) > float(cos(table[10], table[40], dim=0)) + 0.2
     flags = table[BINS:]
-    assert float(flags.std()) < 0.05  # the flags keep the random init
+    assert float(flags.std()) > 0.5  # the flags keep the (unit-scale) random init

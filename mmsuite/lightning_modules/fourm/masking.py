@@ -19,8 +19,9 @@ excluded outright from the floor split and the leftover argmax, so they get no t
 1e-9. A modality missing from a sample (``available[b, k] = False``) gets cap 0 for that sample, inputs and
 targets; its budget is dropped like any overflow.
 
-Everything is vectorised over the batch (loops only over modalities and leftover slots) and runs on CPU in the
-DataLoader's collate. All randomness comes from one ``numpy.random.Generator`` (``rng``), so a plan is a
+Everything is vectorised over the batch (loops only over modalities and leftover slots) and runs on the CPU
+(FourMModule draws a plan per step from a generator seeded by the step). All randomness comes from one
+``numpy.random.Generator`` (``rng``), so a plan is a
 deterministic function of the generator state. Dirichlet draws are normalised Gamma draws computed in log space
 (``Gamma(a) = Gamma(a + 1) * U**(1/a)``), which stays finite for tiny alphas where plain Gamma draws underflow to 0.
 

@@ -115,7 +115,7 @@ class FourM(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(dim)
         self.apply(self._init)
-        nn.init.normal_(self.query, std=0.02)
+        nn.init.normal_(self.query, std=1.0)
         if pose_ordinal_init > 0:  # bins start as sin-cos of their value: neighbouring bins start alike
             with torch.no_grad():
                 for k, m in enumerate(self.specs):
@@ -130,7 +130,9 @@ class FourM(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+            # unit scale, like the sin-cos positions (RMS 1/sqrt(2)): at 0.02 the positions drowned the token
+            # content (two image codes at one cell gave inputs with cosine 0.999) and tied logits were capped
+            nn.init.normal_(m.weight, std=1.0)
 
     @property
     def seq_len(self) -> int:
@@ -194,8 +196,8 @@ class FourM(nn.Module):
 
     def logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Modality ``k``'s logits over its own vocabulary for decoder states ``h [..., D]``."""
-        if self.tie_heads:
-            return F.linear(h, self.tok_emb[k].weight)
+        if self.tie_heads:  # unit-scale embeddings: 1/sqrt(D) keeps the logits of a LayerNormed state O(sqrt(D))
+            return F.linear(h, self.tok_emb[k].weight) * self.dim**-0.5
         return self.heads[k](h)
 
     @torch.no_grad()
