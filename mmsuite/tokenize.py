@@ -40,7 +40,7 @@ from mmsuite.datamodules.shards import (
     read_manifest,
     split_shards,
 )
-from mmsuite.tokenizers.token_space import TokenSpace
+from mmsuite.tokenizers.token_space import TokenSpace, file_sha256
 
 TOKENIZE_VERSION = 1
 MODALITIES = ("text", "image", "audio")  # the token space's order
@@ -93,11 +93,7 @@ def _fingerprint(path: str | Path) -> str:
     """sha256 of a file; for a folder, of its files' names, sizes and sha256 (pretrained model folders)."""
     path = Path(path)
     if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return hashlib.sha256(

@@ -42,7 +42,6 @@ error when used, and removes the stand-in from ``sys.modules`` straight after.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmsuite.tokenizers.token_space import TokenRange, TokenSpace
+from mmsuite.tokenizers.token_space import TokenRange, TokenSpace, file_sha256
 
 ENCODEC_REQUIREMENT = "encodec==0.1.1"
 _ENCODEC_MODULE = "encodec"  # a module attribute so a test can point it at a missing package
@@ -308,11 +307,7 @@ def load_encodec_state_dict(model: torch.nn.Module, path: str | os.PathLike, map
         )
     official = _OFFICIAL_NAME.match(path.name)
     if official:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        want, got = official.group(1), digest.hexdigest()[: len(official.group(1))]
+        want, got = official.group(1), file_sha256(path)[: len(official.group(1))]
         if got != want:
             raise ValueError(
                 f"{path}: sha256 starts with {got}, but the file is named like encodec's release with sha256 {want}..."

@@ -21,7 +21,6 @@ BPE once per data set and settings on the train split's captions (``prepare.py t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mmsuite.tokenizers.token_space import TokenRange, TokenSpace
+from mmsuite.tokenizers.token_space import TokenRange, TokenSpace, file_sha256
 
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_SUFFIX = ".settings.json"  # tokenizer.json -> tokenizer.settings.json: what it was trained with
@@ -277,10 +276,6 @@ def settings_path(tokenizer_path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + SETTINGS_SUFFIX)
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def check_trained_bpe(path: str | os.PathLike, settings: Mapping) -> dict:
     """Stop unless ``path`` is a BPE that prepare.py trained with exactly ``settings``, unchanged since.
 
@@ -311,7 +306,7 @@ def check_trained_bpe(path: str | os.PathLike, settings: Mapping) -> dict:
             f"({'; '.join(diff)}; from {record_path}). It is not retrained silently: shards and checkpoints "
             f"may hold its ids. Delete {path} and {record_path.name} to retrain, or set tokenizer.path elsewhere"
         )
-    sha = _file_sha256(path)
+    sha = file_sha256(path)
     if record.get("tokenizer_sha256") != sha:
         raise ValueError(
             f"{path} changed since prepare.py trained it: sha256 {sha}, recorded {record.get('tokenizer_sha256')} "
@@ -362,7 +357,7 @@ def prepare_text_tokenizer(cfg: Mapping, data_root: str | os.PathLike) -> Path:
             raise ValueError(f"{data_root}: the {TRAIN_SPLIT} split holds no {settings['text_field']} to train on")
         record = {
             "settings": settings,
-            "tokenizer_sha256": _file_sha256(tmp),
+            "tokenizer_sha256": file_sha256(tmp),
             "trained_vocab_size": vocab_size_of(Tokenizer.from_file(str(tmp))),
             "n_texts": seen["texts"],
             "tokenizers_version": tokenizers.__version__,

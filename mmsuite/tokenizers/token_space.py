@@ -262,6 +262,15 @@ class TokenSpace:
         return f"TokenSpace({inner}; sha256={self.sha256[:12]})"
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks: the identity of checkpoints and tokenizer files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_same(expected_sha: str, expected_from: str, got_sha: str, got_from: str) -> None:
     """Stop with both hashes and both sources when two token spaces differ."""
     if expected_sha != got_sha:
