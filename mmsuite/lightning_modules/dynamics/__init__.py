@@ -1,0 +1,1 @@
+"""Dynamics world model family: noise conventions, space-time transformer, training and sampling."""

@@ -1,0 +1,259 @@
+"""Space-time factorised transformer for the dynamics world model (x-prediction over frame latents).
+
+Input: noisy frame latents ``z`` ``[B, T, C, H, W]`` (continuous tokenizer latents), and per frame the two
+condition integers from :mod:`.conventions` (``tau_index`` ∈ {0, …, k_max}, ``step_level`` ∈ {0, …, E}) and
+optionally a discrete action id (``-1`` = no label). Output: the predicted clean latents ``ẑ0``, same shape.
+The model does no arithmetic on τ; it only embeds the indices.
+
+Tokens of one frame (``S = 2 + registers + N`` slots, each with a learned slot embedding)::
+
+    [condition] [action] [register × R] [latent patch × N]      N = (H/p)·(W/p), each patch C·p² numbers
+
+* condition: ``concat(tau_embed(tau_index), step_embed(step_level))``, two separate discrete embeddings of
+  half the width each, so the step size stays salient (a model that ignores d deadlocks the bootstrap).
+* action: a learned base embedding plus ``action_embed(action)`` for labelled frames; unlabelled video (no
+  ``actions``, or id -1) gets the base alone, so the action parameters are always used (DDP-friendly).
+
+Layers: pre-RMSNorm, one attention and one SwiGLU MLP each. Layer ``l`` attends over **time** when
+``(l + 1) % temporal_every == 0`` (causal, per token slot, RoPE over the frame index; shape ``[B·S, T, D]``) and
+within **its frame** otherwise (all S slots of one frame; shape ``[B·T, S, D]``). Both go through
+``F.scaled_dot_product_attention`` with QK-norm (RMSNorm per head) and optional grouped-query heads. Frame ``t``
+therefore never sees frames after ``t``. The output head (RMSNorm + linear on the patch slots) starts at zero,
+so the untrained model predicts ẑ0 = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from mmsuite.lightning_modules.dynamics.conventions import DEFAULT_K_MAX, check_k_max, finest_level, num_levels
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[length, head_dim]`` for rotary embeddings over positions 0..length-1 (rotate-half layout)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[..., L, head_dim]`` by position (tables ``[L, head_dim]``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over SDPA with QK-norm, optional RoPE and causal mask, and grouped KV heads."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, causal: bool = False, rope=None) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.kv_heads != self.heads)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """``x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))``, attention over space (within a frame) or causal time."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_hidden: int, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.norm1, self.attn = nn.RMSNorm(dim), Attention(dim, heads, kv_heads)
+        self.norm2, self.mlp = nn.RMSNorm(dim), SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        b, t, s, d = x.shape
+        h = self.norm1(x)
+        if self.temporal:  # each token slot attends to the same slot in this and earlier frames
+            h = h.transpose(1, 2).reshape(b * s, t, d)
+            h = self.attn(h, causal=True, rope=rope).view(b, s, t, d).transpose(1, 2)
+        else:  # all slots of one frame attend to each other
+            h = self.attn(h.reshape(b * t, s, d)).view(b, t, s, d)
+        x = x + h
+        return x + self.mlp(self.norm2(x))
+
+
+class DynamicsTransformer(nn.Module):
+    """x-prediction network ``ẑ0 = f(z_τ, tau_index, step_level, actions)`` over latents ``[B, T, C, H, W]``.
+
+    Args (all plain numbers, so a Hydra config can hold them):
+        latent_channels, latent_size: C and (H, W) of one frame's latents; patch: p (H and W divisible by p).
+        dim, depth, heads, kv_heads (default heads): transformer width, layers, query and key/value heads.
+        temporal_every: every this-many-th layer attends over time (needs depth ≥ temporal_every).
+        mlp_ratio: SwiGLU hidden width is ``mlp_ratio·dim·2/3`` rounded up to a multiple of 64.
+        registers: learned register tokens per frame. num_actions: discrete actions (0 = no action labels).
+        k_max: the finest step count of :mod:`.conventions` (sizes of the τ and step embeddings).
+        rope_base: RoPE frequency base over frame positions.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 8,
+        latent_size: int | tuple[int, int] = 8,
+        patch: int = 1,
+        dim: int = 256,
+        depth: int = 8,
+        heads: int = 4,
+        kv_heads: int | None = None,
+        temporal_every: int = 4,
+        mlp_ratio: float = 4.0,
+        registers: int = 4,
+        num_actions: int = 0,
+        k_max: int = DEFAULT_K_MAX,
+        rope_base: float = 10_000.0,
+    ):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else int(kv_heads)
+        h, w = _pair(latent_size)
+        if latent_channels < 1 or h < 1 or w < 1:
+            raise ValueError(f"latent_channels and latent_size must be positive, got {latent_channels}, {(h, w)}")
+        if patch < 1 or h % patch or w % patch:
+            raise ValueError(f"patch {patch} must be positive and divide latent_size {(h, w)}")
+        if heads < 1 or dim % heads or (dim // heads) % 2:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads} into an even head dim (for RoPE)")
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
+        if temporal_every < 1 or depth < temporal_every:
+            raise ValueError(
+                f"temporal_every {temporal_every} must be in [1, depth={depth}] (else no layer attends over time)"
+            )
+        if registers < 0 or num_actions < 0:
+            raise ValueError(f"registers and num_actions must be >= 0, got {registers}, {num_actions}")
+        self.k_max = check_k_max(k_max)
+        self.latent_channels, self.latent_size, self.patch = int(latent_channels), (h, w), int(patch)
+        self.grid = (h // patch, w // patch)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.patch_dim = self.latent_channels * patch * patch
+        self.num_actions, self.registers, self.rope_base = int(num_actions), int(registers), float(rope_base)
+        self.slots = 2 + self.registers + self.num_patches
+        self.head_dim = dim // heads
+
+        self.patch_in = nn.Linear(self.patch_dim, dim)
+        self.slot_embed = nn.Parameter(torch.zeros(self.slots, dim))
+        self.register_tokens = nn.Parameter(torch.zeros(self.registers, dim))
+        self.tau_embed = nn.Embedding(self.k_max + 1, dim // 2)
+        self.step_embed = nn.Embedding(num_levels(self.k_max), dim - dim // 2)
+        self.action_base = nn.Parameter(torch.zeros(dim))
+        self.action_embed = nn.Embedding(self.num_actions, dim) if self.num_actions else None
+        hidden = -(-int(mlp_ratio * dim * 2 / 3) // 64) * 64
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, kv_heads, hidden, temporal=(i + 1) % temporal_every == 0) for i in range(depth)
+        )
+        self.norm_out = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, self.patch_dim)
+        self.apply(self._init_weights)
+        for p in (self.slot_embed, self.register_tokens, self.action_base):
+            nn.init.normal_(p, std=0.02)
+        nn.init.zeros_(self.head.weight)  # zero-initialised output: ẑ0 = 0 at the start
+        nn.init.zeros_(self.head.bias)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # --- latents <-> patch tokens -------------------------------------------------------------------------
+
+    def patchify(self, z: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C, H, W]`` -> ``[B, T, N, C·p²]``."""
+        b, t, c, _, _ = z.shape
+        (gh, gw), p = self.grid, self.patch
+        z = z.reshape(b, t, c, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return z.reshape(b, t, gh * gw, c * p * p)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, N, C·p²]`` -> ``[B, T, C, H, W]``."""
+        b, t = x.shape[:2]
+        (gh, gw), p, c = self.grid, self.patch, self.latent_channels
+        x = x.reshape(b, t, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, t, c, gh * p, gw * p)
+
+    # --- forward -------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, z, tau_index, step_level, actions) -> None:
+        if z.ndim != 5 or tuple(z.shape[2:]) != (self.latent_channels, *self.latent_size):
+            raise ValueError(
+                f"z must be [B, T, {self.latent_channels}, {self.latent_size[0]}, {self.latent_size[1]}], "
+                f"got shape {tuple(z.shape)}"
+            )
+        frames = tuple(z.shape[:2])
+        checks = [("tau_index", tau_index, 0, self.k_max), ("step_level", step_level, 0, finest_level(self.k_max))]
+        if actions is not None:
+            if self.action_embed is None:
+                raise ValueError("actions given, but this model has num_actions=0 (no action conditioning)")
+            checks.append(("actions", actions, -1, self.num_actions - 1))
+        for name, x, low, high in checks:
+            if tuple(x.shape) != frames or x.is_floating_point() or x.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor of shape {frames}, got {x.dtype} {tuple(x.shape)}")
+            if x.numel() and (int(x.min()) < low or int(x.max()) > high):
+                raise ValueError(f"{name} must lie in [{low}, {high}], got {int(x.min())} to {int(x.max())}")
+
+    def frame_tokens(self, z, tau_index, step_level, actions=None) -> torch.Tensor:
+        """The token grid ``[B, T, S, D]``: condition, action, registers, latent patches, plus slot embeddings."""
+        b, t = z.shape[:2]
+        cond = torch.cat([self.tau_embed(tau_index), self.step_embed(step_level)], dim=-1)
+        action = self.action_base.expand(b, t, -1)
+        if actions is None and self.action_embed is not None:  # unlabelled: base only, action table still in graph
+            actions = torch.full((b, t), -1, dtype=torch.long, device=z.device)
+        if actions is not None:
+            labelled = actions >= 0
+            action = action + self.action_embed(actions.clamp(min=0)) * labelled[..., None].to(action.dtype)
+        regs = self.register_tokens.expand(b, t, -1, -1)
+        patches = self.patch_in(self.patchify(z).to(self.patch_in.weight.dtype))
+        x = torch.cat([cond[:, :, None], action[:, :, None], regs, patches], dim=2)
+        return x + self.slot_embed
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        tau_index: torch.Tensor,
+        step_level: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
+        (for long batches)."""
+        self._check_inputs(z, tau_index, step_level, actions)
+        x = self.frame_tokens(z, tau_index, step_level, actions)
+        rope = rope_tables(z.shape[1], self.head_dim, self.rope_base, device=z.device)
+        for block in self.blocks:
+            if checkpoint and torch.is_grad_enabled():
+                x = activation_checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        out = self.head(self.norm_out(x[:, :, -self.num_patches :]))
+        return self.unpatchify(out)
