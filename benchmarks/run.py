@@ -3,7 +3,7 @@
 Each benchmark measures its own ratio in one process where it can (e.g. Lightning vs a bare loop on the
 same model and batches), so that figures taken on a busy or different machine still compare.
 
-    python -m benchmarks.run [--only toyworld,shards,...] [--quick] [--threads N]
+    python -m benchmarks.run [--only toyworld,shards,...,m4] [--quick] [--threads N]
 
 The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
 ``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so.
@@ -27,6 +27,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # keys of a result that describe the set-up rather than measure it: kept in the JSON, left out of the table
 CONFIG_KEYS = frozenset(
     {"batch", "image_size", "steps", "clips", "clip_s", "sample_rate", "n_q", "bins", "captions", "vocab_size"}
+    | {"warmup_steps", "padding_batch", "padding_draws", "grad_clip"}
 )
 
 
@@ -287,6 +288,248 @@ def bench_loop_overhead(quick: bool) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------------
+# m4: the 4M model at the M4 shape (experiment=m4_pose on a GPU profile = the notes' config verbatim)
+M4_OVERRIDES = ["experiment=m4_pose", "hardware=gpu16gb"]
+M4_QUICK_NET = ["model.net.dim=32", "model.net.encoder_depth=1", "model.net.decoder_depth=1", "model.net.heads=2"]
+M4_PAD_GOAL = 0.10  # issue 4: share of compute lost to padding < 10 %
+
+
+def _m4_config(quick: bool):
+    """The composed train config of ``experiment=m4_pose hardware=gpu16gb`` (the M4 notes' modalities, alphas,
+    token ranges and batch 96, the model of conf/model/fourm.yaml); ``quick`` shrinks only the net."""
+    from hydra import compose, initialize_config_dir
+
+    import mmsuite.run  # noqa: F401  (registers the config's resolvers: mul, add, ...)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=M4_OVERRIDES + (M4_QUICK_NET if quick else []))
+
+
+def _fourm_macs(n_enc: np.ndarray, n_dec: np.ndarray, net: dict) -> np.ndarray:
+    """Forward multiply-adds of FourM's trunk for encoder / decoder lengths ``n_enc`` / ``n_dec`` (per sample):
+    every linear layer (encoder blocks, context projection, decoder self-, cross-attention and MLP, the cross
+    attention's K/V over the encoder slots) plus the attention scores and weighted sums. Logits are left out:
+    FourM computes them only at real targets, whatever the padding. Backward is ~2x forward for every term, so
+    the padding share is the same for a training step."""
+    d, r = float(net["dim"]), float(net["mlp_ratio"])
+    n, m = n_enc.astype(np.float64), n_dec.astype(np.float64)
+    enc = net["encoder_depth"] * ((4 + 2 * r) * d * d * n + 2 * n * n * d) + d * d * n
+    dec = net["decoder_depth"] * ((6 + 2 * r) * d * d * m + 2 * d * d * n + 2 * m * m * d + 2 * m * n * d)
+    return enc + dec
+
+
+def _m4_padding(masking, batch: int, draws: int, net: dict) -> dict:
+    """Padding shares over ``draws`` MaskPlans of ``batch`` samples: padded to the batch maximum (what
+    DirichletMasking hands the model) and padded to the token ranges' maxima (nano4M, the notes' 46 % / 63 %)."""
+    rng = np.random.default_rng(0)
+    full_in, full_tg = masking.input_tokens_range[1], masking.target_tokens_range[1]
+    real_in = real_tg = slots_in = slots_tg = 0
+    macs_real = macs_ours = macs_full = 0.0
+    for _ in range(draws):
+        plan = masking(batch, rng)
+        n_in, n_tg = plan.b_in.sum(1).numpy(), plan.b_tg.sum(1).numpy()
+        w_in, w_tg = plan.enc_index.shape[1], plan.dec_index.shape[1]  # the batch maxima
+        real_in, real_tg = real_in + plan.n_real_input, real_tg + plan.n_real_target
+        slots_in, slots_tg = slots_in + batch * w_in, slots_tg + batch * w_tg
+        macs_real += _fourm_macs(n_in, n_tg, net).sum()
+        macs_ours += batch * _fourm_macs(np.array([w_in]), np.array([w_tg]), net)[0]
+        macs_full += batch * _fourm_macs(np.array([full_in]), np.array([full_tg]), net)[0]
+    n = draws * batch
+    share = 1 - macs_real / macs_ours
+    return {
+        "pad_share_encoder": 1 - real_in / slots_in,
+        "pad_share_decoder": 1 - real_tg / slots_tg,
+        "pad_share_compute": share,
+        "pad_full_share_encoder": 1 - real_in / (n * full_in),
+        "pad_full_share_decoder": 1 - real_tg / (n * full_tg),
+        "pad_full_share_compute": 1 - macs_real / macs_full,
+        "goal_pad_share": M4_PAD_GOAL,
+        "pad_goal_met": bool(share < M4_PAD_GOAL),
+        "real_input_tokens_per_sample": real_in / n,
+        "real_target_tokens_per_sample": real_tg / n,
+        "pad_full_lengths": [int(full_in), int(full_tg)],
+    }
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+class _PeakMemory:
+    """Peak memory of the code run inside ``with``, in MiB (``.mib``), and how it was measured (``.method``).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before.
+    CPU: the rise of the process's resident set, peak (VmHWM, reset on entry by writing 5 to
+    /proc/self/clear_refs) minus VmRSS on entry; where the reset is refused, ``ru_maxrss`` after minus before,
+    which only sees a new peak of the process. Python-level tracers (tracemalloc) miss torch's allocations."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated minus memory_allocated before building the model"
+            return self
+        self.base = _rss_kib("VmRSS") * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+            self.method = "peak resident set (VmHWM, reset via /proc/self/clear_refs) minus VmRSS before the model"
+            self._peak = lambda: _rss_kib("VmHWM") * 1024
+        except OSError:
+            import resource
+
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss after minus before (sees only a new process peak)"
+            self._peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = self._peak()
+        self.mib = max(peak - self.base, 0) / 2**20
+
+
+def _m4_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) -> dict:
+    """Forward + backward + gradient clipping + AdamW step of FourMModule's net and loss at ``batch``, on random
+    local token ids (seeded) under fresh DirichletMasking plans (drawn in the timed step, as training_step does);
+    bf16 autocast on CUDA (the GPU profiles' bf16-mixed), fp32 on CPU."""
+    from omegaconf import OmegaConf
+
+    from mmsuite.lightning_modules.fourm.module import _plan_to
+    from mmsuite.run import build_model
+
+    clip = float(OmegaConf.select(cfg, "trainer.gradient_clip_val", default=0.0) or 0.0)
+    g = torch.Generator().manual_seed(0)
+    with _PeakMemory(device) as mem:
+        torch.manual_seed(0)
+        module = build_model(cfg).to(device)
+        module.train()
+        opt = module.configure_optimizers()["optimizer"]
+        net = module.net
+        cols = [torch.randint(0, v, (warmup + steps, batch, n), generator=g) for v, n in zip(net.vocabs, net.lengths)]
+        tokens = torch.cat(cols, dim=2).to(device)  # [steps, B, S] local ids in the concatenated layout
+        rng = np.random.default_rng(0)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        real = slots = 0
+
+        def step(i: int) -> tuple[int, int]:
+            plan = _plan_to(module.masking(batch, rng), device)
+            with autocast:
+                loss = module._losses(net(tokens[i], plan))["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            return plan.n_real_input + plan.n_real_target, batch * (plan.enc_index.shape[1] + plan.dec_index.shape[1])
+
+        for i in range(warmup):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            r, s = step(i)
+            real, slots = real + r, slots + s
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+    return {
+        "real_tokens_per_s": real / elapsed,
+        "padded_tokens_per_s": slots / elapsed,
+        "s_per_step": elapsed / steps,
+        "peak_memory_mib": mem.mib,
+        "peak_memory_method": mem.method,
+        "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+        "batch": batch,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "grad_clip": clip,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_m4(quick: bool) -> dict:
+    """The 4M model at the M4 shape (experiment=m4_pose hardware=gpu16gb: 256 / 39 / 256 / 39 tokens, the notes'
+    alphas and token ranges, batch 96; dim 256, 4 + 4 layers, 4 heads): the share of compute lost to padding
+    (goal < 10 %), training throughput in real (non-padding) tokens/s and peak memory.
+
+    Padding shares are over many MaskPlans at the config's batch: padded to the batch maximum (ours) against
+    padded to the token ranges' maxima 256 / 256 (nano4M; the notes' 46 % encoder / 63 % decoder), per side as
+    slots and compute-weighted by FourM's forward trunk FLOPs (:func:`_fourm_macs`). Throughput: CUDA at the
+    config's batch in bf16 autocast; CPU at batch 16 (batch 96 takes ~20 s a step on two cores), fp32.
+    ``quick``: the same layout and masking with a tiny net (dim 32, 1 + 1 layers), batch 4, a few draws."""
+    from omegaconf import OmegaConf
+
+    from mmsuite.lightning_modules.fourm.masking import DirichletMasking
+
+    cfg = _m4_config(quick)
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    module_masking = OmegaConf.to_container(cfg.model.masking, resolve=True)
+    lengths = [int(m["length"]) for m in OmegaConf.to_container(cfg.model.modalities, resolve=True)]
+    masking = DirichletMasking(
+        lengths,
+        module_masking["input_alphas"],
+        module_masking["target_alphas"],
+        module_masking["input_tokens_range"],
+        module_masking["target_tokens_range"],
+        weights=module_masking.get("weights"),
+    )
+    config_batch = int(cfg.data.batch_size)
+    out = _m4_padding(masking, config_batch, 20 if quick else 1000, net)
+    out["padding_batch"] = config_batch
+    out["padding_draws"] = 20 if quick else 1000
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        batch, warmup, steps = 4, 1, 2
+    elif device.type == "cuda":
+        batch, warmup, steps = config_batch, 5, 20
+    else:
+        batch, warmup, steps = 16, 2, 6
+    out.update(_m4_train(cfg, batch, warmup, steps, device))
+    out["device_type"] = device.type
+    out["device_name"] = _device_name(device)
+    out["shape"] = {"lengths": lengths, **net, "masking": module_masking, "config_batch": config_batch}
+    verdict = "met" if out["pad_goal_met"] else "NOT met"
+    print(
+        f"[bench] m4: padding {100 * out['pad_share_compute']:.1f} % of compute (encoder "
+        f"{100 * out['pad_share_encoder']:.1f} %, decoder {100 * out['pad_share_decoder']:.1f} %) at batch "
+        f"{config_batch}, against {100 * out['pad_full_share_encoder']:.1f} % / "
+        f"{100 * out['pad_full_share_decoder']:.1f} % padded to {out['pad_full_lengths']}; goal < "
+        f"{100 * M4_PAD_GOAL:.0f} % {verdict}. {out['real_tokens_per_s']:.0f} real tokens/s "
+        f"({out['padded_tokens_per_s']:.0f} with padding) at batch {batch} on {out['device_name']}, "
+        f"peak {out['peak_memory_mib']:.0f} MiB",
+        flush=True,
+    )
+    return out
+
+
 class _Batches:
     """An in-memory iterable of ready batches (a plain list would be read as several dataloaders)."""
 
@@ -307,6 +550,7 @@ BENCHES = {
     "loop_overhead": bench_loop_overhead,
     "audio_tokenizer": bench_audio_tokenizer,
     "text_tokenizer": bench_text_tokenizer,
+    "m4": bench_m4,
 }
 
 

@@ -35,6 +35,27 @@ def test_text_tokenizer_bench_quick():
     assert res["tokens_per_caption"] < 40  # whole words are merged: far fewer tokens than bytes
 
 
+def test_m4_bench_quick():
+    res = run.bench_m4(quick=True)  # the M4 layout and masking at batch 96, a tiny net for the timed steps
+    _check_figures(res, ("real_tokens_per_s", "padded_tokens_per_s", "s_per_step", "peak_memory_mib", "params_M"))
+    assert res["padded_tokens_per_s"] > res["real_tokens_per_s"]
+    for side in ("encoder", "decoder", "compute"):
+        ours, full = res[f"pad_share_{side}"], res[f"pad_full_share_{side}"]
+        assert 0 <= ours < 1 and 0 <= full < 1, (side, ours, full)
+        assert ours < full, (side, ours, full)  # padding to the batch maximum never pads more than to 256/256
+    # the notes' Monte-Carlo (sim_budget.py): padded to 256 / 256, 46 % of the encoder and 63 % of the decoder
+    assert res["pad_full_lengths"] == [256, 256]
+    assert res["pad_full_share_encoder"] == pytest.approx(0.46, abs=0.02)
+    assert res["pad_full_share_decoder"] == pytest.approx(0.63, abs=0.02)
+    assert res["goal_pad_share"] == 0.10
+    assert res["pad_goal_met"] == (res["pad_share_compute"] < 0.10)
+    assert res["padding_batch"] == 96 and res["batch"] == 4
+    assert res["shape"]["lengths"] == [256, 39, 256, 39]
+    assert res["device_type"] in ("cpu", "cuda") and res["device_name"] and res["peak_memory_method"]
+    row = "| m4 (quick) | pad_share_compute |"
+    assert row in run.table({"m4": {"device": run.device_info(), "quick": True, **res}})
+
+
 def _result(quick: bool, threads: int = 2, **figures) -> dict:
     device = {"machine": "x86_64", "python": "3.11", "torch": "2.x", "cpu_count": 2, "torch_threads": threads}
     return {"device": device, "quick": quick, **figures}
