@@ -306,17 +306,32 @@ def _m4_config(quick: bool):
         return compose("train", overrides=M4_OVERRIDES + (M4_QUICK_NET if quick else []))
 
 
-def _fourm_macs(n_enc: np.ndarray, n_dec: np.ndarray, net: dict) -> np.ndarray:
+def _fourm_macs(n_enc: np.ndarray, n_dec: np.ndarray, net: dict, w_enc=None, w_dec=None, w_ctx=None) -> np.ndarray:
     """Forward multiply-adds of FourM's trunk for encoder / decoder lengths ``n_enc`` / ``n_dec`` (per sample):
     every linear layer (encoder blocks, context projection, decoder self-, cross-attention and MLP, the cross
-    attention's K/V over the encoder slots) plus the attention scores and weighted sums. Logits are left out:
-    FourM computes them only at real targets, whatever the padding. Backward is ~2x forward for every term, so
-    the padding share is the same for a training step."""
+    attention's K/V over the encoder tokens) at the token counts ``n``, plus the attention scores and weighted
+    sums at the attended lengths ``w`` (default ``n``; ``w_ctx``: the cross-attention's keys, default ``w_enc``).
+    Packed FourM (model.net.packed) runs the linear layers on the real tokens only and attention on length
+    buckets: ``n`` = real, ``w`` = the bucket maxima (:func:`_bucket_max`). Logits are
+    left out: FourM computes them only at real targets, whatever the padding. Backward is ~2x forward for every
+    term, so the padding share is the same for a training step."""
     d, r = float(net["dim"]), float(net["mlp_ratio"])
     n, m = n_enc.astype(np.float64), n_dec.astype(np.float64)
-    enc = net["encoder_depth"] * ((4 + 2 * r) * d * d * n + 2 * n * n * d) + d * d * n
-    dec = net["decoder_depth"] * ((6 + 2 * r) * d * d * m + 2 * d * d * n + 2 * m * m * d + 2 * m * n * d)
+    wn = n if w_enc is None else np.broadcast_to(np.asarray(w_enc, dtype=np.float64), n.shape)
+    wm = m if w_dec is None else np.broadcast_to(np.asarray(w_dec, dtype=np.float64), m.shape)
+    wk = wn if w_ctx is None else np.broadcast_to(np.asarray(w_ctx, dtype=np.float64), n.shape)
+    enc = net["encoder_depth"] * ((4 + 2 * r) * d * d * n + 2 * wn * wn * d) + d * d * n
+    dec = net["decoder_depth"] * ((6 + 2 * r) * d * d * m + 2 * d * d * n + 2 * wm * wm * d + 2 * wm * wk * d)
     return enc + dec
+
+
+def _bucket_max(order_by: np.ndarray, values: np.ndarray, groups: int) -> np.ndarray:
+    """Per sample, the largest of ``values`` in its bucket, buckets cut as nn.transformer.Packing cuts them:
+    samples sorted by ``order_by`` (stable) and split into ``groups`` near-equal parts."""
+    out = np.empty(len(values), dtype=np.float64)
+    for part in np.array_split(np.argsort(order_by, kind="stable"), min(groups, len(values))):
+        out[part] = values[part].max()
+    return out
 
 
 def _m4_padding(masking, batch: int, draws: int, net: dict) -> dict:
@@ -333,7 +348,13 @@ def _m4_padding(masking, batch: int, draws: int, net: dict) -> dict:
         real_in, real_tg = real_in + plan.n_real_input, real_tg + plan.n_real_target
         slots_in, slots_tg = slots_in + batch * w_in, slots_tg + batch * w_tg
         macs_real += _fourm_macs(n_in, n_tg, net).sum()
-        macs_ours += batch * _fourm_macs(np.array([w_in]), np.array([w_tg]), net)[0]
+        if net.get("packed", False):  # linear layers on the real tokens, attention on length buckets
+            g = int(net.get("attention_groups", 1))
+            enc_w = _bucket_max(n_in, n_in, g)  # encoder self-attention: buckets by input length
+            dec_w, ctx_w = _bucket_max(n_tg, n_tg, g), _bucket_max(n_tg, n_in, g)  # decoder: by target length
+            macs_ours += _fourm_macs(n_in, n_tg, net, enc_w, dec_w, ctx_w).sum()
+        else:
+            macs_ours += batch * _fourm_macs(np.array([w_in]), np.array([w_tg]), net)[0]
         macs_full += batch * _fourm_macs(np.array([full_in]), np.array([full_tg]), net)[0]
     n = draws * batch
     share = 1 - macs_real / macs_ours
@@ -349,6 +370,7 @@ def _m4_padding(masking, batch: int, draws: int, net: dict) -> dict:
         "real_input_tokens_per_sample": real_in / n,
         "real_target_tokens_per_sample": real_tg / n,
         "pad_full_lengths": [int(full_in), int(full_tg)],
+        "packed": bool(net.get("packed", False)),
     }
 
 
@@ -513,6 +535,16 @@ def bench_m4(quick: bool) -> dict:
     else:
         batch, warmup, steps = 16, 2, 6
     out.update(_m4_train(cfg, batch, warmup, steps, device))
+    # the same steps with the padded layout (model.net.packed=false): what packing buys in this run
+    from omegaconf import open_dict
+
+    padded_cfg = cfg.copy()
+    with open_dict(padded_cfg):
+        padded_cfg.model.net.packed = False
+    padded = _m4_train(padded_cfg, batch, warmup, steps, device)
+    out["unpacked_real_tokens_per_s"] = padded["real_tokens_per_s"]
+    out["unpacked_peak_memory_mib"] = padded["peak_memory_mib"]
+    out["packed_speedup"] = out["real_tokens_per_s"] / padded["real_tokens_per_s"]
     out["device_type"] = device.type
     out["device_name"] = _device_name(device)
     out["shape"] = {"lengths": lengths, **net, "masking": module_masking, "config_batch": config_batch}
@@ -524,7 +556,8 @@ def bench_m4(quick: bool) -> dict:
         f"{100 * out['pad_full_share_decoder']:.1f} % padded to {out['pad_full_lengths']}; goal < "
         f"{100 * M4_PAD_GOAL:.0f} % {verdict}. {out['real_tokens_per_s']:.0f} real tokens/s "
         f"({out['padded_tokens_per_s']:.0f} with padding) at batch {batch} on {out['device_name']}, "
-        f"peak {out['peak_memory_mib']:.0f} MiB",
+        f"x{out['packed_speedup']:.2f} vs the padded layout, peak {out['peak_memory_mib']:.0f} MiB "
+        f"({out['unpacked_peak_memory_mib']:.0f} padded)",
         flush=True,
     )
     return out

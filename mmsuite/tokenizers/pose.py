@@ -169,6 +169,27 @@ class PoseQuantizer:
         mask = self.slot_mask().to(logits.device)
         return logits.masked_fill(~mask, float("-inf"))
 
+    def pick(self, logits: torch.Tensor, mode: str = "argmax") -> torch.Tensor:
+        """Local ids ``[..., 39]`` from ``logits [..., 39, vocab_size]``, each slot within its kind.
+
+        ``argmax``: the most likely allowed id. ``mean``: x/y slots take the bin nearest the probability-weighted
+        mean bin (the estimate with the least expected squared error), unless NA is more likely than all bins
+        together; visibility slots take their most likely flag."""
+        logits = self.constrain_logits(logits)
+        best = logits.argmax(-1)
+        if mode == "argmax":
+            return best
+        if mode != "mean":
+            raise ValueError(f"pose decoding mode must be 'argmax' or 'mean', got {mode!r}")
+        p = logits.float().softmax(-1)
+        p_bins = p[..., : self.bins]
+        mass = p_bins.sum(-1)
+        centre = torch.arange(self.bins, device=logits.device, dtype=torch.float32)
+        mean = ((p_bins * centre).sum(-1) / mass.clamp_min(1e-12)).round().long().clamp(0, self.bins - 1)
+        xy = (torch.arange(self.tokens_per_skeleton, device=logits.device) % 3 != 2).expand_as(best)
+        na = p[..., self.NA] > mass
+        return torch.where(xy & ~na, mean, torch.where(xy, torch.full_like(best, self.NA), best))
+
     def decode_torch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`decode` (non-strict) of a LongTensor ``[N, 39]``; tensors on ``ids``' device."""
         joints, visible, available = self.decode(ids.detach().cpu().numpy(), strict=False)

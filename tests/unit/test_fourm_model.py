@@ -229,3 +229,70 @@ def test_pose_ordinal_init_makes_neighbouring_bins_alike():
     assert float(cos(table[10], table[11], dim=0)) > float(cos(table[10], table[40], dim=0)) + 0.2
     flags = table[BINS:]
     assert float(flags.std()) > 0.5  # the flags keep the (unit-scale) random init
+
+
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_packed_tokens_give_the_padded_layouts_outputs(groups):
+    """Per-token work on the real tokens only and attention on length buckets (nn.transformer.Packing) compute
+    the same model as padding to the batch maximum."""
+    tokens = _tokens(5)
+    plan = _masking()(5, np.random.default_rng(3))
+    plan.enc_valid[2] = False  # a sample without inputs: it must not read another sample's tokens
+    packed, padded = _net(packed=True, attention_groups=groups), _net(packed=False)
+    a, b = packed(tokens, plan), padded(tokens, plan)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name][1], b[name][1]) and torch.equal(a[name][2], b[name][2])
+        seen = a[name][2] != 2  # the sample without inputs: padded, it reads its padding slot's tags
+        assert torch.allclose(a[name][0][seen], b[name][0][seen], atol=1e-5)
+        assert torch.isfinite(a[name][0]).all()
+    la, lb = packed.predict_logits(tokens, plan), padded.predict_logits(tokens, plan)
+    real = plan.dec_valid.clone()
+    real[2] = False
+    assert torch.allclose(la[real], lb[real], atol=1e-5)
+    real = plan.dec_valid
+    assert torch.isneginf(la[~real]).all()  # padding slots are never scored
+
+
+def test_factorised_image_embedding_sums_fsq_digits_and_is_the_tied_table():
+    from mmsuite.lightning_modules.fourm.model import FactorisedEmbedding
+    from mmsuite.tokenizers.image import FSQ
+
+    emb = FactorisedEmbedding([4, 3, 5], dim=8)
+    emb.reset_parameters()
+    assert emb.num_embeddings == 60
+    codes = torch.tensor([[0, 2, 1], [3, 0, 4]])  # digits per channel
+    fsq = FSQ([4, 3, 5])
+    ids = fsq.codes_to_indices(((codes - torch.tensor([2, 1, 2])) / torch.tensor([2, 1, 2]))[..., None, None])
+    ids = ids.reshape(-1)
+    assert torch.equal(emb.digits[ids], codes)  # the same mixed radix as the image tokenizer's FSQ
+    assert torch.allclose(emb.weight[ids], emb(ids))
+    # codes that share a digit share that digit's row: with the residual at zero, the difference of two codes
+    # differing only in channel 0 is the difference of channel 0's rows
+    a, b = emb(torch.tensor([0])), emb(torch.tensor([1]))
+    assert torch.allclose(a - b, emb.digit_emb.weight[0] - emb.digit_emb.weight[1], atol=1e-6)
+    spec = dict(MODS[0], vocab=60, levels=[4, 3, 5])
+    net = FourM([spec, MODS[1]], dim=16, encoder_depth=1, decoder_depth=1, heads=2)
+    assert isinstance(net.tok_emb[0], FactorisedEmbedding)
+    assert isinstance(FourM([spec, MODS[1]], dim=16, image_embedding="table").tok_emb[0], torch.nn.Embedding)
+    with pytest.raises(ValueError, match="FSQ levels"):
+        FourM([dict(spec, levels=[4, 4]), MODS[1]], dim=16)
+    with pytest.raises(ValueError, match="image_embedding"):
+        FourM([spec, MODS[1]], dim=16, image_embedding="digits")
+
+
+def test_packing_buckets_pad_each_bucket_to_its_own_longest_sample():
+    from mmsuite.nn.transformer import Packing
+
+    valid = torch.zeros(4, 6, dtype=torch.bool)
+    for b, n in enumerate([6, 1, 4, 2]):
+        valid[b, :n] = True
+    pack = Packing(valid, groups=2)
+    assert [g.tolist() for g in pack.groups] == [[1, 3], [2, 0]]  # sorted by length, then cut
+    rows, ok = pack.layout(pack.groups[0])
+    assert rows.shape == (2, 2) and ok.tolist() == [[True, False], [True, True]]
+    assert rows.tolist() == [[6, 13], [11, 12]]  # packed rows (sample 1 starts at 6, sample 3 at 11); 13 = T
+    x = torch.arange(24.0).view(4, 6, 1)
+    assert pack.pack(x).squeeze(1).tolist() == [0, 1, 2, 3, 4, 5, 6, 12, 13, 14, 15, 18, 19]
+    with pytest.raises(ValueError, match="groups"):
+        Packing(valid, groups=0)

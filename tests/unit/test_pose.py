@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mmsuite.tokenizers.pose import PoseQuantizer
 from mmsuite.tokenizers.token_space import TokenSpace
@@ -199,3 +200,20 @@ def test_constructor_validation():
         PoseQuantizer(bins=0)
     with pytest.raises(ValueError, match="canvas must be an integer"):
         PoseQuantizer(canvas=256.0)
+
+
+def test_pick_mean_takes_the_probability_weighted_bin_and_keeps_slots_in_their_kind():
+    q = PoseQuantizer(bins=64, canvas=256)
+    logits = torch.full((1, 39, q.vocab_size), -30.0)
+    logits[0, 0, [20, 30]] = 5.0  # x of joint 0: two equal modes -> the mean bin 25 (argmax would pick 20)
+    logits[0, 1, 40] = 5.0
+    logits[0, 1, q.VISIBLE] = 9.0  # a flag in an x/y slot is not allowed there
+    logits[0, 2, q.VISIBLE] = 5.0
+    logits[0, 3, q.NA] = 5.0  # NA more likely than all bins together -> NA
+    picked = q.pick(logits, "mean")
+    assert picked[0, 0] == 25 and picked[0, 1] == 40 and picked[0, 2] == q.VISIBLE and picked[0, 3] == q.NA
+    assert q.pick(logits, "argmax")[0, 0] == 20
+    allowed = q.slot_mask()
+    assert allowed[torch.arange(39), picked[0]].all()
+    with pytest.raises(ValueError, match="argmax"):
+        q.pick(logits, "median")

@@ -26,11 +26,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsuite.nn.transformer import DecoderBlock, EncoderBlock, sincos_1d, sincos_2d
+from mmsuite.nn.transformer import DecoderBlock, EncoderBlock, Packing, sincos_1d, sincos_2d
 
 KINDS = ("image", "pose", "seq")
 POSE_COMPONENTS = 3  # x, y, visibility per joint
 POSE_FLAGS = 3  # a pose vocabulary is its bins followed by <invisible> <visible> <na> (tokenizers/pose.py)
+
+
+class FactorisedEmbedding(nn.Module):
+    """Embedding of FSQ codes: the sum of one small table per FSQ channel, indexed by that channel's digit of
+    the code, plus a per-code residual table that starts at zero.
+
+    An FSQ code is a mixed-radix number (``code = sum_i digit_i * prod(levels[:i])``, as the image tokenizer's
+    ``FSQ.codes_to_indices``), and codes with equal digits describe similar patches. A plain table of 4096 rows
+    learns each code on its own, from ~1/4096 of the data; here each of the 8-row digit tables learns from all
+    of it, so similar codes start alike. Tied logits then score a code as the sum of its digits' scores (and
+    the residual). Duck-types :class:`torch.nn.Embedding`: ``weight`` is the full ``[codes, dim]`` table."""
+
+    def __init__(self, levels: Sequence[int], dim: int):
+        super().__init__()
+        self.levels = [int(v) for v in levels]
+        if not self.levels or any(v < 2 for v in self.levels):
+            raise ValueError(f"FSQ levels must be integers >= 2, got {list(levels)}")
+        self.num_embeddings = int(torch.tensor(self.levels).prod())
+        basis = torch.cumprod(torch.tensor([1] + self.levels[:-1]), 0)
+        codes = torch.arange(self.num_embeddings)
+        digits = (codes[:, None] // basis[None]) % torch.tensor(self.levels)[None]
+        self.register_buffer("digits", digits, persistent=False)  # [codes, channels]
+        self.register_buffer("starts", torch.cumsum(torch.tensor([0] + self.levels[:-1]), 0), persistent=False)
+        self.digit_emb = nn.Embedding(sum(self.levels), dim)
+        self.residual = nn.Embedding(self.num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        # the sum over channels has unit scale, like every other embedding of the model
+        nn.init.normal_(self.digit_emb.weight, std=len(self.levels) ** -0.5)
+        nn.init.zeros_(self.residual.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.forward(torch.arange(self.num_embeddings, device=self.digits.device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.digit_emb(self.digits[ids] + self.starts).sum(-2) + self.residual(ids)
 
 
 class FourM(nn.Module):
@@ -45,6 +82,9 @@ class FourM(nn.Module):
         qk_norm: bool = False,
         tie_heads: bool = True,
         pose_ordinal_init: float = 0.0,
+        image_embedding: str = "factorised",
+        packed: bool = True,
+        attention_groups: int = 4,
     ):
         super().__init__()
         self.specs = [dict(m) for m in modalities]
@@ -64,12 +104,25 @@ class FourM(nn.Module):
         self.lengths = [int(m["length"]) for m in self.specs]
         self.vocabs = [int(m["vocab"]) for m in self.specs]
         self.dim = dim
+        self.packed = bool(packed)  # per-token work on real tokens only (nn.transformer.Packing)
+        self.attention_groups = int(attention_groups)  # packed: attention on this many length buckets
 
-        tables: dict[str, nn.Embedding] = {}
+        if image_embedding not in ("factorised", "table"):
+            raise ValueError(f"image_embedding must be 'factorised' (FSQ digits) or 'table', got {image_embedding!r}")
+        tables: dict[str, nn.Module] = {}
         for m, v in zip(self.specs, self.vocabs):
             other = m.get("share_with")
             if other is None:
-                tables[m["name"]] = nn.Embedding(v, dim)
+                levels = m.get("levels")
+                if m["kind"] == "image" and image_embedding == "factorised" and levels:
+                    tables[m["name"]] = FactorisedEmbedding(levels, dim)
+                    if tables[m["name"]].num_embeddings != v:
+                        raise ValueError(
+                            f"modality {m['name']!r}: FSQ levels {list(levels)} make "
+                            f"{tables[m['name']].num_embeddings} codes, but its vocab is {v}"
+                        )
+                else:
+                    tables[m["name"]] = nn.Embedding(v, dim)
                 continue
             if other not in tables:
                 raise ValueError(f"modality {m['name']!r}: share_with {other!r} must name an earlier modality")
@@ -115,6 +168,9 @@ class FourM(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(dim)
         self.apply(self._init)
+        for mod in self.modules():
+            if isinstance(mod, FactorisedEmbedding):
+                mod.reset_parameters()
         nn.init.normal_(self.query, std=1.0)
         if pose_ordinal_init > 0:  # bins start as sin-cos of their value: neighbouring bins start alike
             with torch.no_grad():
@@ -155,40 +211,57 @@ class FourM(nn.Module):
         each with its modality's table; invalid (padding) entries are zero."""
         ids = tokens.gather(1, index)
         seg = self.segment[index]
-        out = torch.zeros(*index.shape, self.dim, device=tokens.device, dtype=self.tok_emb[0].weight.dtype)
+        out = torch.zeros(*index.shape, self.dim, device=tokens.device, dtype=self.mod_emb.weight.dtype)
         for k, table in enumerate(self.tok_emb):
             sel = (seg == k) & valid
             out = out + table(torch.where(sel, ids, 0).clamp_max(self.vocabs[k] - 1)) * sel[..., None]
         return out
 
     # -- forward ----------------------------------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, enc_index: torch.Tensor, enc_valid: torch.Tensor) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, enc_index: torch.Tensor, enc_valid: torch.Tensor):
+        """-> (context, its packing): ``[T, D]`` over the real inputs when packed (``packing`` None otherwise:
+        ``[B, N, D]``)."""
+        pack = Packing(enc_valid, self.attention_groups) if self.packed else None
         seg = self.segment[enc_index]
-        x = self.embed_tokens(tokens, enc_index, enc_valid) + self.mod_emb(seg) + self.positions(enc_index)
+        tags = self.mod_emb(seg) + self.positions(enc_index)
+        x = self.embed_tokens(tokens, enc_index, enc_valid) + tags
+        if pack is not None:
+            x, tags = pack.pack(x), pack.pack(tags)
         for blk in self.encoder:
-            x = blk(x, key_valid=enc_valid)
-        x = self.encoder_norm(x)
-        return self.context_proj(x) + self.mod_emb(seg) + self.positions(enc_index)
+            x = blk(x, key_valid=enc_valid, pack=pack)
+        return self.context_proj(self.encoder_norm(x)) + tags, pack
 
-    def decode(
-        self, context: torch.Tensor, enc_valid: torch.Tensor, dec_index: torch.Tensor, dec_valid: torch.Tensor
-    ) -> torch.Tensor:
+    def decode(self, context, context_pack, enc_valid, dec_index: torch.Tensor, dec_valid: torch.Tensor):
+        """-> (decoder states, their packing), laid out like :meth:`encode`'s output."""
+        pack = Packing(dec_valid, self.attention_groups) if self.packed else None
         y = self.query + self.mod_emb(self.segment[dec_index]) + self.positions(dec_index)
+        if pack is not None:
+            y = pack.pack(y)
         for blk in self.decoder:
-            y = blk(y, context, query_valid=dec_valid, context_valid=enc_valid)
-        return self.decoder_norm(y)
+            y = blk(y, context, query_valid=dec_valid, context_valid=enc_valid, pack=pack, context_pack=context_pack)
+        return self.decoder_norm(y), pack
+
+    def _states(self, tokens: torch.Tensor, plan):
+        """Decoder states of the real targets ``[T, D]`` with their concatenated positions ``[T]`` and batch
+        rows ``[T]`` (row-major order)."""
+        ctx, ctx_pack = self.encode(tokens, plan.enc_index, plan.enc_valid)
+        y, pack = self.decode(ctx, ctx_pack, plan.enc_valid, plan.dec_index, plan.dec_valid)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(plan.dec_index)
+        valid = plan.dec_valid.reshape(-1)
+        if pack is None:
+            y = y.reshape(-1, y.shape[-1])[valid]
+            return y, plan.dec_index.reshape(-1)[valid], rows.reshape(-1)[valid], valid
+        return y, plan.dec_index.reshape(-1)[pack.flat], rows.reshape(-1)[pack.flat], pack.flat
 
     def forward(self, tokens: torch.Tensor, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """-> ``{modality: (logits [n, vocab], target ids [n], batch row of each [n])}`` over the real targets
         of each modality that has any in this batch (modalities without targets are absent)."""
-        ctx = self.encode(tokens, plan.enc_index, plan.enc_valid)
-        y = self.decode(ctx, plan.enc_valid, plan.dec_index, plan.dec_valid)
-        seg = self.segment[plan.dec_index]
-        targets = tokens.gather(1, plan.dec_index)
-        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(plan.dec_index)
+        y, index, rows, _ = self._states(tokens, plan)
+        seg = self.segment[index]
+        targets = tokens[rows, index]
         out = {}
         for k in range(len(self.specs)):
-            sel = (seg == k) & plan.dec_valid
+            sel = seg == k
             if not bool(sel.any()):
                 continue
             out[self.names[k]] = (self.logits(k, y[sel]), targets[sel], rows[sel])
@@ -203,13 +276,14 @@ class FourM(nn.Module):
     @torch.no_grad()
     def predict_logits(self, tokens: torch.Tensor, plan) -> torch.Tensor:
         """Logits of every decoder slot ``[B, M, max vocab]`` (each slot scored by its modality's head; columns
-        past that modality's vocabulary are -inf). For generation and evaluation."""
-        ctx = self.encode(tokens, plan.enc_index, plan.enc_valid)
-        y = self.decode(ctx, plan.enc_valid, plan.dec_index, plan.dec_valid)
-        seg = self.segment[plan.dec_index]
-        out = torch.full((*plan.dec_index.shape, max(self.vocabs)), float("-inf"), device=y.device)
+        past that modality's vocabulary are -inf; padding slots are all -inf). For generation and evaluation."""
+        y, index, _, where = self._states(tokens, plan)
+        seg = self.segment[index]
+        flat = torch.full((plan.dec_index.numel(), max(self.vocabs)), float("-inf"), device=y.device)
+        states = torch.full((y.shape[0], max(self.vocabs)), float("-inf"), device=y.device)
         for k in range(len(self.specs)):
             sel = seg == k
             if bool(sel.any()):
-                out[..., : self.vocabs[k]][sel] = self.logits(k, y[sel]).float()
-        return out
+                states[sel, : self.vocabs[k]] = self.logits(k, y[sel]).float()
+        flat[where] = states
+        return flat.view(*plan.dec_index.shape, -1)

@@ -45,6 +45,7 @@ class FourMModule(L.LightningModule):
         seed: int = 0,
         generation: dict | None = None,
         image_tokenizer_ckpt: str | None = None,
+        pose_decode: str = "mean",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -69,6 +70,9 @@ class FourMModule(L.LightningModule):
                 self.net.index(name)  # a clear error for unknown modality names
         pose = dict(pose or {})
         self.pose = PoseQuantizer(bins=int(pose.get("bins", 8192)), canvas=int(pose.get("canvas", 256)))
+        if pose_decode not in ("mean", "argmax"):
+            raise ValueError(f"model.pose_decode must be 'mean' or 'argmax', got {pose_decode!r}")
+        self.pose_decode = pose_decode
         self.seed = int(seed)
         self.generation = dict(generation or {})
         self.image_tokenizer_ckpt = image_tokenizer_ckpt
@@ -175,7 +179,7 @@ class FourMModule(L.LightningModule):
         k, _, length = self._modality(target)
         logits = self.net.predict_logits(tokens, plan)[:, :length, : self.net.vocabs[k]]
         if self.net.specs[k]["kind"] == "pose":
-            logits = self.pose.constrain_logits(logits)
+            return self.pose.pick(logits, self.pose_decode)
         return logits.argmax(-1)
 
     def _pose_errors(self, pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
