@@ -397,6 +397,9 @@ def rebuild_from_checkpoint(cfg: DictConfig):
     with open_dict(saved):
         saved.data.plan_dir = None
         saved.data.num_workers = cfg.data.get("num_workers", saved.data.num_workers)
+        rollout = {k: v for k, v in (cfg.get("rollout") or {}).items() if v is not None}
+        if rollout and OmegaConf.select(saved, "model.rollout") is not None:  # eval.py rollout.* (dynamics)
+            saved.model.rollout = OmegaConf.merge(saved.model.rollout, rollout)
     datamodule = build_datamodule(saved, token_space, None)
     model = build_model(saved)
     return saved, extra, datamodule, model

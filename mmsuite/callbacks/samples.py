@@ -93,3 +93,52 @@ def log_audio(trainer, tag: str, audio: torch.Tensor, sample_rate: int, step: in
             for i, clip in enumerate(clips):
                 written.append(write_wav(root / f"{_safe_tag(tag)}_step{step}_{i}.wav", clip.numpy(), sample_rate))
     return written
+
+
+def gif_bytes(frames: torch.Tensor | np.ndarray, fps: float = 4.0) -> bytes:
+    """uint8 ``[T, H, W, 3]`` -> an animated GIF (looping), encoded with PIL."""
+    import io
+
+    from PIL import Image
+
+    arr = np.ascontiguousarray(frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or len(arr) == 0:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] with T >= 1, got {arr.dtype} {arr.shape}")
+    images = [Image.fromarray(f) for f in arr]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
+def log_gif(trainer, tag: str, frames: torch.Tensor, fps: float = 4.0, step: int | None = None) -> list[Path]:
+    """Send a clip uint8 ``[T, H, W, 3]`` as an animated GIF to every logger of ``trainer`` (rank zero only).
+
+    TensorBoard gets an image summary whose encoded image is the GIF (what ``add_video`` writes, without
+    moviepy), W&B a ``wandb.Video``; other loggers a ``.gif`` file under ``samples/``. Returns the files written.
+    """
+    if not getattr(trainer, "is_global_zero", True):
+        return []
+    data = gif_bytes(frames, fps)
+    t, h, w = (int(s) for s in frames.shape[:3])
+    step = int(trainer.global_step) if step is None else int(step)
+    written: list[Path] = []
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        if isinstance(logger, TensorBoardLogger):
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=data)
+            logger.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        elif isinstance(logger, WandbLogger):
+            import wandb
+
+            clip = np.ascontiguousarray(np.asarray(frames.cpu() if isinstance(frames, torch.Tensor) else frames))
+            logger.experiment.log({tag: wandb.Video(clip.transpose(0, 3, 1, 2), fps=int(fps))}, step=step)
+        else:
+            root = Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
+            path = root / "samples" / f"{_safe_tag(tag)}_step{step}.gif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            written.append(path)
+    return written

@@ -72,6 +72,23 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.kv_heads != self.heads)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+    def forward_cached(self, x: torch.Tensor, rope, past: tuple[torch.Tensor, torch.Tensor] | None):
+        """Causal attention of ``n`` new positions to ``past`` keys/values (``[b, kv_heads, P, head_dim]``, RoPE
+        already applied) and to themselves; ``rope`` holds the new positions' tables. Returns ``(out, (k, v))``
+        with the new positions' keys/values, for the caller to append once they are final."""
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
+        p = keys.shape[2] - n
+        mask = None
+        if n > 1:  # new position i sees every past position and new positions <= i
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(diagonal=p)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), (k, v)
+
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -103,6 +120,17 @@ class Block(nn.Module):
             h = self.attn(h.reshape(b * t, s, d)).view(b, t, s, d)
         x = x + h
         return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x: torch.Tensor, rope, past):
+        """:meth:`forward` for new frames ``x`` ``[B, t, S, D]`` after cached ones; returns ``(x, kv)`` with this
+        layer's new keys/values (``None`` for a space layer, which needs no cache)."""
+        if not self.temporal:
+            return self.forward(x, rope), None
+        b, t, s, d = x.shape
+        h = self.norm1(x).transpose(1, 2).reshape(b * s, t, d)
+        h, kv = self.attn.forward_cached(h, rope, past)
+        x = x + h.view(b, s, t, d).transpose(1, 2)
+        return x + self.mlp(self.norm2(x)), kv
 
 
 class DynamicsTransformer(nn.Module):
@@ -257,3 +285,48 @@ class DynamicsTransformer(nn.Module):
                 x = block(x, rope)
         out = self.head(self.norm_out(x[:, :, -self.num_patches :]))
         return self.unpatchify(out)
+
+    # --- incremental (cached) forward for rollouts ----------------------------------------------------------
+
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        z: torch.Tensor,
+        tau_index: torch.Tensor,
+        step_level: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        cache: list | None = None,
+    ) -> tuple[torch.Tensor, list]:
+        """:meth:`forward` for frames ``z`` ``[B, t, ...]`` that follow the frames already in ``cache``.
+
+        ``cache`` is a list with one ``(keys, values)`` per temporal layer (``None`` or ``[]``: no earlier frames),
+        as returned here; the new frames sit at positions ``P .. P + t − 1`` after the ``P`` cached ones. Returns
+        ``(ẑ0 of the new frames, their keys/values per temporal layer)``; extend the cache with
+        :func:`extend_cache` only once the frames are final (a frame being denoised changes at every step).
+        Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested).
+        """
+        self._check_inputs(z, tau_index, step_level, actions)
+        temporal = [block for block in self.blocks if block.temporal]
+        cache = list(cache or [None] * len(temporal))
+        if len(cache) != len(temporal):
+            raise ValueError(f"cache has {len(cache)} entries, the model has {len(temporal)} temporal layers")
+        start = 0 if cache[0] is None else cache[0][0].shape[2]
+        t = z.shape[1]
+        cos, sin = rope_tables(start + t, self.head_dim, self.rope_base, device=z.device)
+        rope = (cos[start:], sin[start:])
+        x = self.frame_tokens(z, tau_index, step_level, actions)
+        new, i = [], 0
+        for block in self.blocks:
+            x, kv = block.forward_cached(x, rope, cache[i] if block.temporal else None)
+            if block.temporal:
+                new.append(kv)
+                i += 1
+        out = self.head(self.norm_out(x[:, :, -self.num_patches :]))
+        return self.unpatchify(out), new
+
+
+def extend_cache(cache: list | None, new: list) -> list:
+    """The cache after committing new frames: each temporal layer's keys/values concatenated over positions."""
+    if not cache or cache[0] is None:
+        return list(new)
+    return [(torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2)) for (k, v), (nk, nv) in zip(cache, new)]

@@ -1,0 +1,378 @@
+"""LightningModule of the dynamics world model: diffusion forcing + shortcut forcing over frame latents.
+
+Training (one forward for every row, teacher passes only on bootstrap rows; all τ arithmetic in
+:mod:`.conventions`):
+
+* Every frame gets its own step level and τ (diffusion forcing). **Flow rows** use the finest level
+  ``d_min = 1/k_max`` and τ uniform on its grid; their loss is the ramp-weighted x-space MSE ``w(τ)·‖ẑ0 − z0‖²``.
+* **Bootstrap rows** (``shortcut.fraction`` of the rows, after ``shortcut.start_step`` warm-up steps; the row
+  count is rounded stochastically so small batches still get them on average) draw a level per frame uniformly
+  over the levels that can bootstrap (d uniform over the powers of two, not ``P(d) ∝ 1/d``) and τ on that level's
+  grid. The same network under ``no_grad`` takes two half steps (the teacher); the student regresses in one step
+  onto the x-space target ``x*`` (equal to the paper's τ²-scaled velocity loss), ramp-weighted, plus a small flow
+  anchor ``shortcut.anchor·w(τ)·‖ẑ0 − z0‖²`` on the same frames.
+* Rows flagged ``single`` by the data (T=1 rows) are run as independent one-frame sequences.
+* ``noise.pattern=rising`` replaces the τ of ``noise.pattern_fraction`` of the flow rows by the log's "context at
+  τ_ctx, targets rising to 1" pattern (for comparison; the default ``iid`` is the paper's).
+* Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
+
+Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/boot_rows``,
+``train/seq_len`` and a console line ``S T=..`` / ``L T=..`` every ``log_every_n_steps``.
+
+Validation: ``val/loss`` (flow loss at d_min with fixed noise), one-step denoising PSNR per step size
+(``val/denoise/psnr_k{1/d}`` at τ ≈ 0.5), and on the first ``rollout.batches`` batches an autoregressive rollout
+(``rollout.context`` frames → ``rollout.horizon`` predicted, for every sampler in ``rollout.steps``, at
+``rollout.tau_ctx``) scored on decoded frames per horizon against the copy-last-frame baseline, with wall-clock
+frames/s; GIFs of ground truth | samplers | copy-last go to the loggers. Pixel metrics compare against the decoded
+ground-truth latents (what a perfect dynamics model would give through this decoder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from mmsuite.lightning_modules.dynamics import conventions as C
+from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer
+from mmsuite.lightning_modules.dynamics.sampling import rollout
+from mmsuite.nn.schedule import adamw_warmup_cosine
+
+ROLLOUT_DEFAULTS = dict(
+    context=16, horizon=16, steps=[4, 64], tau_ctx=0.1, batches=2, cached=True, during_fit="final", gifs=4, seed=0
+)
+
+
+def frame_psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) per frame of uint8 images ``[..., H, W, 3]`` -> ``[...]`` (pixels scaled to [0, 1])."""
+    mse = (a.float() / 255 - b.float() / 255).pow(2).flatten(-3).mean(-1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+class DynamicsModule(L.LightningModule):
+    def __init__(
+        self,
+        net: dict,
+        optim: dict,
+        schedule: dict,
+        shortcut: dict | None = None,
+        noise: dict | None = None,
+        decoder: dict | None = None,
+        image_size: int = 64,
+        rollout: dict | None = None,
+        probe: dict | None = None,
+        activation_checkpointing: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = DynamicsTransformer(**net)
+        self.k_max = self.net.k_max
+        sc = dict(shortcut or {})
+        self.boot_fraction = float(sc.get("fraction", 0.0))
+        self.boot_start = int(sc.get("start_step", 0))
+        self.anchor = float(sc.get("anchor", 0.0))
+        if not 0.0 <= self.boot_fraction <= 1.0 or self.anchor < 0:
+            raise ValueError(f"shortcut.fraction must be in [0, 1] and shortcut.anchor >= 0, got {sc}")
+        if self.boot_fraction > 0 and self.k_max < 2:
+            raise ValueError("shortcut forcing needs net.k_max >= 2")
+        nz = dict(noise or {})
+        self.pattern = str(nz.get("pattern", "iid"))
+        if self.pattern not in ("iid", "rising"):
+            raise ValueError(f"noise.pattern must be 'iid' or 'rising', got {self.pattern!r}")
+        self.pattern_fraction = float(nz.get("pattern_fraction", 1.0))
+        self.pattern_context = int(nz.get("pattern_context", 16))
+        self.pattern_tau_ctx = float(nz.get("tau_ctx", 0.1))
+        self.rollout_cfg = {**ROLLOUT_DEFAULTS, **dict(rollout or {})}
+        self.rollout_cfg["steps"] = [int(s) for s in self.rollout_cfg["steps"]]
+        for s in self.rollout_cfg["steps"]:
+            C.sampling_schedule(s, self.k_max)  # powers of two <= k_max, else a clear error now
+        C.snap_context_tau(float(self.rollout_cfg["tau_ctx"]), self.k_max)
+        self.probe_batches = int(dict(probe or {}).get("batches", 1))
+        self.ckpt_min_frames = (activation_checkpointing or {}).get("min_frames")
+        self.decoder_cfg = dict(decoder or {})
+        self.image_size = int(image_size)
+        channels = int(net.get("latent_channels", 8))
+        self.register_buffer("latent_mean", torch.zeros(channels))
+        self.register_buffer("latent_std", torch.ones(channels))
+        self._decoder = None
+        self._lengths: list[tuple[int, str, int, int]] = []
+        self._eval: dict = {}
+
+    # -- data statistics and the frozen decoder ---------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Copy the data's latent statistics (the DataModule's ``setup`` runs first) and check the latent shape."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or getattr(dm, "latent_mean", None) is None:
+            return
+        shape = tuple(getattr(dm, "latent_shape", ()))
+        want = (self.net.latent_channels, *self.net.latent_size)
+        if shape != want:
+            raise ValueError(f"the data's latents are {shape} per frame, the model expects {want} (model.net)")
+        self.latent_mean.copy_(dm.latent_mean)
+        self.latent_std.copy_(dm.latent_std)
+
+    def decoder(self):
+        if self._decoder is None:
+            from mmsuite.datamodules.dynamics import load_frame_tokenizer
+
+            self._decoder = load_frame_tokenizer(self.decoder_cfg, self.image_size, device=self.device)
+        return self._decoder
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[..., C, h, w]`` -> uint8 frames ``[..., H, W, 3]`` (CPU)."""
+        lead = z.shape[:-3]
+        raw = z.float().flatten(0, -4) * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
+        frames = torch.cat([self.decoder().decode_latents(raw[i : i + 256]) for i in range(0, len(raw), 256)])
+        return frames.reshape(*lead, *frames.shape[1:])
+
+    # -- training -------------------------------------------------------------------------------------------
+    def _actions(self, batch) -> torch.Tensor | None:
+        return batch.get("actions") if self.net.num_actions else None
+
+    def _boot_rows(self, rows: int) -> int:
+        """Bootstrap rows of a group: ``floor(f·rows + u)``, ``u ~ U(0, 1)`` on the CPU (no device sync)."""
+        if self.boot_fraction <= 0 or self.global_step < self.boot_start or self.k_max < 2:
+            return 0
+        return min(rows, int(math.floor(self.boot_fraction * rows + float(torch.rand(())))))
+
+    def _group_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
+        """Sums and counts of the per-frame losses of one group of rows ``[B, T, ...]``."""
+        b, t = z0.shape[:2]
+        dev = z0.device
+        n_boot = self._boot_rows(b)
+        n_flow = b - n_boot
+        level = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=dev)
+        if n_boot:
+            level[n_flow:] = C.sample_step_levels((n_boot, t), self.k_max, include_finest=False, device=dev)
+        tau_idx = C.sample_tau_indices(level, self.k_max)
+        if self.pattern == "rising" and t > 1 and n_flow:
+            rows = [r for r in range(n_flow) if float(torch.rand(())) < self.pattern_fraction]
+            if rows:
+                ctx = min(self.pattern_context, t - 1)
+                tau_idx[rows] = C.rising_tau_indices(t, ctx, self.pattern_tau_ctx, self.k_max).to(dev)
+        tau = C.tau_value(tau_idx, self.k_max)
+        z_tau = C.noise(z0, tau, torch.randn_like(z0))
+        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint)
+        w = C.ramp_weight(tau)
+        clean_err = w * C.per_frame_mse(x_hat, z0, 2)
+        out = {"flow": clean_err[:n_flow].sum(), "n_flow": n_flow * t, "n": b * t, "n_boot": n_boot * t}
+        if n_boot:
+            zb, ib, lb = z_tau[n_flow:], tau_idx[n_flow:], level[n_flow:]
+            ab = None if actions is None else actions[n_flow:]
+            with torch.no_grad():  # the teacher: two half steps of the same network
+                half = C.teacher_level(lb, self.k_max)
+                tau_b, d_b = tau[n_flow:], C.step_size(lb, self.k_max).to(dev)
+                x1 = self.net(zb, ib, half, ab)
+                z_mid, tau_mid = C.teacher_midpoint(zb, x1, tau_b, d_b)
+                x2 = self.net(z_mid, C.tau_index(tau_mid, self.k_max), half, ab)
+                x_star = C.bootstrap_x_target(zb, z_mid, x1, x2, tau_b, d_b).detach()
+            out["boot"] = (w[n_flow:] * C.bootstrap_loss_x(x_hat[n_flow:], x_star, 2)).sum()
+            out["anchor"] = clean_err[n_flow:].sum()
+        return out
+
+    def training_step(self, batch, batch_idx):
+        z0 = batch["latents"]
+        actions = self._actions(batch)
+        b, t = z0.shape[:2]
+        single = list(batch.get("single") or [False] * b)
+        seq_rows = [i for i in range(b) if not single[i]]
+        one_rows = [i for i in range(b) if single[i]]
+        checkpoint = self.ckpt_min_frames is not None and t >= int(self.ckpt_min_frames)
+        parts = []
+        if seq_rows:
+            parts.append(self._group_losses(z0[seq_rows], None if actions is None else actions[seq_rows], checkpoint))
+        if one_rows:  # T=1 rows: every frame of the row on its own
+            zs = z0[one_rows].reshape(len(one_rows) * t, 1, *z0.shape[2:])
+            acts = None if actions is None else actions[one_rows].reshape(-1, 1)
+            parts.append(self._group_losses(zs, acts, False))
+        n = sum(p["n"] for p in parts)
+        flow = sum(p["flow"] for p in parts)
+        boot = sum(p.get("boot", 0.0) for p in parts)
+        anchor = sum(p.get("anchor", 0.0) for p in parts)
+        loss = (flow + boot + self.anchor * anchor) / n
+        n_flow, n_boot = sum(p["n_flow"] for p in parts), sum(p["n_boot"] for p in parts)
+        kind = batch.get("length", "S")
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/flow_loss", flow / max(n_flow, 1), batch_size=b)
+        if n_boot:
+            self.log("train/boot_loss", boot / n_boot, batch_size=b)
+            self.log("train/anchor_loss", anchor / n_boot, batch_size=b)
+        self.log("train/boot_rows", float(n_boot) / max(n, 1), batch_size=b)
+        self.log("train/seq_len", float(t), batch_size=b)
+        self._lengths.append((int(self.global_step), kind, t, b))
+        every = max(int(getattr(self.trainer, "log_every_n_steps", 50) or 50), 1)
+        if self.trainer.is_global_zero and self.global_step % every == 0:
+            print(f"[dynamics] step {self.global_step} {kind} T={t} B={b} boot_frames={n_boot}", flush=True)
+        return loss
+
+    def on_train_end(self) -> None:
+        """Every rank writes the lengths it trained on (``batch_lengths_rank<r>.json``): the DDP test reads them."""
+        root = Path(self.trainer.default_root_dir)
+        rank = self.trainer.global_rank
+        rows = [{"step": s, "length": k, "T": t, "B": b} for s, k, t, b in self._lengths]
+        (root / f"batch_lengths_rank{rank}.json").write_text(json.dumps(rows) + "\n")
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def _rollout_now(self) -> bool:
+        if self.trainer.sanity_checking or int(self.rollout_cfg["batches"]) <= 0:
+            return False
+        if self.trainer.state.fn != "fit":
+            return True
+        when = str(self.rollout_cfg.get("during_fit", "final"))
+        if when == "every":
+            return True
+        max_steps = self.trainer.max_steps
+        return when == "final" and max_steps is not None and max_steps > 0 and self.global_step >= max_steps
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval = {}
+
+    def _add(self, key: str, values: torch.Tensor) -> None:
+        """Accumulate per-sample values ``[N, ...]`` as (sum over samples, count)."""
+        values = values.detach().double().cpu()
+        s, n = self._eval.get(key, (0.0, 0))
+        self._eval[key] = (s + values.sum(0), n + values.shape[0])
+
+    def _eval_step(self, batch, batch_idx: int, prefix: str):
+        z0 = batch["latents"]
+        actions = self._actions(batch)
+        b, t = z0.shape[:2]
+        g = torch.Generator().manual_seed(10_000 + batch_idx)
+        level = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=z0.device)
+        tau_idx = C.sample_tau_indices(level.cpu(), self.k_max, generator=g).to(z0.device)
+        eps = torch.randn(z0.shape, generator=g).to(z0.device)
+        tau = C.tau_value(tau_idx, self.k_max)
+        x_hat = self.net(C.noise(z0, tau, eps), tau_idx, level, actions)
+        loss = (C.ramp_weight(tau) * C.per_frame_mse(x_hat, z0, 2)).mean()
+        self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True, prog_bar=True)
+        if batch_idx < self.probe_batches:
+            self._denoise_probe(z0, actions, g)
+        if batch_idx < int(self.rollout_cfg["batches"]) and self._rollout_now():
+            self._rollout_eval(z0, actions, g, batch_idx, prefix)
+        return loss
+
+    def _denoise_probe(self, z0, actions, g) -> None:
+        """One-step denoising at τ ≈ 0.5 per step size, scored on decoded frames."""
+        b, t = z0.shape[:2]
+        truth = self.decode(z0)
+        eps = torch.randn(z0.shape, generator=g).to(z0.device)
+        for lvl in range(C.num_levels(self.k_max)):
+            idx = torch.full((b, t), C.probe_tau_index(lvl, self.k_max), dtype=torch.long, device=z0.device)
+            levels = torch.full_like(idx, lvl)
+            x_hat = self.net(C.noise(z0, C.tau_value(idx, self.k_max), eps), idx, levels, actions)
+            self._add(f"denoise/psnr_k{2**lvl}", frame_psnr(self.decode(x_hat), truth).flatten()[:, None])
+
+    def _rollout_eval(self, z0, actions, g, batch_idx: int, prefix: str) -> None:
+        cfg = self.rollout_cfg
+        c, h = int(cfg["context"]), int(cfg["horizon"])
+        b, t = z0.shape[:2]
+        if c + h > t:
+            raise ValueError(
+                f"rollout.context + rollout.horizon = {c + h} frames, but validation clips have {t} "
+                "(data.clip_frames); shorten the rollout"
+            )
+        truth = self.decode(z0[:, : c + h])  # [B, c+h, H, W, 3]
+        target = truth[:, c:]
+        copy = truth[:, c - 1 : c].expand_as(target) if c > 0 else torch.full_like(target, 128)
+        self._add("copy_last/psnr", frame_psnr(copy, target))
+        self._add("copy_last/mse", (copy.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
+        if c > 0:
+            last = z0[:, c - 1 : c].float().expand(-1, h, *z0.shape[2:])
+            self._add("copy_last/latent_mse", C.per_frame_mse(last, z0[:, c : c + h].float(), 2))
+        acts = None if actions is None else actions[:, : c + h]
+        videos = {"truth": truth}
+        for steps in cfg["steps"]:
+            gen = torch.Generator().manual_seed(int(cfg["seed"]) * 1000 + batch_idx)  # same noise for every sampler
+            if z0.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            pred = rollout(self.net, z0[:, :c], h, steps, float(cfg["tau_ctx"]), acts, gen, bool(cfg["cached"]))
+            if z0.is_cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            frames = self.decode(pred)
+            name = f"rollout_k{steps}"
+            self._add(f"{name}/psnr", frame_psnr(frames, target))
+            self._add(f"{name}/mse", (frames.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
+            self._add(f"{name}/latent_mse", C.per_frame_mse(pred, z0[:, c : c + h].float(), 2))
+            self._add(f"{name}/seconds", torch.tensor([[seconds]]))
+            self._add(f"{name}/frames", torch.tensor([[float(b * h)]]))
+            videos[name] = torch.cat([truth[:, :c], frames], dim=1)
+        videos["copy_last"] = torch.cat([truth[:, :c], copy], dim=1)
+        if batch_idx == 0 and int(cfg["gifs"]) > 0 and self.trainer.is_global_zero:
+            self._log_gifs(videos, f"{prefix}/rollout", int(cfg["gifs"]))
+
+    def _log_gifs(self, videos: dict, tag: str, n: int) -> None:
+        from mmsuite.callbacks.samples import log_gif
+
+        columns = list(videos.values())
+        strip = torch.cat([v[:n] for v in columns], dim=3)  # [n, T, H, W*cols, 3]
+        for i in range(strip.shape[0]):
+            log_gif(self.trainer, f"{tag}/{i}", strip[i], fps=4, step=self.global_step)
+
+    def _log_eval(self, prefix: str) -> None:
+        acc = self._eval
+        if self.trainer.world_size > 1:  # sums and counts over ranks (every rank ran the same batches count)
+            for key, (s, n) in list(acc.items()):
+                pair = torch.cat([torch.as_tensor(s, dtype=torch.float64).flatten(), torch.tensor([float(n)])])
+                pair = self.trainer.strategy.reduce(pair.to(self.device), reduce_op="sum").cpu()
+                acc[key] = (pair[:-1].reshape(torch.as_tensor(s).shape), int(pair[-1]))
+        means = {k: (torch.as_tensor(s) / max(n, 1)).flatten() for k, (s, n) in acc.items()}
+        out: dict[str, float] = {}
+        for key, v in means.items():
+            if key.startswith("denoise/"):
+                out[key] = float(v[0])
+            elif key.endswith("/psnr") or key.endswith("/mse") or key.endswith("/latent_mse"):
+                for i, x in enumerate(v.tolist()):
+                    out[f"{key}_h{i + 1}"] = x
+                out[f"{key}_h1_4"] = float(v[:4].mean())
+                out[f"{key}_mean"] = float(v.mean())
+        for steps in self.rollout_cfg["steps"]:
+            name = f"rollout_k{steps}"
+            if f"{name}/seconds" in acc:
+                secs, frames = float(acc[f"{name}/seconds"][0].sum()), float(acc[f"{name}/frames"][0].sum())
+                out[f"{name}/frames_per_s"] = frames / max(secs, 1e-9)
+                out[f"{name}/seconds"] = secs
+                if "copy_last/psnr_h1_4" in out:
+                    out[f"{name}/gain_over_copy_h1_4"] = out[f"{name}/psnr_h1_4"] - out["copy_last/psnr_h1_4"]
+        fast, slow = min(self.rollout_cfg["steps"]), max(self.rollout_cfg["steps"])
+        if fast != slow and f"rollout_k{fast}/seconds" in out:
+            pair = f"k{fast}_vs_k{slow}"
+            out[f"{pair}/psnr_gap_h1_4"] = out[f"rollout_k{slow}/psnr_h1_4"] - out[f"rollout_k{fast}/psnr_h1_4"]
+            out[f"{pair}/psnr_gap_mean"] = out[f"rollout_k{slow}/psnr_mean"] - out[f"rollout_k{fast}/psnr_mean"]
+            out[f"{pair}/speedup"] = out[f"rollout_k{slow}/seconds"] / max(out[f"rollout_k{fast}/seconds"], 1e-9)
+        for key, value in out.items():
+            if np.isfinite(value):
+                self.log(f"{prefix}/{key}", value, rank_zero_only=True)
+        self._eval = {}
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(
+            self.net.parameters(),
+            self.hparams.optim,
+            self.hparams.schedule,
+            self.trainer.max_steps,
+            "DynamicsModule",
+            default_betas=(0.9, 0.95),
+        )

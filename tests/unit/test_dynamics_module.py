@@ -1,0 +1,248 @@
+"""The dynamics LightningModule's losses, the samplers, the rollout (cached = uncached) and the new conventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmsuite.lightning_modules.dynamics import conventions as C
+from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer, extend_cache
+from mmsuite.lightning_modules.dynamics.module import DynamicsModule
+from mmsuite.lightning_modules.dynamics.sampling import rollout, sample_frame
+
+NET = dict(latent_channels=4, latent_size=4, patch=2, dim=32, depth=2, heads=2, temporal_every=2, registers=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _Trainer:
+    """What training_step reads from a trainer."""
+
+    log_every_n_steps = 10**9
+    is_global_zero = True
+
+
+def _module(global_step: int = 0, **kw) -> DynamicsModule:
+    torch.manual_seed(0)
+    args = dict(
+        net={**NET, "num_actions": 3},
+        optim={"lr": 1e-3},
+        schedule={"warmup_steps": 0},
+        shortcut={"fraction": 0.5, "start_step": 10, "anchor": 0.1},
+    )
+    args.update(kw)
+    m = DynamicsModule(**args)
+    m._trainer_stub = _Trainer()
+    type(m).trainer = property(lambda self: self._trainer_stub)  # noqa: B010 (a stub, per test module)
+    type(m).global_step = property(lambda self: self._step)
+    m._step = global_step
+    m.log = lambda *a, **k: None
+    return m
+
+
+@pytest.fixture(autouse=True)
+def _restore_properties():
+    trainer, step = DynamicsModule.trainer, DynamicsModule.global_step
+    yield
+    DynamicsModule.trainer, DynamicsModule.global_step = trainer, step
+
+
+def _batch(b=4, t=5, single=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "latents": torch.randn(b, t, 4, 4, 4, generator=g),
+        "actions": torch.randint(-1, 3, (b, t), generator=g),
+        "single": single or [False] * b,
+        "length": "S",
+    }
+
+
+def _record_calls(module):
+    calls = []
+
+    def hook(_, args, kwargs, out):
+        calls.append(
+            {"shape": tuple(args[0].shape), "grad": torch.is_grad_enabled(), "tau": args[1].clone(), "level": args[2]}
+        )
+
+    module.net.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_losses_on_a_tiny_batch_are_finite_and_train():
+    m = _module(global_step=20)
+    calls = _record_calls(m)
+    torch.manual_seed(3)
+    loss = m.training_step(_batch(), 0)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert m.net.head.weight.grad.abs().max() > 0
+    grads = [c["grad"] for c in calls]
+    assert grads[0] is True and all(g is False for g in grads[1:])  # student with grad, teacher without
+    n_boot = calls[1]["shape"][0] if len(calls) > 1 else 0
+    assert len(calls) in (1, 3) and (len(calls) == 1 or calls[1]["shape"] == calls[2]["shape"])
+    assert n_boot in (0, 2, 3)  # floor(0.5 * 4 + u): 2 (or 3 when u rounds up); teacher only on those rows
+
+
+def test_bootstrap_rows_draw_coarser_levels_and_the_teacher_takes_half_steps():
+    m = _module(global_step=20)
+    calls = _record_calls(m)
+    torch.manual_seed(5)
+    m.training_step(_batch(b=8, t=6), 0)
+    student, first, second = calls
+    n_boot = first["shape"][0]
+    levels = student["level"]
+    assert (levels[: 8 - n_boot] == C.finest_level(64)).all()
+    assert (levels[8 - n_boot :] < C.finest_level(64)).all()
+    assert torch.equal(first["level"], levels[8 - n_boot :] + 1) and torch.equal(second["level"], first["level"])
+    half_step = 64 >> first["level"]  # tau index of d/2
+    assert torch.equal(second["tau"], first["tau"] - half_step)
+    assert (student["tau"] >= 1).all()
+
+
+def test_no_bootstrap_before_the_warm_up_ends():
+    m = _module(global_step=3)
+    calls = _record_calls(m)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        m.training_step(_batch(), 0)
+    assert len(calls) == 5 and all((c["level"] == 6).all() for c in calls)
+
+
+def test_diffusion_forcing_only_never_calls_a_teacher():
+    m = _module(global_step=100, shortcut={"fraction": 0.0})
+    calls = _record_calls(m)
+    m.training_step(_batch(), 0)
+    assert len(calls) == 1
+
+
+def test_t1_rows_run_as_independent_frames():
+    m = _module(global_step=0)
+    calls = _record_calls(m)
+    m.training_step(_batch(b=3, t=5, single=[False, True, True]), 0)
+    assert [c["shape"][:2] for c in calls] == [(1, 5), (10, 1)]
+
+
+def test_rising_pattern_is_an_option():
+    m = _module(global_step=0, noise={"pattern": "rising", "pattern_context": 2, "tau_ctx": 0.1})
+    calls = _record_calls(m)
+    m.training_step(_batch(b=2, t=6), 0)
+    want = C.rising_tau_indices(6, 2, 0.1, 64)
+    assert torch.equal(calls[0]["tau"], want.expand(2, -1))
+    m = _module(global_step=0)
+    calls = _record_calls(m)
+    torch.manual_seed(0)
+    m.training_step(_batch(b=2, t=6), 0)
+    assert not torch.equal(calls[0]["tau"], want.expand(2, -1))  # iid by default
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="noise.pattern"):
+        _module(noise={"pattern": "ramp"})
+    with pytest.raises(ValueError, match="steps"):
+        _module(rollout={"steps": [3]})
+    with pytest.raises(ValueError, match="shortcut.fraction"):
+        _module(shortcut={"fraction": 1.5})
+
+
+# -- new conventions -----------------------------------------------------------------------------------------
+
+
+def test_rising_pattern_holds_context_and_rises_to_pure_noise():
+    idx = C.rising_tau_indices(8, 4, 0.1, 64)
+    assert idx[:4].tolist() == [6] * 4 and idx[-1] == 64
+    assert (idx[4:].diff() > 0).all() and (idx >= 1).all()
+    assert C.rising_tau_indices(3, 0, 0.1, 64).tolist() == [25, 45, 64]
+    with pytest.raises(ValueError, match="context"):
+        C.rising_tau_indices(4, 4, 0.1, 64)
+
+
+def test_probe_tau_is_on_each_levels_grid():
+    idx = [C.probe_tau_index(lvl, 64) for lvl in range(7)]
+    assert idx == [64, 32, 32, 32, 32, 32, 32]
+    for lvl, i in enumerate(idx):
+        assert i % (64 >> lvl) == 0  # a multiple of that level's step
+
+
+# -- samplers and rollout -------------------------------------------------------------------------------------
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the given clean latents for every frame, whatever the input: the sampler must land on them."""
+
+    k_max = 64
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+        self.seen = []
+
+    def forward(self, z, tau_index, step_level, actions=None):
+        self.seen.append((tau_index.clone(), step_level.clone()))
+        return self.target[:, -z.shape[1] :].expand_as(z)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 64])
+def test_sampler_with_an_oracle_lands_on_the_clean_frame(steps):
+    target = torch.randn(2, 1, 4, 4, 4)
+    oracle = Oracle(target)
+    out = sample_frame(oracle, torch.randn(2, 1, 4, 4, 4), steps)
+    torch.testing.assert_close(out, target)
+    assert len(oracle.seen) == steps
+    assert [int(t[0, 0]) for t, _ in oracle.seen] == C.sampling_schedule(steps, 64)[0].tolist()
+    assert all(int(lvl[0, 0]) == C.sampling_schedule(steps, 64)[1] for _, lvl in oracle.seen)
+
+
+def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
+    target = torch.randn(1, 5, 4, 4, 4)
+    oracle = Oracle(target)
+    rollout(oracle, target[:, :3], horizon=2, steps=4, tau_ctx=0.1, cached=False)
+    tau, level = oracle.seen[-1]
+    assert tau[0, :4].tolist() == [6, 6, 6, 6] and level[0, :4].tolist() == [6, 6, 6, 6]  # 3 context + 1 generated
+
+
+def _net(seed=0, actions=3):
+    torch.manual_seed(seed)
+    net = DynamicsTransformer(**NET, num_actions=actions).eval()
+    torch.nn.init.normal_(net.head.weight, std=0.3)
+    return net
+
+
+def test_cached_forward_equals_the_full_forward():
+    net = _net()
+    z = torch.randn(2, 7, 4, 4, 4)
+    tau, lvl, act = torch.randint(0, 65, (2, 7)), torch.randint(0, 7, (2, 7)), torch.randint(-1, 3, (2, 7))
+    with torch.no_grad():
+        full = net(z, tau, lvl, act)
+    out, cache = net.forward_cached(z[:, :3], tau[:, :3], lvl[:, :3], act[:, :3])
+    torch.testing.assert_close(out, full[:, :3], atol=1e-5, rtol=0)
+    two, kv = net.forward_cached(z[:, 3:5], tau[:, 3:5], lvl[:, 3:5], act[:, 3:5], cache)
+    torch.testing.assert_close(two, full[:, 3:5], atol=1e-5, rtol=0)
+    one, _ = net.forward_cached(z[:, 5:6], tau[:, 5:6], lvl[:, 5:6], act[:, 5:6], extend_cache(cache, kv))
+    torch.testing.assert_close(one, full[:, 5:6], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("context", [0, 3])
+@pytest.mark.parametrize("with_actions", [False, True])
+def test_cached_rollout_matches_the_uncached_one(context, with_actions):
+    net = _net()
+    ctx = torch.randn(2, context, 4, 4, 4)
+    actions = torch.randint(-1, 3, (2, context + 3)) if with_actions else None
+    runs = [rollout(net, ctx, 3, 4, 0.1, actions, torch.Generator().manual_seed(1), cached=cached) for cached in (1, 0)]
+    assert runs[0].shape == (2, 3, 4, 4, 4)
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=0)
+
+
+def test_rollout_is_reproducible_and_depends_on_the_noise():
+    net = _net()
+    ctx = torch.randn(1, 2, 4, 4, 4)
+    a = rollout(net, ctx, 2, 4, generator=torch.Generator().manual_seed(0))
+    b = rollout(net, ctx, 2, 4, generator=torch.Generator().manual_seed(0))
+    c = rollout(net, ctx, 2, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
