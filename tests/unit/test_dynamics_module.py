@@ -142,6 +142,18 @@ def test_rising_pattern_is_an_option():
     assert not torch.equal(calls[0]["tau"], want.expand(2, -1))  # iid by default
 
 
+def test_prefix_pattern_holds_a_random_prefix_at_tau_ctx():
+    m = _module(global_step=0, noise={"pattern": "prefix", "pattern_fraction": 1.0, "tau_ctx": 0.1})
+    calls = _record_calls(m)
+    torch.manual_seed(0)
+    for _ in range(20):
+        m.training_step(_batch(b=2, t=6), 0)
+    taus = torch.cat([c["tau"] for c in calls])
+    assert (taus[:, 0] == 6).all()  # every row starts at the snapped tau_ctx
+    assert (taus != 6).any(dim=1).all()  # and keeps at least one iid target (the prefix is shorter than the row)
+    assert len({int((row == 6).cumprod(0).sum()) for row in taus}) > 2  # prefix lengths vary
+
+
 def test_bad_settings_raise():
     with pytest.raises(ValueError, match="noise.pattern"):
         _module(noise={"pattern": "ramp"})

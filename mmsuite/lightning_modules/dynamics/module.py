@@ -13,7 +13,9 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   anchor ``shortcut.anchor·w(τ)·‖ẑ0 − z0‖²`` on the same frames.
 * Rows flagged ``single`` by the data (T=1 rows) are run as independent one-frame sequences.
 * ``noise.pattern=rising`` replaces the τ of ``noise.pattern_fraction`` of the flow rows by the log's "context at
-  τ_ctx, targets rising to 1" pattern (for comparison; the default ``iid`` is the paper's).
+  τ_ctx, targets rising to 1" pattern (for comparison; the default ``iid`` is the paper's). ``prefix`` instead
+  sets a random-length prefix of those rows to τ_ctx and leaves the later frames' iid τ alone (the rollout's
+  situation, without coupling a target's τ to its position).
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/boot_rows``,
@@ -43,6 +45,7 @@ from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer
 from mmsuite.lightning_modules.dynamics.sampling import rollout
 from mmsuite.nn.schedule import adamw_warmup_cosine
 
+PATTERNS = ("iid", "rising", "prefix")
 ROLLOUT_DEFAULTS = dict(
     context=16, horizon=16, steps=[4, 64], tau_ctx=0.1, batches=2, cached=True, during_fit="final", gifs=4, seed=0
 )
@@ -82,8 +85,8 @@ class DynamicsModule(L.LightningModule):
             raise ValueError("shortcut forcing needs net.k_max >= 2")
         nz = dict(noise or {})
         self.pattern = str(nz.get("pattern", "iid"))
-        if self.pattern not in ("iid", "rising"):
-            raise ValueError(f"noise.pattern must be 'iid' or 'rising', got {self.pattern!r}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"noise.pattern must be one of {list(PATTERNS)}, got {self.pattern!r}")
         self.pattern_fraction = float(nz.get("pattern_fraction", 1.0))
         self.pattern_context = int(nz.get("pattern_context", 16))
         self.pattern_tau_ctx = float(nz.get("tau_ctx", 0.1))
@@ -150,11 +153,13 @@ class DynamicsModule(L.LightningModule):
         if n_boot:
             level[n_flow:] = C.sample_step_levels((n_boot, t), self.k_max, include_finest=False, device=dev)
         tau_idx = C.sample_tau_indices(level, self.k_max)
-        if self.pattern == "rising" and t > 1 and n_flow:
+        if self.pattern != "iid" and t > 1 and n_flow:
             rows = [r for r in range(n_flow) if float(torch.rand(())) < self.pattern_fraction]
-            if rows:
+            if rows and self.pattern == "rising":
                 ctx = min(self.pattern_context, t - 1)
                 tau_idx[rows] = C.rising_tau_indices(t, ctx, self.pattern_tau_ctx, self.k_max).to(dev)
+            for r in rows if self.pattern == "prefix" else []:  # a clean-ish prefix, targets keep their iid tau
+                tau_idx[r, : int(torch.randint(1, t, ()))] = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
         x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint)
