@@ -3,7 +3,7 @@
 Each benchmark measures its own ratio in one process where it can (e.g. Lightning vs a bare loop on the
 same model and batches), so that figures taken on a busy or different machine still compare.
 
-    python -m benchmarks.run [--only toyworld,shards,...,m4] [--quick] [--threads N]
+    python -m benchmarks.run [--only toyworld,shards,...,m4,dynamics] [--quick] [--threads N]
 
 The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
 ``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so.
@@ -563,6 +563,107 @@ def bench_m4(quick: bool) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# dynamics: training frames/s at the profile's short and long lengths, peak memory, sampling frames/s
+DYN_QUICK_NET = ["model.net.dim=32", "model.net.depth=2", "model.net.heads=2", "model.net.temporal_every=2"]
+
+
+def _dynamics_config(hardware: str, quick: bool):
+    """The composed train config of ``experiment=dynamics_shortcut hardware=<hardware>``; ``quick``: a tiny net."""
+    from hydra import compose, initialize_config_dir
+
+    import mmsuite.run  # noqa: F401  (registers the config's resolvers)
+
+    overrides = ["experiment=dynamics_shortcut", f"hardware={hardware}"] + (DYN_QUICK_NET if quick else [])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def bench_dynamics(quick: bool) -> dict:
+    """The dynamics model of ``experiment=dynamics_shortcut`` at its profile's shape (``gpu16gb`` on CUDA: the ~60M
+    net, T=32 B=2 and T=64 B=1 with activation checkpointing; ``cpu`` otherwise: T=16 B=4 and T=32 B=2): training
+    frames/s of a full step (student forward, the no-grad teacher passes on the bootstrap rows, backward, clip,
+    AdamW) on random latents, peak memory per length, and cached-rollout sampling frames/s at 4 and 64 steps
+    (16 context frames, batch 1). bf16 autocast on CUDA, fp32 on CPU. ``quick``: a tiny net, one timed step."""
+    from mmsuite.lightning_modules.dynamics.sampling import rollout
+    from mmsuite.run import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hardware = "gpu16gb" if device.type == "cuda" else "cpu"
+    cfg = _dynamics_config(hardware, quick)
+    lengths = [
+        (int(cfg.data.seq_len), int(cfg.data.batch_size)),
+        (int(cfg.data.long_seq_len), int(cfg.data.long_batch_size)),
+    ]
+    min_frames = cfg.model.activation_checkpointing.min_frames
+    warmup, steps = (1, 1) if quick else ((3, 10) if device.type == "cuda" else (2, 6))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    out: dict = {"device_type": device.type, "device_name": _device_name(device), "hardware_profile": hardware}
+    g = torch.Generator().manual_seed(0)
+    for t, b in lengths:
+        with _PeakMemory(device) as mem:
+            torch.manual_seed(0)
+            module = build_model(cfg).to(device)
+            module.boot_start = 0  # bootstrap rows from the first step, as after the warm-up
+            net = module.net.train()
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            shape = (b, t, net.latent_channels, *net.latent_size)
+            checkpoint = min_frames is not None and t >= int(min_frames)
+            for i in range(warmup + steps):
+                if i == warmup:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                z = torch.randn(shape, generator=g).to(device)
+                actions = torch.randint(-1, max(net.num_actions, 1), (b, t), generator=g).to(device)
+                with autocast:
+                    parts = module._group_losses(z, actions if net.num_actions else None, checkpoint)
+                    loss = (parts["flow"] + parts.get("boot", 0.0) + module.anchor * parts.get("anchor", 0.0)) / parts[
+                        "n"
+                    ]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = (time.perf_counter() - start) / steps
+        out[f"train_T{t}_B{b}_frames_per_s"] = b * t / seconds
+        out[f"train_T{t}_B{b}_s_per_step"] = seconds
+        out[f"train_T{t}_B{b}_peak_memory_mib"] = mem.mib
+        out["peak_memory_method"] = mem.method
+        out[f"train_T{t}_checkpointing"] = bool(checkpoint)
+    out["params_M"] = sum(p.numel() for p in net.parameters()) / 1e6
+    net.eval()
+    horizon = 2 if quick else 8
+    context = torch.randn((1, 16, net.latent_channels, *net.latent_size), generator=g).to(device)
+    for k in (4, 64):
+        with torch.no_grad(), autocast:
+            rollout(net, context, 1, k, generator=torch.Generator().manual_seed(0))  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            rollout(net, context, horizon, k, generator=torch.Generator().manual_seed(0))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        out[f"sample_k{k}_frames_per_s"] = horizon / (time.perf_counter() - start)
+    out["sample_speedup_k4_vs_k64"] = out["sample_k4_frames_per_s"] / out["sample_k64_frames_per_s"]
+    print(
+        f"[bench] dynamics ({hardware} shape, {out['params_M']:.2f}M params, {out['device_name']}): "
+        + ", ".join(
+            f"T={t} B={b} {out[f'train_T{t}_B{b}_frames_per_s']:.1f} frames/s, peak "
+            f"{out[f'train_T{t}_B{b}_peak_memory_mib']:.0f} MiB"
+            for t, b in lengths
+        )
+        + f"; sampling {out['sample_k4_frames_per_s']:.1f} frames/s at 4 steps, "
+        + f"{out['sample_k64_frames_per_s']:.2f} at 64",
+        flush=True,
+    )
+    return out
+
+
 class _Batches:
     """An in-memory iterable of ready batches (a plain list would be read as several dataloaders)."""
 
@@ -584,6 +685,7 @@ BENCHES = {
     "audio_tokenizer": bench_audio_tokenizer,
     "text_tokenizer": bench_text_tokenizer,
     "m4": bench_m4,
+    "dynamics": bench_dynamics,
 }
 
 
