@@ -183,7 +183,8 @@ class DynamicsLatentDataModule(ShardDataModule):
         if self.source["kind"] == "video" and not Path(str(self.source.get("root", ""))).is_dir():
             raise FileNotFoundError(f"data.source.root must be a folder of videos, got {self.source.get('root')!r}")
         self.world = {**dict(world), "frames": int(clip_frames), "image_size": int(image_size)}
-        toyworld.ToyWorldConfig(**self.world)  # validate early, with the toy world's own messages
+        if self.source["kind"] == "toyworld":
+            toyworld.ToyWorldConfig(**self.world)  # validate early, with the toy world's own messages
         self.n_clips, self.splits = int(n_clips), dict(splits)
         self.clip_frames, self.image_size = int(clip_frames), int(image_size)
         self.encoder = dict(encoder)

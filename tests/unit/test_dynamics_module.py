@@ -28,6 +28,23 @@ class _Trainer:
     is_global_zero = True
 
 
+class _Module(DynamicsModule):
+    """The module outside a Trainer: a fixed global step, a stub trainer, logging off."""
+
+    step = 0
+
+    @property
+    def trainer(self):
+        return _Trainer()
+
+    @property
+    def global_step(self) -> int:
+        return self.step
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+
 def _module(global_step: int = 0, **kw) -> DynamicsModule:
     torch.manual_seed(0)
     args = dict(
@@ -37,20 +54,9 @@ def _module(global_step: int = 0, **kw) -> DynamicsModule:
         shortcut={"fraction": 0.5, "start_step": 10, "anchor": 0.1},
     )
     args.update(kw)
-    m = DynamicsModule(**args)
-    m._trainer_stub = _Trainer()
-    type(m).trainer = property(lambda self: self._trainer_stub)  # noqa: B010 (a stub, per test module)
-    type(m).global_step = property(lambda self: self._step)
-    m._step = global_step
-    m.log = lambda *a, **k: None
+    m = _Module(**args)
+    m.step = global_step
     return m
-
-
-@pytest.fixture(autouse=True)
-def _restore_properties():
-    trainer, step = DynamicsModule.trainer, DynamicsModule.global_step
-    yield
-    DynamicsModule.trainer, DynamicsModule.global_step = trainer, step
 
 
 def _batch(b=4, t=5, single=None, seed=1):
