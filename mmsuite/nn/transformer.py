@@ -181,9 +181,16 @@ class DecoderBlock(nn.Module):
 
 def sincos_1d(n: int, dim: int, base: float = 10000.0) -> torch.Tensor:
     """Fixed 1-D sin-cos table ``[n, dim]`` (dim even)."""
+    return sincos_at(torch.arange(n, dtype=torch.float64), dim, base)
+
+
+def sincos_at(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Sin-cos features ``[n, dim]`` of (possibly fractional) ``positions [n]``, the same functions as
+    :func:`sincos_1d` (which is this at 0, 1, ..., n - 1)."""
     if dim % 2:
         raise ValueError(f"sin-cos position dim must be even, got {dim}")
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    n = positions.shape[0]
+    pos = positions.to(torch.float64)[:, None]
     freq = torch.exp(-math.log(base) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)[None]
     out = torch.zeros(n, dim, dtype=torch.float64)
     out[:, 0::2], out[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)

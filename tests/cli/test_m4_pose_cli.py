@@ -46,7 +46,14 @@ def test_a_penn_action_folder_goes_through_prepare(tmp_path, shared_data, m4_log
 
 def test_generate_writes_the_chain_as_png_and_json(tmp_path, shared_data, m4_logs):
     logs = m4_logs
-    run_cli("train.py", "experiment=m4_pose", "debug=smoke", logs=logs, data=shared_data)
+    run_cli("train.py", "experiment=m4_pose", "debug=smoke", "logger=csv", logs=logs, data=shared_data)
+    run_dir = logs / "m4_pose" / "m4_pose-smoke"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics["final"]
+    for key in ("next_frame/psnr_db", "next_frame/baseline_psnr_db", "pose_from_frame/error_ratio"):
+        assert f"val/{key}" in metrics, sorted(metrics)
+    # the validation sample grid (frame -> pose -> next pose -> next frame) went to the logger
+    assert list(run_dir.rglob("val_samples_step*.png")), "no val/samples grid was logged"
     out = tmp_path / "gen"
     run_cli(
         "generate.py",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsuite.nn.transformer import DecoderBlock, EncoderBlock, Packing, sincos_1d, sincos_2d
+from mmsuite.nn.transformer import DecoderBlock, EncoderBlock, Packing, sincos_1d, sincos_2d, sincos_at
 
 KINDS = ("image", "pose", "seq")
 POSE_COMPONENTS = 3  # x, y, visibility per joint
@@ -82,6 +82,7 @@ class FourM(nn.Module):
         qk_norm: bool = False,
         tie_heads: bool = True,
         pose_ordinal_init: float = 0.0,
+        pose_bin_frame: str = "value",
         image_embedding: str = "factorised",
         packed: bool = True,
         attention_groups: int = 4,
@@ -172,12 +173,25 @@ class FourM(nn.Module):
             if isinstance(mod, FactorisedEmbedding):
                 mod.reset_parameters()
         nn.init.normal_(self.query, std=1.0)
+        if pose_bin_frame not in ("value", "image"):
+            raise ValueError(f"pose_bin_frame must be 'value' or 'image', got {pose_bin_frame!r}")
         if pose_ordinal_init > 0:  # bins start as sin-cos of their value: neighbouring bins start alike
+            grid = next((int(m["grid"][1]) for m in self.specs if m["kind"] == "image"), None)
             with torch.no_grad():
                 for k, m in enumerate(self.specs):
-                    if m["kind"] == "pose":
-                        n_bins = self.vocabs[k] - POSE_FLAGS
-                        self.tok_emb[k].weight[:n_bins] = sincos_1d(n_bins, dim) * pose_ordinal_init
+                    if m["kind"] != "pose" or m.get("share_with"):
+                        continue
+                    n_bins = self.vocabs[k] - POSE_FLAGS
+                    if pose_bin_frame == "image" and grid is not None and dim % 4 == 0:
+                        # the bin's canvas coordinate in image-grid cells, as the frame's 2-D sin-cos encodes a
+                        # cell (rows in the first half of the channels, columns in the second): a bin serves
+                        # x and y slots, so it takes the same features in both halves
+                        u = (torch.arange(n_bins, dtype=torch.float64) + 0.5) / n_bins * grid - 0.5
+                        half = sincos_at(u, dim // 2)
+                        table = torch.cat([half, half], dim=1)
+                    else:
+                        table = sincos_1d(n_bins, dim)
+                    self.tok_emb[k].weight[:n_bins] = table * pose_ordinal_init
 
     @staticmethod
     def _init(m: nn.Module) -> None:

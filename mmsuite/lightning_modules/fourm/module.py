@@ -25,6 +25,12 @@ from mmsuite.nn.schedule import warmup_cosine
 from mmsuite.tokenizers.pose import PoseQuantizer
 
 
+def _psnr_per_frame(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-frame PSNR (dB) of uint8 frames ``[B, H, W, 3]``."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
+
+
 def _plan_to(plan, device):
     for key in ("enc_index", "enc_valid", "dec_index", "dec_valid"):
         setattr(plan, key, getattr(plan, key).to(device, non_blocking=True))
@@ -77,6 +83,8 @@ class FourMModule(L.LightningModule):
         self.generation = dict(generation or {})
         self.image_tokenizer_ckpt = image_tokenizer_ckpt
         self._sums: dict[str, torch.Tensor] = {}
+        self._tokenizer = None  # the image tokenizer, loaded on first use (not part of the module's state)
+        self._grid_tokens = None  # the first val batch's tokens, for the epoch's sample grid
         self.tokens_seen = 0  # real (non-padding) input + target tokens trained on; drives the schedule
         s = dict(schedule)
         self.total_tokens = float(s["total_tokens"])
@@ -212,6 +220,11 @@ class FourMModule(L.LightningModule):
             if key != "loss":
                 self.log(f"{prefix}/{key}", value, **log)
         for task in self.tasks:
+            if task.get("kind") == "attributes":  # nano4m: caption <-> image attribute accuracy
+                from mmsuite.lightning_modules.fourm.attributes import eval_attribute_task
+
+                eval_attribute_task(self, task, batch, batch_idx)
+                continue
             self._eval_task(task, tokens, prefix, log)
 
     def _eval_task(self, task: dict, tokens: torch.Tensor, prefix: str, log: dict) -> None:
@@ -220,6 +233,8 @@ class FourMModule(L.LightningModule):
         pred = self.predict(tokens, list(task["inputs"]), target)
         truth = tokens[:, off : off + length]
         self.log(f"{prefix}/{name}/token_acc", (pred == truth).float().mean(), **log)
+        if self.net.specs[k]["kind"] == "image":
+            self._frame_psnr(task, k, pred, truth, tokens)
         if self.net.specs[k]["kind"] != "pose":
             return
         err, pck = self._pose_errors(pred, truth)
@@ -237,6 +252,44 @@ class FourMModule(L.LightningModule):
             raise ValueError(f"task {name!r}: baseline must be 'copy', 'mean_pose' or null, got {baseline!r}")
         self._accumulate(f"{name}/baseline_error_px", b_err)
 
+    def _frame_psnr(self, task: dict, k: int, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
+        """PSNR (dB, per frame, then the mean) of the decoded predicted frame against the decoded true tokens (the
+        shards hold tokens, so the reference is the tokenizer's reconstruction of the true frame), and of the
+        ``copy`` baseline (decode ``copy_from``, e.g. the current frame). Needs ``image_tokenizer_ckpt``."""
+        tok = self._image_tokenizer()
+        if tok is None:
+            return
+        h, w = (int(v) for v in self.net.specs[k]["grid"])
+        ref = self._decode_frames(tok, truth, h, w)
+        self._accumulate(f"{task['name']}/psnr_db", _psnr_per_frame(self._decode_frames(tok, pred, h, w), ref))
+        if task.get("baseline") == "copy":
+            _, off, length = self._modality(task["copy_from"])
+            copy = self._decode_frames(tok, tokens[:, off : off + length], h, w)
+            self._accumulate(f"{task['name']}/baseline_psnr_db", _psnr_per_frame(copy, ref))
+
+    def _image_tokenizer(self):
+        """The image tokenizer of ``image_tokenizer_ckpt`` (loaded once, kept off the module's state), or None."""
+        from pathlib import Path
+
+        if not self.image_tokenizer_ckpt or not Path(self.image_tokenizer_ckpt).exists():
+            return None
+        if self._tokenizer is None:
+            from mmsuite.tokenizers.image import ImageTokenizer
+
+            k = next(i for i, m in enumerate(self.net.specs) if m["kind"] == "image")
+            grid = int(self.net.specs[k]["grid"][0])
+            tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_ckpt)
+            self._tokenizer = ImageTokenizer.from_checkpoint(
+                self.image_tokenizer_ckpt, image_size=grid * tok.downsample
+            )
+        return self._tokenizer
+
+    @staticmethod
+    def _decode_frames(tok, ids: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Local image ids ``[B, h*w]`` -> uint8 frames ``[B, H, W, 3]`` (CPU)."""
+        with torch.no_grad():
+            return tok.decode(ids.reshape(-1, h, w).cpu())
+
     # sums over the whole evaluation epoch, so ratios are ratios of means (not means of per-batch ratios)
     def _accumulate(self, key: str, values: torch.Tensor) -> None:
         acc = self._sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=values.device))
@@ -250,6 +303,7 @@ class FourMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_sums("val")
+        self._log_sample_grid()
 
     def on_test_epoch_end(self) -> None:
         self._log_sums("test")
@@ -262,6 +316,10 @@ class FourMModule(L.LightningModule):
             if acc[1] > 0:
                 means[key] = float(acc[0] / acc[1])
         for key, value in list(means.items()):
+            if key.endswith("/baseline_psnr_db"):
+                task = key.removesuffix("/baseline_psnr_db")
+                if f"{task}/psnr_db" in means:
+                    means[f"{task}/psnr_gain_db"] = means[f"{task}/psnr_db"] - value
             if key.endswith("/baseline_error_px"):
                 task = key.removesuffix("/baseline_error_px")
                 if f"{task}/joint_error_px" in means and value > 0:
@@ -279,20 +337,15 @@ class FourMModule(L.LightningModule):
         ones = np.ones(xy.shape[:2], dtype=bool)
         return torch.as_tensor(self.pose.encode(np.ascontiguousarray(xy), ones, ones)).to(device)
 
-    # -- generation (generate.py) -------------------------------------------------------------------------
+    # -- generation (generate.py) and sample grids ---------------------------------------------------------
     @torch.no_grad()
-    def generate_samples(self, batch, out_dir) -> list:
-        """From each sample's reference frame alone, generate the chain ``generation.chain`` (default: pose ->
-        next pose -> next frame) with MaskGIT or ROAR (``generation.scheme``, ``steps``, ``temperature``), then
-        write ``samples.png`` (rows: given frame + generated pose | generated next frame + generated next pose |
-        true next frame + true next pose) and ``samples.json`` (generated and true joints, canvas pixels)."""
-        import json
-        from pathlib import Path
-
+    def generate_chain(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
+        """From each row's ``generation.given`` modalities alone, generate ``generation.chain`` in order (default:
+        pose -> next pose -> next frame) with MaskGIT or ROAR (``scheme``, ``steps``, ``temperature``).
+        -> (tokens with the chain filled in, given, chain)."""
         from mmsuite.lightning_modules.fourm.generate import generate_chain, pose_constraint
 
         g = self.generation
-        tokens = batch["tokens"].to(self.device)
         given = list(g.get("given", ["tok_rgb"]))
         known = torch.zeros_like(tokens, dtype=torch.bool)
         for name in given:
@@ -315,8 +368,10 @@ class FourMModule(L.LightningModule):
             temperature=float(g.get("temperature", 0.0)),
             generator=torch.Generator(device=tokens.device).manual_seed(self.seed),
         )
-        out_dir = Path(out_dir)
-        record = {"given": given, "chain": chain, "samples": []}
+        return out, given, chain
+
+    def _decoded_poses(self, out: torch.Tensor, tokens: torch.Tensor, chain: list[str]) -> dict:
+        """``{pose modality in chain: (generated xy, generated visible, true xy, true visible)}`` (canvas px)."""
         poses = {}
         for name in ("coords", "coords_next"):
             if name in chain:
@@ -324,6 +379,20 @@ class FourMModule(L.LightningModule):
                 xy, vis, ok = self.pose.decode(out[:, off : off + length].cpu().numpy(), strict=False)
                 txy, tvis, tok = self.pose.decode(tokens[:, off : off + length].cpu().numpy(), strict=False)
                 poses[name] = (xy, vis & ok, txy, tvis & tok)
+        return poses
+
+    @torch.no_grad()
+    def generate_samples(self, batch, out_dir) -> list:
+        """:meth:`generate_chain` on a batch, then ``samples.json`` (generated and true joints, canvas pixels)
+        and, with an image tokenizer, ``samples.png`` (:meth:`sample_grid`)."""
+        import json
+        from pathlib import Path
+
+        tokens = batch["tokens"].to(self.device)
+        out, given, chain = self.generate_chain(tokens)
+        out_dir = Path(out_dir)
+        record = {"given": given, "chain": chain, "samples": []}
+        poses = self._decoded_poses(out, tokens, chain)
         for i in range(tokens.shape[0]):
             record["samples"].append(
                 {
@@ -336,28 +405,53 @@ class FourMModule(L.LightningModule):
             )
         written = [out_dir / "samples.json"]
         written[0].write_text(json.dumps(record, indent=1) + "\n")
-        if self.image_tokenizer_ckpt and Path(self.image_tokenizer_ckpt).exists():
-            written.append(self._sample_grid(out, tokens, poses, out_dir / "samples.png"))
+        grid = self.sample_grid(out, tokens, poses)
+        if grid is not None:
+            from PIL import Image
+
+            written.append(out_dir / "samples.png")
+            Image.fromarray(grid).save(written[-1])
         return written
 
-    def _sample_grid(self, out: torch.Tensor, tokens: torch.Tensor, poses: dict, path):
-        """Rows of [given frame + generated pose | generated next frame + generated next pose | true next frame +
-        true next pose], decoded with the image tokenizer, skeletons drawn in white (generated) / green (true)."""
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and self.trainer.is_global_zero:  # the first val batch feeds the epoch's sample grid
+            self._grid_tokens = batch["tokens"][: int(self.generation.get("grid_samples", 8))]
+
+    def _log_sample_grid(self) -> None:
+        """Every validation: frame -> pose -> next pose -> next frame from the first val samples, to the loggers
+        (TensorBoard ``val/samples``; file loggers get PNGs)."""
+        tokens, self._grid_tokens = self._grid_tokens, None
+        if tokens is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        if self._image_tokenizer() is None:
+            return
+        from mmsuite.callbacks.samples import log_image_grid
+
+        out, _, chain = self.generate_chain(tokens)
+        grid = self.sample_grid(out, tokens, self._decoded_poses(out, tokens, chain))
+        if grid is not None:
+            image = torch.from_numpy(np.ascontiguousarray(grid)).permute(2, 0, 1)[None]
+            log_image_grid(self.trainer, "val/samples", image, nrow=1, step=self.global_step)
+
+    def sample_grid(self, out: torch.Tensor, tokens: torch.Tensor, poses: dict) -> np.ndarray | None:
+        """uint8 ``[H, W, 3]``: rows of [given frame + generated pose | generated next frame + generated next
+        pose | true next frame + true next pose], decoded with the image tokenizer, skeletons drawn in white
+        (generated) / green (true). None without an image tokenizer."""
         from PIL import Image, ImageDraw
 
         from mmsuite.sources.toyworld import SKELETON
-        from mmsuite.tokenizers.image import ImageTokenizer
 
+        tok = self._image_tokenizer()
+        if tok is None:
+            return None
         k, off, length = self._modality("tok_rgb")
         h, w = (int(v) for v in self.net.specs[k]["grid"])
-        tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_ckpt)
         size = h * tok.downsample
-        tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_ckpt, image_size=size)
         _, noff, _ = self._modality("tok_rgb_next")
         frames = [
-            tok.decode(tokens[:, off : off + length].reshape(-1, h, w).cpu()),
-            tok.decode(out[:, noff : noff + length].reshape(-1, h, w).cpu()),
-            tok.decode(tokens[:, noff : noff + length].reshape(-1, h, w).cpu()),
+            self._decode_frames(tok, tokens[:, off : off + length], h, w),
+            self._decode_frames(tok, out[:, noff : noff + length], h, w),
+            self._decode_frames(tok, tokens[:, noff : noff + length], h, w),
         ]
         scale = size / self.pose.canvas
         drawn = [(0, "coords", 0, "white"), (1, "coords_next", 0, "white"), (2, "coords_next", 2, "lime")]
@@ -374,5 +468,4 @@ class FourMModule(L.LightningModule):
                             d.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=2)
                 tiles.append(np.asarray(img))
             rows.append(np.concatenate(tiles, axis=1))
-        Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-        return path
+        return np.concatenate(rows, axis=0)
