@@ -264,3 +264,31 @@ def test_rollout_is_reproducible_and_depends_on_the_noise():
     b = rollout(net, ctx, 2, 4, generator=torch.Generator().manual_seed(0))
     c = rollout(net, ctx, 2, 4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_ema_is_off_by_default_and_evaluation_uses_it_when_on():
+    off = _module()
+    assert off.net_ema is None and off.eval_net is off.net
+    m = _module(ema={"decay": 0.9})
+    assert m.eval_net is m.net_ema and not any(p.requires_grad for p in m.net_ema.parameters())
+    assert not any(p is q for p in m.net.parameters() for q in m.net_ema.parameters())
+    before = m.net_ema.head.weight.clone()
+    with torch.no_grad():
+        m.net.head.weight.fill_(1.0)
+    m.update_ema()  # first update: warm-up decay min(0.9, 1/10) = 0.1
+    assert torch.allclose(m.net_ema.head.weight, 0.1 * before + 0.9 * torch.ones_like(before))
+    for _ in range(200):
+        m.update_ema()
+    assert torch.allclose(m.net_ema.head.weight, torch.ones_like(before), atol=1e-6)
+    # the EMA copy is what the rollout/validation read, and it is saved with the checkpoint
+    assert any(k.startswith("net_ema.") for k in m.state_dict())
+    with pytest.raises(ValueError, match="ema.decay"):
+        _module(ema={"decay": 1.0})
+
+
+def test_ema_updates_once_per_optimizer_step():
+    m = _module(ema={"decay": 0.5})
+    for step, n in ((0, 1), (0, 1), (1, 2), (1, 2), (2, 3)):  # two micro-batches per step (accumulation)
+        m.step = step
+        m.on_train_batch_end(None, None, 0)
+        assert m._ema_updates == n

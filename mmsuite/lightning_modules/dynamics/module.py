@@ -26,11 +26,14 @@ Validation: ``val/loss`` (flow loss at d_min with fixed noise), one-step denoisi
 (``rollout.context`` frames → ``rollout.horizon`` predicted, for every sampler in ``rollout.steps``, at
 ``rollout.tau_ctx``) scored on decoded frames per horizon against the copy-last-frame baseline, with wall-clock
 frames/s; GIFs of ground truth | samplers | copy-last go to the loggers. Pixel metrics compare against the decoded
-ground-truth latents (what a perfect dynamics model would give through this decoder).
+ground-truth latents (what a perfect dynamics model would give through this decoder). With ``ema.decay`` > 0
+all of validation/test runs on an EMA copy of the weights (``net_ema``, updated once per optimizer step, saved in
+the checkpoint); training and the bootstrap teacher use the online network.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -70,11 +73,17 @@ class DynamicsModule(L.LightningModule):
         rollout: dict | None = None,
         probe: dict | None = None,
         activation_checkpointing: dict | None = None,
+        ema: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.net = DynamicsTransformer(**net)
         self.k_max = self.net.k_max
+        self.ema_decay = float(dict(ema or {}).get("decay", 0.0))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.ema_decay}")
+        self.net_ema = copy.deepcopy(self.net).requires_grad_(False) if self.ema_decay > 0 else None
+        self._ema_updates, self._ema_step = 0, -1
         sc = dict(shortcut or {})
         self.boot_fraction = float(sc.get("fraction", 0.0))
         self.boot_start = int(sc.get("start_step", 0))
@@ -215,6 +224,32 @@ class DynamicsModule(L.LightningModule):
             print(f"[dynamics] step {self.global_step} {kind} T={t} B={b} boot_frames={n_boot}", flush=True)
         return loss
 
+    @property
+    def eval_net(self) -> DynamicsTransformer:
+        """The network validation, test, the denoising probe and the rollout use: the EMA copy when ``ema.decay``
+        > 0 (dynamics.md §e.7: "keep an EMA of the weights for eval"), else the online one. The bootstrap teacher
+        is always the online network (the paper's and nicklashansen's choice)."""
+        return self.net if self.net_ema is None else self.net_ema
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step toward the online weights, with the warm-up ``min(decay, (1 + n)/(10 + n))`` after ``n``
+        updates so early validations do not read the initial weights."""
+        if self.net_ema is None:
+            return
+        decay = min(self.ema_decay, (1 + self._ema_updates) / (10 + self._ema_updates))
+        for pe, pn in zip(self.net_ema.parameters(), self.net.parameters()):
+            pe.lerp_(pn.detach().to(pe.dtype), 1.0 - decay)
+        for be, bn in zip(self.net_ema.buffers(), self.net.buffers()):
+            be.copy_(bn)
+        self._ema_updates += 1
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Update the EMA once per optimizer step (``global_step`` has moved on; accumulation-safe)."""
+        if self.net_ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.update_ema()
+
     def on_train_end(self) -> None:
         """Every rank writes the lengths it trained on (``batch_lengths_rank<r>.json``): the DDP test reads them."""
         root = Path(self.trainer.default_root_dir)
@@ -255,7 +290,7 @@ class DynamicsModule(L.LightningModule):
         tau_idx = C.sample_tau_indices(level.cpu(), self.k_max, generator=g).to(z0.device)
         eps = torch.randn(z0.shape, generator=g).to(z0.device)
         tau = C.tau_value(tau_idx, self.k_max)
-        x_hat = self.net(C.noise(z0, tau, eps), tau_idx, level, actions)
+        x_hat = self.eval_net(C.noise(z0, tau, eps), tau_idx, level, actions)
         loss = (C.ramp_weight(tau) * C.per_frame_mse(x_hat, z0, 2)).mean()
         self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True, prog_bar=True)
         if batch_idx < self.probe_batches:
@@ -272,7 +307,7 @@ class DynamicsModule(L.LightningModule):
         for lvl in range(C.num_levels(self.k_max)):
             idx = torch.full((b, t), C.probe_tau_index(lvl, self.k_max), dtype=torch.long, device=z0.device)
             levels = torch.full_like(idx, lvl)
-            x_hat = self.net(C.noise(z0, C.tau_value(idx, self.k_max), eps), idx, levels, actions)
+            x_hat = self.eval_net(C.noise(z0, C.tau_value(idx, self.k_max), eps), idx, levels, actions)
             self._add(f"denoise/psnr_k{2**lvl}", frame_psnr(self.decode(x_hat), truth).flatten()[:, None])
 
     def _rollout_eval(self, z0, actions, g, batch_idx: int, prefix: str) -> None:
@@ -299,7 +334,7 @@ class DynamicsModule(L.LightningModule):
             if z0.is_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            pred = rollout(self.net, z0[:, :c], h, steps, float(cfg["tau_ctx"]), acts, gen, bool(cfg["cached"]))
+            pred = rollout(self.eval_net, z0[:, :c], h, steps, float(cfg["tau_ctx"]), acts, gen, bool(cfg["cached"]))
             if z0.is_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
