@@ -20,8 +20,8 @@ $(VENV_OK): pyproject.toml
 
 install: $(VENV_OK) ## create .venv and install mmsuite with its dev tools
 
-train: $(VENV_OK) ## the main job: build the toy world, train the image tokenizer (ARGS=... for overrides)
-	$(PY) train.py experiment=image_tokenizer $(ARGS)
+train: $(VENV_OK) ## the main job: m4_pose (builds the toy world, image tokenizer and pair shards it lacks; ARGS=...)
+	$(PY) train.py experiment=m4_pose $(ARGS)
 
 test: $(VENV_OK) ## all tests (unit + CLI)
 	$(PY) -m pytest tests -q $(ARGS)

@@ -348,6 +348,8 @@ def _train(cfg: DictConfig) -> dict:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if not trainer.interrupted:  # the final state, with the metrics of the final validation
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        if cfg.get("validate_at_end"):  # a budget that ends between validations: score the final weights
+            trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = collect_metrics(trainer, callbacks)
     if datamodule.corrupt_shards:
         metrics["corrupt_shards_skipped"] = datamodule.corrupt_shards
