@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,40 @@ from torch.utils.data import DataLoader
 
 from mmsuite.datamodules.shards import ShardStream, healthy_shards, read_manifest, split_shards
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ensure_tokenizer(cfg: dict, experiment: str, log_dir: str, data_dir: str, key: str = "") -> Path:
+    """The checkpoint ``cfg['ckpt']`` of a tokenizer run; trained first by ``train.py experiment=<experiment>
+    run=<cfg['run']>`` (subprocess, the same ``paths``, plus ``cfg['train_overrides']``) when missing and
+    ``cfg['train_if_missing']``. The run manager's resume and finished marker apply, so a finished run is never
+    retrained. ``key`` names the config block in errors (e.g. ``data.image_tokenizer``)."""
+    ckpt = Path(cfg["ckpt"])
+    if ckpt.exists():
+        return ckpt
+    what = experiment.replace("_", " ")
+    where = f" ({key}.ckpt)" if key else ""
+    if not cfg.get("train_if_missing", True):
+        raise FileNotFoundError(
+            f"{what} checkpoint not found: {ckpt}{where}; train it with `python train.py experiment={experiment}` "
+            f"or set {key + '.' if key else ''}train_if_missing=true"
+        )
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"experiment={experiment}",
+        f"run={cfg['run']}",
+        f"paths.log_dir={log_dir}",
+        f"paths.data_dir={data_dir}",
+        "print_config=false",
+        *[str(o) for o in cfg.get("train_overrides", [])],
+    ]
+    print(f"[mmsuite] {what} missing ({ckpt}); training it first:\n  {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"the {experiment} run finished but {ckpt}{where} does not exist")
+    return ckpt
 
 
 def settings_hash(settings: dict) -> str:

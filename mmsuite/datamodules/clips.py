@@ -16,7 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from mmsuite.datamodules.base import ShardDataModule, settings_hash
-from mmsuite.datamodules.shards import WRITER_VERSION, DatasetWriter, split_by_item
+from mmsuite.datamodules.shards import (
+    WRITER_VERSION,
+    DatasetWriter,
+    decode_sample,
+    iter_raw_samples,
+    read_manifest,
+    split_by_item,
+    split_shards,
+)
 from mmsuite.sources import toyworld
 
 
@@ -108,3 +116,18 @@ class FramesDataModule(ToyWorldDataModule):
 
     def collate(self, items: list) -> dict:
         return {"image": torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).contiguous()}
+
+
+def iter_clip_shards(clips: ToyWorldDataModule, desc: str):
+    """``(split, clip)`` over a toy-world clip data set (built first if missing), split by split in manifest order;
+    ``clip`` is the decoded sample (frames, joints, visible, actions, attributes, ...) plus its ``key``. For data
+    sets derived from the clips (m4 pairs, nano4m samples), which keep each clip's split."""
+    clips.prepare_data()
+    manifest = read_manifest(clips.root)
+    for split in ("train", "val", "test"):
+        if split not in manifest["splits"]:
+            continue
+        n = manifest["splits"][split]["samples"]
+        raw = (r for shard in split_shards(clips.root, split, manifest) for r in iter_raw_samples(shard.path))
+        for clip in tqdm(map(decode_sample, raw), total=n, desc=f"{desc} {split}", unit="clip"):
+            yield split, {**clip, "key": clip["__key__"]}

@@ -35,8 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, settings_hash
-from mmsuite.datamodules.m4 import ensure_image_tokenizer
+from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, settings_hash
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -212,7 +211,7 @@ class DynamicsLatentDataModule(ShardDataModule):
         return dict(self.encoder.get("tokenizer") or {}).get("kind") in PRETRAINED_KINDS
 
     def _ckpt(self) -> Path:
-        return ensure_image_tokenizer(self.encoder, self.log_dir, str(self.data_dir))
+        return ensure_tokenizer(self.encoder, "image_tokenizer", self.log_dir, str(self.data_dir), key="data.encoder")
 
     def _encoder_identity(self):
         if self.pretrained:

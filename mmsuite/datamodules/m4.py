@@ -16,59 +16,29 @@ sha256, so a retrained tokenizer gives new shards instead of stale tokens.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, settings_hash
-from mmsuite.datamodules.clips import ToyWorldDataModule
+from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, settings_hash
+from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
-    decode_sample,
-    iter_raw_samples,
     read_manifest,
-    split_shards,
 )
 from mmsuite.sources.pairs import successor_indices
 from mmsuite.tokenizers.pose import PoseQuantizer
 from mmsuite.tokenizers.token_space import file_sha256
 
 MODALITY_FIELDS = ("tok_rgb", "coords", "tok_rgb_next", "coords_next")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def ensure_image_tokenizer(cfg: dict, log_dir: str, data_dir: str) -> Path:
-    """The image tokenizer checkpoint ``cfg['ckpt']``; trained first (subprocess) when missing and allowed."""
-    ckpt = Path(cfg["ckpt"])
-    if ckpt.exists():
-        return ckpt
-    if not cfg.get("train_if_missing", True):
-        raise FileNotFoundError(
-            f"image tokenizer checkpoint not found: {ckpt} (data.image_tokenizer.ckpt); train it with "
-            "`python train.py experiment=image_tokenizer` or set data.image_tokenizer.train_if_missing=true"
-        )
-    cmd = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "experiment=image_tokenizer",
-        f"run={cfg['run']}",
-        f"paths.log_dir={log_dir}",
-        f"paths.data_dir={data_dir}",
-        "print_config=false",
-        *[str(o) for o in cfg.get("train_overrides", [])],
-    ]
-    print(f"[mmsuite] image tokenizer missing ({ckpt}); training it first:\n  {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
-    if not ckpt.exists():
-        raise FileNotFoundError(
-            f"the image tokenizer run finished but {ckpt} does not exist (data.image_tokenizer.ckpt)"
-        )
-    return ckpt
+    """The image tokenizer checkpoint ``cfg["ckpt"]``, trained first when missing and allowed (ensure_tokenizer)."""
+    return ensure_tokenizer(cfg, "image_tokenizer", log_dir, data_dir, key="data.image_tokenizer")
 
 
 class M4PoseDataModule(ShardDataModule):
@@ -215,16 +185,8 @@ class M4PoseDataModule(ShardDataModule):
         """``(split, clip)`` with clip = frames uint8 [T,size,size,3], joints [T,13,2] px, visible [T,13],
         available [T,13] or None, caption, key; the split is the clip's (video's) own."""
         if self.source["kind"] == "toyworld":
-            clips = self._clips()
-            clips.prepare_data()
-            manifest = read_manifest(clips.root)
-            for split in ("train", "val", "test"):
-                if split not in manifest["splits"]:
-                    continue
-                n = manifest["splits"][split]["samples"]
-                raw = (r for shard in split_shards(clips.root, split, manifest) for r in iter_raw_samples(shard.path))
-                for clip in tqdm(map(decode_sample, raw), total=n, desc=f"m4 pairs {split}", unit="clip"):
-                    yield split, {**clip, "visible": clip["visible"].astype(bool), "key": clip["__key__"]}
+            for split, clip in iter_clip_shards(self._clips(), "m4 pairs"):
+                yield split, {**clip, "visible": clip["visible"].astype(bool)}
             return
         from mmsuite.sources import penn_action
         from mmsuite.sources.pairs import resize_center_crop_with_pose, split_by_item

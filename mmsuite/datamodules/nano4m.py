@@ -24,16 +24,13 @@ stored beside the clip shards). The data set's name hashes both checkpoints and 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, settings_hash
-from mmsuite.datamodules.clips import ToyWorldDataModule
+from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, settings_hash
+from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -48,36 +45,6 @@ from mmsuite.tokenizers.token_space import file_sha256
 FIELDS = ("tok_rgb", "caption", "audio")
 ATTRIBUTES = ("color", "action")  # scored by the evaluation (lightning_modules/fourm/attributes.py)
 NANO4M_VERSION = 1  # bump when build() would write different shards for the same settings
-REPO = Path(__file__).resolve().parents[2]
-
-
-def ensure_tokenizer(cfg: dict, experiment: str, log_dir: str, data_dir: str) -> Path:
-    """The checkpoint ``cfg['ckpt']`` of a tokenizer run; trained first by ``train.py experiment=<experiment>``
-    (subprocess, the same ``paths``) when missing and ``cfg['train_if_missing']``. The run manager's resume and
-    finished marker apply, so a finished run is never retrained."""
-    ckpt = Path(cfg["ckpt"])
-    if ckpt.exists():
-        return ckpt
-    if not cfg.get("train_if_missing", True):
-        raise FileNotFoundError(
-            f"{experiment} checkpoint not found: {ckpt}; train it with `python train.py experiment={experiment}` "
-            "or set train_if_missing=true"
-        )
-    cmd = [
-        sys.executable,
-        str(REPO / "train.py"),
-        f"experiment={experiment}",
-        f"run={cfg['run']}",
-        f"paths.log_dir={log_dir}",
-        f"paths.data_dir={data_dir}",
-        "print_config=false",
-        *[str(o) for o in cfg.get("train_overrides", [])],
-    ]
-    print(f"[mmsuite] {experiment} missing ({ckpt}); training it first:\n  {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"the {experiment} run finished but {ckpt} does not exist")
-    return ckpt
 
 
 class Nano4MDataModule(ShardDataModule):
@@ -319,16 +286,7 @@ class Nano4MDataModule(ShardDataModule):
 
     def _iter_clips(self):
         """``(split, clip)`` over the toy-world clip shards, every split, in manifest order."""
-        clips = self._clips()
-        clips.prepare_data()
-        manifest = read_manifest(clips.root)
-        for split in ("train", "val", "test"):
-            if split not in manifest["splits"]:
-                continue
-            n = manifest["splits"][split]["samples"]
-            raw = (r for shard in split_shards(clips.root, split, manifest) for r in iter_raw_samples(shard.path))
-            for clip in tqdm(map(decode_sample, raw), total=n, desc=f"nano4m {split}", unit="clip"):
-                yield split, {**clip, "key": clip["__key__"]}
+        yield from iter_clip_shards(self._clips(), "nano4m")
 
     # -- reading --------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
