@@ -46,7 +46,7 @@ from mmsuite.datamodules.shards import (
     split_shards,
 )
 from mmsuite.sources import toyworld
-from mmsuite.tokenizers.token_space import file_sha256
+from mmsuite.tokenizers.token_space import checkpoint_sha256
 
 PRETRAINED_KINDS = ("autoencoder_kl",)
 SOURCE_KINDS = ("toyworld", "video")
@@ -203,7 +203,6 @@ class DynamicsLatentDataModule(ShardDataModule):
             window_starts(self.clip_frames, self.long_seq_len, self.stride)
         self.latent_mean: torch.Tensor | None = None
         self.latent_std: torch.Tensor | None = None
-        self._ckpt_hash: tuple | None = None
 
     # -- the encoder ----------------------------------------------------------------------------------------
     @property
@@ -217,14 +216,8 @@ class DynamicsLatentDataModule(ShardDataModule):
         if self.pretrained:
             tok = dict(self.encoder["tokenizer"])
             return {"tokenizer": tok}
-        ckpt = Path(self.encoder["ckpt"])
-        if not ckpt.exists():
-            return {"ckpt": None}
-        stat = ckpt.stat()
-        key = (str(ckpt), stat.st_size, stat.st_mtime_ns)
-        if self._ckpt_hash is None or self._ckpt_hash[0] != key:
-            self._ckpt_hash = (key, file_sha256(ckpt))
-        return {"ckpt_sha256": self._ckpt_hash[1]}
+        sha = checkpoint_sha256(self.encoder["ckpt"])
+        return {"ckpt": None} if sha is None else {"ckpt_sha256": sha}
 
     def load_encoder(self, device: str | torch.device = "cpu"):
         """The frozen frame encoder/decoder: ``encode_latents(uint8 [N,S,S,3])`` / ``decode_latents``."""

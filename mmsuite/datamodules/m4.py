@@ -31,7 +31,7 @@ from mmsuite.datamodules.shards import (
 )
 from mmsuite.sources.pairs import successor_indices
 from mmsuite.tokenizers.pose import PoseQuantizer
-from mmsuite.tokenizers.token_space import file_sha256
+from mmsuite.tokenizers.token_space import checkpoint_sha256
 
 MODALITY_FIELDS = ("tok_rgb", "coords", "tok_rgb_next", "coords_next")
 
@@ -77,7 +77,6 @@ class M4PoseDataModule(ShardDataModule):
         self.clip_samples_per_shard = int(clip_samples_per_shard)
         self.mean_pose: np.ndarray | None = None
         self._starts: list[int] | None = None
-        self._ckpt_hash: tuple | None = None
 
     # -- the clips this is built from ---------------------------------------------------------------------
     def _clips(self) -> ToyWorldDataModule:
@@ -106,7 +105,7 @@ class M4PoseDataModule(ShardDataModule):
         settings = {
             "clips": clips,
             "world_size": self.world.get("image_size", 64),
-            "tokenizer_sha256": self._ckpt_sha256(ckpt),
+            "tokenizer_sha256": checkpoint_sha256(ckpt),
             "pose": self.pose_cfg,
             "successor": self.successor,
             "modalities": self.modalities,
@@ -115,16 +114,6 @@ class M4PoseDataModule(ShardDataModule):
             "writer": WRITER_VERSION,
         }
         return f"m4pairs-{settings_hash(settings)}"
-
-    def _ckpt_sha256(self, ckpt: Path) -> str | None:
-        """sha256 of the tokenizer checkpoint, computed once per (path, size, mtime): ``root`` asks often."""
-        if not ckpt.exists():
-            return None
-        stat = ckpt.stat()
-        key = (str(ckpt), stat.st_size, stat.st_mtime_ns)
-        if self._ckpt_hash is None or self._ckpt_hash[0] != key:
-            self._ckpt_hash = (key, file_sha256(ckpt))
-        return self._ckpt_hash[1]
 
     def prepare_data(self) -> None:
         self._tokenizer_ckpt()  # train it first if needed: its sha256 names the data set
@@ -148,7 +137,7 @@ class M4PoseDataModule(ShardDataModule):
         pose_start = self.token_space["pose_bins"].start
         info = {
             "source": {k: str(v) for k, v in self.source.items()},
-            "image_tokenizer": {"ckpt": str(ckpt), "sha256": self._ckpt_sha256(ckpt), "tokens_per_image": rgb_len},
+            "image_tokenizer": {"ckpt": str(ckpt), "sha256": checkpoint_sha256(ckpt), "tokens_per_image": rgb_len},
             "pose": {**self.pose_cfg, "image_size": size},
             "successor": self.successor,
             "sample_fields": [f"{m}.npy" for m in MODALITY_FIELDS] + ["caption.txt", "pair.json"],

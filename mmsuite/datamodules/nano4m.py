@@ -40,7 +40,7 @@ from mmsuite.datamodules.shards import (
     split_shards,
 )
 from mmsuite.sources import toysound, toyworld
-from mmsuite.tokenizers.token_space import file_sha256
+from mmsuite.tokenizers.token_space import checkpoint_sha256
 
 FIELDS = ("tok_rgb", "caption", "audio")
 ATTRIBUTES = ("color", "action")  # scored by the evaluation (lightning_modules/fourm/attributes.py)
@@ -89,7 +89,6 @@ class Nano4MDataModule(ShardDataModule):
         self.attribute_counts: dict | None = None  # train split: {attribute: {value: clips}} (from the manifest)
         self.text_tokenizer = None  # the trained BPE (decodes generated captions), set by setup()
         self._starts: list[int] | None = None
-        self._hashes: dict = {}
 
     # -- what it is built from ------------------------------------------------------------------------
     def modality(self, name: str) -> dict:
@@ -105,16 +104,6 @@ class Nano4MDataModule(ShardDataModule):
             samples_per_shard=self.clip_samples_per_shard,
         )
 
-    def _sha256(self, path: Path) -> str | None:
-        """sha256 of a tokenizer checkpoint, once per (path, size, mtime): ``root`` asks often."""
-        if not path.exists():
-            return None
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._hashes:
-            self._hashes[key] = file_sha256(path)
-        return self._hashes[key]
-
     def _text_settings(self) -> dict:
         from mmsuite.tokenizers.text import bpe_settings
 
@@ -125,8 +114,8 @@ class Nano4MDataModule(ShardDataModule):
         settings = {
             "clips": self._clips().dataset_name,
             "frames": self.frame_index,
-            "image_tokenizer": self._sha256(Path(self.image_tokenizer["ckpt"])),
-            "audio_tokenizer": self._sha256(Path(self.audio_tokenizer["ckpt"])) if "audio" in self.names else None,
+            "image_tokenizer": checkpoint_sha256(Path(self.image_tokenizer["ckpt"])),
+            "audio_tokenizer": checkpoint_sha256(Path(self.audio_tokenizer["ckpt"])) if "audio" in self.names else None,
             "text_tokenizer": self._text_settings(),
             "sound": self.sound if "audio" in self.names else None,
             "modalities": self.modalities,
@@ -178,7 +167,7 @@ class Nano4MDataModule(ShardDataModule):
         audio, track = None, None
         info = {
             "source": {"kind": "toyworld", "clips": self._clips().dataset_name, "frames": self.frame_index},
-            "image_tokenizer": {"ckpt": str(image_ckpt), "sha256": self._sha256(image_ckpt), "tokens": rgb_len},
+            "image_tokenizer": {"ckpt": str(image_ckpt), "sha256": checkpoint_sha256(image_ckpt), "tokens": rgb_len},
             "text_tokenizer": {"path": str(text.source), "settings": self._text_settings(), "length": cap_len},
             "sample_fields": [f"{n}.npy" for n in self.names] + ["caption_text.txt", "attributes.json"],
         }
@@ -186,7 +175,7 @@ class Nano4MDataModule(ShardDataModule):
             audio = self._audio_tokenizer()
             track = self._sound_track_settings(audio.sample_rate)
             ckpt = Path(self.audio_tokenizer["ckpt"])
-            info["audio_tokenizer"] = {"ckpt": str(ckpt), "sha256": self._sha256(ckpt), **audio.describe()}
+            info["audio_tokenizer"] = {"ckpt": str(ckpt), "sha256": checkpoint_sha256(ckpt), **audio.describe()}
             info["sound"] = {**self.sound, "samples": track["samples"], "sample_rate": audio.sample_rate}
         counts = {a: dict.fromkeys(self.attribute_values[a], 0) for a in ATTRIBUTES}
         longest = 0

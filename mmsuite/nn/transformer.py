@@ -37,14 +37,15 @@ class Packing:
     bucket a sample's real tokens sit first, in order; attention has no causal mask and positions are already
     in the embeddings, so moving a token within its row changes nothing. Cross-attention lays the context out
     with the queries' buckets (:meth:`layout` of the same samples). Index tensors are built once per packing,
-    on the CPU (one device sync per layout, not per layer)."""
+    on the CPU (one device sync per layout, none with ``host``)."""
 
-    def __init__(self, valid: torch.Tensor, groups: int = 1):
+    def __init__(self, valid: torch.Tensor, groups: int = 1, host: torch.Tensor | None = None):
+        """``host``: a CPU copy of ``valid`` when the caller has one (no device sync)."""
         if groups < 1:
             raise ValueError(f"attention groups must be >= 1, got {groups}")
         self.valid = valid
         self.shape = tuple(valid.shape)
-        v = valid.detach().cpu()
+        v = (valid if host is None else host).detach().cpu()
         self.device = valid.device
         self.lengths = v.sum(1)
         self.starts = torch.cumsum(self.lengths, 0) - self.lengths

@@ -271,6 +271,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str | None:
+    """:func:`file_sha256` of a checkpoint, computed once per (path, size, mtime) in this process (data sets name
+    themselves by their tokenizers' hashes and are asked often); None if the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        _SHA256_CACHE[key] = file_sha256(path)
+    return _SHA256_CACHE[key]
+
+
 def check_same(expected_sha: str, expected_from: str, got_sha: str, got_from: str) -> None:
     """Stop with both hashes and both sources when two token spaces differ."""
     if expected_sha != got_sha:

@@ -296,3 +296,20 @@ def test_packing_buckets_pad_each_bucket_to_its_own_longest_sample():
     assert pack.pack(x).squeeze(1).tolist() == [0, 1, 2, 3, 4, 5, 6, 12, 13, 14, 15, 18, 19]
     with pytest.raises(ValueError, match="groups"):
         Packing(valid, groups=0)
+
+
+def test_host_copies_of_the_plan_give_the_same_outputs():
+    """_plan_to keeps CPU copies of the layout, from which FourM reads its packing and the modalities with
+    targets (no device sync); the outputs are those of the plan without them."""
+    import copy
+
+    from mmsuite.lightning_modules.fourm.module import _plan_to
+
+    net, tokens = _net(), _tokens(4)
+    plan = _masking()(4, np.random.default_rng(5))
+    moved = _plan_to(copy.deepcopy(plan), tokens.device)
+    assert torch.equal(moved.host_dec_valid, plan.dec_valid) and moved.host_enc_valid.device.type == "cpu"
+    a, b = net(tokens, plan), net(tokens, moved)
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.allclose(a[name][0], b[name][0], atol=1e-6) and torch.equal(a[name][1], b[name][1])

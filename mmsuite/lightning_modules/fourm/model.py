@@ -157,6 +157,7 @@ class FourM(nn.Module):
             comp.append(idx % POSE_COMPONENTS if pose else torch.zeros(L, dtype=torch.long))
             is_pose.append(torch.full((L,), pose))
         self.register_buffer("segment", torch.cat(seg), persistent=False)
+        self.segment_host = torch.cat(seg)  # a CPU copy that .to(device) leaves alone
         self.register_buffer("fixed_pos", torch.cat(fixed), persistent=False)
         self.register_buffer("joint_id", torch.cat(joint), persistent=False)
         self.register_buffer("component_id", torch.cat(comp), persistent=False)
@@ -232,10 +233,10 @@ class FourM(nn.Module):
         return out
 
     # -- forward ----------------------------------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, enc_index: torch.Tensor, enc_valid: torch.Tensor):
+    def encode(self, tokens: torch.Tensor, enc_index: torch.Tensor, enc_valid: torch.Tensor, host_valid=None):
         """-> (context, its packing): ``[T, D]`` over the real inputs when packed (``packing`` None otherwise:
         ``[B, N, D]``)."""
-        pack = Packing(enc_valid, self.attention_groups) if self.packed else None
+        pack = Packing(enc_valid, self.attention_groups, host_valid) if self.packed else None
         seg = self.segment[enc_index]
         tags = self.mod_emb(seg) + self.positions(enc_index)
         x = self.embed_tokens(tokens, enc_index, enc_valid) + tags
@@ -245,9 +246,11 @@ class FourM(nn.Module):
             x = blk(x, key_valid=enc_valid, pack=pack)
         return self.context_proj(self.encoder_norm(x)) + tags, pack
 
-    def decode(self, context, context_pack, enc_valid, dec_index: torch.Tensor, dec_valid: torch.Tensor):
+    def decode(
+        self, context, context_pack, enc_valid, dec_index: torch.Tensor, dec_valid: torch.Tensor, host_valid=None
+    ):
         """-> (decoder states, their packing), laid out like :meth:`encode`'s output."""
-        pack = Packing(dec_valid, self.attention_groups) if self.packed else None
+        pack = Packing(dec_valid, self.attention_groups, host_valid) if self.packed else None
         y = self.query + self.mod_emb(self.segment[dec_index]) + self.positions(dec_index)
         if pack is not None:
             y = pack.pack(y)
@@ -258,8 +261,9 @@ class FourM(nn.Module):
     def _states(self, tokens: torch.Tensor, plan):
         """Decoder states of the real targets ``[T, D]`` with their concatenated positions ``[T]`` and batch
         rows ``[T]`` (row-major order)."""
-        ctx, ctx_pack = self.encode(tokens, plan.enc_index, plan.enc_valid)
-        y, pack = self.decode(ctx, ctx_pack, plan.enc_valid, plan.dec_index, plan.dec_valid)
+        host = {k: getattr(plan, f"host_{k}", None) for k in ("enc_valid", "dec_valid")}
+        ctx, ctx_pack = self.encode(tokens, plan.enc_index, plan.enc_valid, host["enc_valid"])
+        y, pack = self.decode(ctx, ctx_pack, plan.enc_valid, plan.dec_index, plan.dec_valid, host["dec_valid"])
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(plan.dec_index)
         valid = plan.dec_valid.reshape(-1)
         if pack is None:
@@ -274,12 +278,18 @@ class FourM(nn.Module):
         seg = self.segment[index]
         targets = tokens[rows, index]
         out = {}
-        for k in range(len(self.specs)):
+        for k in self._target_modalities(plan, seg):
             sel = seg == k
-            if not bool(sel.any()):
-                continue
             out[self.names[k]] = (self.logits(k, y[sel]), targets[sel], rows[sel])
         return out
+
+    def _target_modalities(self, plan, seg: torch.Tensor) -> list[int]:
+        """The modalities with real targets, in order: from the plan's host copies when it has them (no device
+        sync), else from ``seg`` (the targets' modality ids)."""
+        index, valid = getattr(plan, "host_dec_index", None), getattr(plan, "host_dec_valid", None)
+        if index is None or valid is None:
+            return [k for k in range(len(self.specs)) if bool((seg == k).any())]
+        return sorted(set(self.segment_host[index[valid]].tolist()))
 
     def logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Modality ``k``'s logits over its own vocabulary for decoder states ``h [..., D]``."""

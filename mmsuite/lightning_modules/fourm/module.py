@@ -32,6 +32,10 @@ def _psnr_per_frame(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _plan_to(plan, device):
+    """Move a CPU-drawn plan to ``device``, keeping host copies of its layout (``host_*``): FourM reads the
+    packing and the modalities with targets from them, with no device sync in the training step."""
+    for key in ("enc_valid", "dec_index", "dec_valid"):
+        setattr(plan, f"host_{key}", getattr(plan, key))
     for key in ("enc_index", "enc_valid", "dec_index", "dec_valid"):
         setattr(plan, key, getattr(plan, key).to(device, non_blocking=True))
     return plan
