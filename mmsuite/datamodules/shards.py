@@ -180,7 +180,14 @@ class DatasetWriter:
             **self.info,
         }
         (self.tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.replace(self.tmp_dir, self.out_dir)
+        try:
+            os.replace(self.tmp_dir, self.out_dir)
+        except OSError:
+            # another process (a parallel sweep job) finished the same folder first: data set names hash
+            # their inputs, so its copy is the same data; keep it and drop ours
+            if not (self.out_dir / MANIFEST).is_file():
+                raise
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
         return self.out_dir
 
     def abort(self) -> None:

@@ -184,3 +184,18 @@ def test_forbidden_member_in_a_foreign_tar_is_refused(tmp_path):
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ShardError, match="forbidden"):
         list(stream(root))
+
+
+def test_two_builders_of_one_folder_keep_the_first_and_leave_no_temp(tmp_path):
+    """Parallel sweep jobs may build the same (content-named) data set at once: the second to finish keeps the
+    first's folder instead of failing, and leaves no temporary folder behind."""
+    first, second = DatasetWriter(tmp_path / "ds", 4), DatasetWriter(tmp_path / "ds", 4)
+    second.tmp_dir = tmp_path / ".ds.tmp-other"  # a second process (distinct pid)
+    second.tmp_dir.mkdir()
+    for w, v in ((first, 1.0), (second, 2.0)):
+        w.write("train", "a", {"x.npy": np.full(1, v)})
+    assert first.close() == tmp_path / "ds"
+    assert second.close() == tmp_path / "ds"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    x = next(iter(wds.WebDataset(str(tmp_path / "ds" / "train-000000.tar"), shardshuffle=False).decode()))["x.npy"]
+    assert x.tolist() == [1.0]
