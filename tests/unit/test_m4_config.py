@@ -48,7 +48,7 @@ def test_cpu_profile_scales_down_and_trains_the_evaluated_tasks():
     # the all-to-all component keeps the notes' alphas; the others are "forecast the pose" and "frame -> pose"
     assert m["masking"]["input_alphas"][0] == [1.5, 1.5, 0.5, 0.5]
     assert m["masking"]["target_alphas"] == [[0.5, 0.5, 1.5, 1.5], [0, 0, 0, 1], [0, 1, 0, 0]]
-    assert m["masking"]["weights"] == [0.1, 0.4, 0.5]
+    assert m["masking"]["weights"] == [0.2, 0.4, 0.4]
     # the next_pose task reads frame + pose (103 tokens): the input range must reach it
     assert m["masking"]["input_tokens_range"][1] >= 64 + 39
     # restoring the notes' mixture and weighting on cpu is two overrides
