@@ -118,6 +118,19 @@ class FramesDataModule(ToyWorldDataModule):
         return {"image": torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).contiguous()}
 
 
+def source_clips(dm) -> ToyWorldDataModule:
+    """The toy-world clip data set a derived data module (m4 pairs, nano4m samples) is built from: its ``world``,
+    ``n_clips``, ``splits``, ``data_dir`` and ``clip_samples_per_shard``."""
+    return ToyWorldDataModule(
+        world=dm.world,
+        n_clips=dm.n_clips,
+        splits=dm.splits,
+        data_dir=str(dm.data_dir),
+        batch_size=1,
+        samples_per_shard=dm.clip_samples_per_shard,
+    )
+
+
 def iter_clip_shards(clips: ToyWorldDataModule, desc: str):
     """``(split, clip)`` over a toy-world clip data set (built first if missing), split by split in manifest order;
     ``clip`` is the decoded sample (frames, joints, visible, actions, attributes, ...) plus its ``key``. For data

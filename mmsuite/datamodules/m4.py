@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, settings_hash
-from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards
+from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards, source_clips
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -80,14 +80,7 @@ class M4PoseDataModule(ShardDataModule):
 
     # -- the clips this is built from ---------------------------------------------------------------------
     def _clips(self) -> ToyWorldDataModule:
-        return ToyWorldDataModule(
-            world=self.world,
-            n_clips=self.n_clips,
-            splits=self.splits,
-            data_dir=str(self.data_dir),
-            batch_size=1,
-            samples_per_shard=self.clip_samples_per_shard,
-        )
+        return source_clips(self)
 
     def _tokenizer_ckpt(self) -> Path:
         return ensure_image_tokenizer(self.image_tokenizer, self.log_dir, str(self.data_dir))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, settings_hash
-from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards
+from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards, source_clips
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -95,14 +95,7 @@ class Nano4MDataModule(ShardDataModule):
         return self.modalities[self.names.index(name)]
 
     def _clips(self) -> ToyWorldDataModule:
-        return ToyWorldDataModule(
-            world=self.world,
-            n_clips=self.n_clips,
-            splits=self.splits,
-            data_dir=str(self.data_dir),
-            batch_size=1,
-            samples_per_shard=self.clip_samples_per_shard,
-        )
+        return source_clips(self)
 
     def _text_settings(self) -> dict:
         from mmsuite.tokenizers.text import bpe_settings
