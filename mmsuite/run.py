@@ -348,7 +348,10 @@ def _train(cfg: DictConfig) -> dict:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if not trainer.interrupted:  # the final state, with the metrics of the final validation
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-        if cfg.get("validate_at_end"):  # a budget that ends between validations: score the final weights
+        # a budget that ends between validations: score the final weights (unless Lightning just did: it
+        # validates when a module stops the fit with trainer.should_stop, as the token budget does)
+        state = next(c for c in callbacks if isinstance(c, RunState))
+        if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step:
             trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = collect_metrics(trainer, callbacks)
     if datamodule.corrupt_shards:

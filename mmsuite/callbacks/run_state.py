@@ -69,6 +69,7 @@ class RunState(L.Callback):
         self.token_space_path = token_space_path
         self._pending_rng: dict | None = None
         self._outside_validation: dict | None = None
+        self.last_validated_step: int | None = None  # global step of the latest (non-sanity) validation
 
     @property
     def state_key(self) -> str:
@@ -107,6 +108,8 @@ class RunState(L.Callback):
             self._outside_validation = get_rng_state()
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.last_validated_step = trainer.global_step
         if self._outside_validation is not None:
             set_rng_state(self._outside_validation)
             self._outside_validation = None

@@ -231,6 +231,30 @@ def test_pose_ordinal_init_makes_neighbouring_bins_alike():
     assert float(flags.std()) > 0.5  # the flags keep the (unit-scale) random init
 
 
+def _frame_sensitivity(net: FourM) -> float:
+    """How much the pose predictions of frame -> pose move, relative to their spread, when every sample gets
+    another sample's frame (at init)."""
+    tokens = _tokens(8)
+    swapped = tokens.clone()
+    swapped[:, :16] = tokens.roll(1, 0)[:, :16]
+    plan = fixed_plan(LENGTHS, 8, [0], [1])
+    a, b = net.predict_logits(tokens, plan), net.predict_logits(swapped, plan)
+    fin = torch.isfinite(a)
+    return float((a[fin] - b[fin]).abs().mean() / a[fin].std())
+
+
+def test_linear_init_gain_sets_fan_in_scaled_weights_and_lets_the_decoder_hear_the_frame():
+    net = _net(linear_init_gain=0.5)
+    fc = net.decoder[0].mlp.fc2
+    assert float(fc.weight.std()) == pytest.approx(0.5 / fc.in_features**0.5, rel=0.1)
+    default = _net()
+    assert float(default.decoder[0].mlp.fc2.weight.std()) == pytest.approx(0.02, rel=0.1)
+    # with 0.02 weights under unit-scale embeddings the frame barely reaches the pose logits at init
+    assert _frame_sensitivity(net) > 5 * _frame_sensitivity(default)
+    with pytest.raises(ValueError, match="linear_init_gain"):
+        _net(linear_init_gain=-1.0)
+
+
 @pytest.mark.parametrize("groups", [1, 3, 8])
 def test_packed_tokens_give_the_padded_layouts_outputs(groups):
     """Per-token work on the real tokens only and attention on length buckets (nn.transformer.Packing) compute

@@ -62,3 +62,51 @@ def test_native_cpu_precision_follows_the_cpu(monkeypatch):
     from omegaconf import OmegaConf
 
     assert OmegaConf.create({"p": "${native_cpu_precision:}"}).p == "32-true"
+
+
+class _Tiny(__import__("lightning").LightningModule):
+    """A linear model that stops the fit itself after ``stop_at`` steps (as the 4M token budget does)."""
+
+    def __init__(self, stop_at: int | None):
+        super().__init__()
+        self.layer, self.stop_at, self.validations = torch.nn.Linear(2, 1), stop_at, 0
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.stop_at is not None and self.global_step >= self.stop_at:
+            self.trainer.should_stop = True
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.layer(batch[0]).pow(2).mean())
+
+    def on_validation_end(self):
+        self.validations += 0 if self.trainer.sanity_checking else 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("stop_at", [3, None])
+def test_run_state_records_the_step_of_the_last_validation(tmp_path, stop_at):
+    """run.train skips validate_at_end's extra validation when the fit already validated at its last step: Lightning
+    validates when a module sets should_stop (the token budget), not when max_steps ends the fit between checks."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mmsuite.callbacks.run_state import RunState
+
+    data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
+    state = RunState({}, "sha", "rev", "token_space.json")
+    module = _Tiny(stop_at)
+    trainer = L.Trainer(
+        max_steps=5, val_check_interval=100, check_val_every_n_epoch=None, callbacks=[state], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu", num_sanity_val_steps=1,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    if stop_at is None:  # max_steps ended the fit between validations: validate_at_end has to run
+        assert state.last_validated_step is None and module.validations == 0
+    else:  # the stop validated the final weights already
+        assert state.last_validated_step == trainer.global_step == stop_at and module.validations == 1

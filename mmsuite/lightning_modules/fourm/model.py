@@ -10,6 +10,9 @@ positions are encoder inputs and which are decoder targets.
   image codes as the current one), and heads are tied to the embeddings by default (4M's ``share_embedding``),
   so copying a token is as easy as matching its embedding; ``pose_ordinal_init`` starts the pose bins' rows as
   sin-cos of the bin value, so neighbouring bins start with similar embeddings (and, tied, similar logits);
+* linear layers start at ``normal(0, 0.02)`` (4M, timm) or, with ``linear_init_gain`` > 0, at
+  ``normal(0, gain / sqrt(fan_in))``: the embeddings are unit scale, and at 0.02 a block's output is ~1/400 of the
+  residual stream, so at init the decoder's queries hardly hear the encoder (frame -> pose then sits on the mean pose);
 * a learned modality embedding; positions: fixed 2-D sin-cos over the token grid for images (the current and
   next frame share it), learned joint + axis (x, y, visibility) embeddings for poses, 1-D sin-cos for sequences;
 * the encoder sees only the visible tokens (padded to the batch maximum), the decoder's queries are
@@ -82,6 +85,7 @@ class FourM(nn.Module):
         qk_norm: bool = False,
         tie_heads: bool = True,
         pose_ordinal_init: float = 0.0,
+        linear_init_gain: float = 0.0,
         pose_bin_frame: str = "value",
         image_embedding: str = "factorised",
         packed: bool = True,
@@ -169,6 +173,9 @@ class FourM(nn.Module):
         self.context_proj = nn.Linear(dim, dim)
         self.decoder = nn.ModuleList(DecoderBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(dim)
+        if linear_init_gain < 0:
+            raise ValueError(f"linear_init_gain must be >= 0 (0: std 0.02), got {linear_init_gain}")
+        self.linear_init_gain = float(linear_init_gain)
         self.apply(self._init)
         for mod in self.modules():
             if isinstance(mod, FactorisedEmbedding):
@@ -194,10 +201,12 @@ class FourM(nn.Module):
                         table = sincos_1d(n_bins, dim)
                     self.tok_emb[k].weight[:n_bins] = table * pose_ordinal_init
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
+    def _init(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            if self.linear_init_gain > 0:
+                nn.init.normal_(m.weight, std=self.linear_init_gain / m.in_features**0.5)
+            else:
+                nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
