@@ -2,11 +2,13 @@
 
 import random
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from mmsuite.callbacks.run_state import AtomicCheckpointIO, get_rng_state, set_rng_state
+from mmsuite.callbacks.run_state import AtomicCheckpointIO, RunState, get_rng_state, set_rng_state
 
 
 def test_atomic_save_keeps_previous_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
@@ -64,7 +66,7 @@ def test_native_cpu_precision_follows_the_cpu(monkeypatch):
     assert OmegaConf.create({"p": "${native_cpu_precision:}"}).p == "32-true"
 
 
-class _Tiny(__import__("lightning").LightningModule):
+class _Tiny(L.LightningModule):
     """A linear model that stops the fit itself after ``stop_at`` steps (as the 4M token budget does)."""
 
     def __init__(self, stop_at: int | None):
@@ -92,11 +94,6 @@ class _Tiny(__import__("lightning").LightningModule):
 def test_run_state_records_the_step_of_the_last_validation(tmp_path, stop_at):
     """run.train skips validate_at_end's extra validation when the fit already validated at its last step: Lightning
     validates when a module sets should_stop (the token budget), not when max_steps ends the fit between checks."""
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from mmsuite.callbacks.run_state import RunState
-
     data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
     state = RunState({}, "sha", "rev", "token_space.json")
     module = _Tiny(stop_at)
