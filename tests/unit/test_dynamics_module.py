@@ -225,31 +225,68 @@ def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
     assert tau[0, :4].tolist() == [6, 6, 6, 6] and level[0, :4].tolist() == [6, 6, 6, 6]  # 3 context + 1 generated
 
 
-def _net(seed=0, actions=3):
+def _net(seed=0, actions=3, prior="none"):
     torch.manual_seed(seed)
-    net = DynamicsTransformer(**NET, num_actions=actions).eval()
+    net = DynamicsTransformer(**NET, num_actions=actions, prior=prior).eval()
     torch.nn.init.normal_(net.head.weight, std=0.3)
     return net
 
 
-def test_cached_forward_equals_the_full_forward():
-    net = _net()
+@pytest.mark.parametrize("prior", ["none", "previous"])
+def test_cached_forward_equals_the_full_forward(prior):
+    net = _net(prior=prior)
     z = torch.randn(2, 7, 4, 4, 4)
     tau, lvl, act = torch.randint(0, 65, (2, 7)), torch.randint(0, 7, (2, 7)), torch.randint(-1, 3, (2, 7))
     with torch.no_grad():
         full = net(z, tau, lvl, act)
     out, cache = net.forward_cached(z[:, :3], tau[:, :3], lvl[:, :3], act[:, :3])
     torch.testing.assert_close(out, full[:, :3], atol=1e-5, rtol=0)
-    two, kv = net.forward_cached(z[:, 3:5], tau[:, 3:5], lvl[:, 3:5], act[:, 3:5], cache)
+    prev = (z[:, 2:3], tau[:, 2:3])  # the last cached frame, for the prior
+    two, kv = net.forward_cached(z[:, 3:5], tau[:, 3:5], lvl[:, 3:5], act[:, 3:5], cache, prev)
     torch.testing.assert_close(two, full[:, 3:5], atol=1e-5, rtol=0)
-    one, _ = net.forward_cached(z[:, 5:6], tau[:, 5:6], lvl[:, 5:6], act[:, 5:6], extend_cache(cache, kv))
+    prev = (z[:, 4:5], tau[:, 4:5])
+    one, _ = net.forward_cached(z[:, 5:6], tau[:, 5:6], lvl[:, 5:6], act[:, 5:6], extend_cache(cache, kv), prev)
     torch.testing.assert_close(one, full[:, 5:6], atol=1e-5, rtol=0)
 
 
+def test_prior_previous_starts_as_the_estimate_of_the_last_frame_and_the_cache_asks_for_it():
+    net = DynamicsTransformer(**NET, prior="previous").eval()  # zero-initialised head, gate 1 above the diagonal
+    z = torch.randn(2, 4, 4, 4, 4)
+    tau = torch.tensor([[0, 6, 32, 64], [64, 1, 0, 16]])
+    lvl = torch.full((2, 4), 6)
+    with torch.no_grad():
+        out = net(z, tau, lvl)
+    est = torch.cat([torch.zeros_like(z[:, :1]), C.linear_clean_estimate(z[:, :-1], tau[:, :-1])], dim=1)
+    cleaner = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]).float()  # predecessor's τ below this frame's
+    torch.testing.assert_close(out, cleaner[..., None, None, None] * est)
+    torch.testing.assert_close(out[0, 1], z[0, 0])  # a clean predecessor is copied exactly
+    torch.testing.assert_close(out[1, 3], z[1, 2])
+    assert float(out[1, :3].abs().max()) == 0.0  # the first frame, and predecessors noisier than the frame
+    net.prior_gate.data.fill_(0.5)  # the weight is learned
+    with torch.no_grad():
+        torch.testing.assert_close(net(z, tau, lvl), 0.5 * est)
+    net.prior_gate.data = net.prior_gate.data.fill_(1.0).triu(diagonal=1)
+    _, cache = net.forward_cached(z[:, :2], tau[:, :2], lvl[:, :2])
+    with pytest.raises(ValueError, match="prev"):
+        net.forward_cached(z[:, 2:3], tau[:, 2:3], lvl[:, 2:3], cache=cache)
+    with pytest.raises(ValueError, match="prior"):
+        DynamicsTransformer(**NET, prior="last")
+
+
+def test_linear_clean_estimate_is_the_least_squares_scale():
+    z0, eps = torch.randn(200_000), torch.randn(200_000)
+    for index in (0, 6, 32, 48, 64):
+        z = C.noise(z0, index / 64, eps)
+        est = C.linear_clean_estimate(z[None], torch.tensor([index]))[0]
+        best = (z * z0).mean() / (z * z).mean()  # the scale that minimises E(s·z − z0)²
+        torch.testing.assert_close(est, best * z, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("prior", ["none", "previous"])
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("with_actions", [False, True])
-def test_cached_rollout_matches_the_uncached_one(context, with_actions):
-    net = _net()
+def test_cached_rollout_matches_the_uncached_one(context, with_actions, prior):
+    net = _net(prior=prior)
     ctx = torch.randn(2, context, 4, 4, 4)
     actions = torch.randint(-1, 3, (2, context + 3)) if with_actions else None
     runs = [rollout(net, ctx, 3, 4, 0.1, actions, torch.Generator().manual_seed(1), cached=cached) for cached in (1, 0)]

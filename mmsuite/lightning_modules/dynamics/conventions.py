@@ -281,6 +281,19 @@ def implied_noise(x_hat: torch.Tensor, z_tau: torch.Tensor, tau: torch.Tensor | 
     return (z_tau - (1.0 - t) * x_hat) / t
 
 
+def linear_clean_estimate(z_tau: torch.Tensor, tau_index: torch.Tensor, k_max: int = DEFAULT_K_MAX) -> torch.Tensor:
+    """The best linear guess of ``z0`` from ``z_τ`` for unit-variance latents: ``(1 − τ)/((1 − τ)² + τ²)·z_τ``.
+
+    (``E[z0 | z_τ]`` when ``z0`` and ``ε`` are independent standard normals.) ``z_τ`` itself at τ = 0, zero at
+    τ = 1. ``tau_index`` ``[*F]`` per frame of ``z_τ`` ``[*F, ...]``. The model's ``prior: previous`` adds this
+    estimate of frame ``t − 1`` to its prediction of frame ``t`` (the untrained model copies the last frame).
+    """
+    z_tau = _float(z_tau)
+    tau = _like(tau_value(tau_index, k_max), z_tau)
+    scale = (1.0 - tau) / ((1.0 - tau).pow(2) + tau.pow(2))
+    return _per_frame("tau_index", scale, z_tau) * z_tau
+
+
 def _check_step(tau: torch.Tensor, d: torch.Tensor) -> None:
     _check_range("tau", tau, 0.0, 1.0, low_open=True)
     _check_range("d", d, 0.0, 1.0, low_open=True)

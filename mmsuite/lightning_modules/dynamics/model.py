@@ -18,8 +18,16 @@ Layers: pre-RMSNorm, one attention and one SwiGLU MLP each. Layer ``l`` attends 
 ``(l + 1) % temporal_every == 0`` (causal, per token slot, RoPE over the frame index; shape ``[B·S, T, D]``) and
 within **its frame** otherwise (all S slots of one frame; shape ``[B·T, S, D]``). Both go through
 ``F.scaled_dot_product_attention`` with QK-norm (RMSNorm per head) and optional grouped-query heads. Frame ``t``
-therefore never sees frames after ``t``. The output head (RMSNorm + linear on the patch slots) starts at zero,
-so the untrained model predicts ẑ0 = 0.
+therefore never sees frames after ``t``. The output head (RMSNorm + linear on the patch slots) starts at zero.
+
+``prior``: what the head's output is added to. ``none``: nothing, so the untrained model predicts ẑ0 = 0.
+``previous``: the linear clean estimate of the frame before (:func:`.conventions.linear_clean_estimate` of
+``z_{t−1}`` at its τ; zero for the first frame) times a learned weight per pair (τ index of frame ``t − 1``,
+τ index of frame ``t``), which starts at 1 where the predecessor is the cleaner frame and at 0 elsewhere: the
+untrained model copies a cleaner last frame, and training learns what changes. (An unweighted estimate is
+worse: a noisy predecessor's noise then has to be cancelled by the network; measured in the README.) Consecutive latents of slow video are close (the copy-last baseline),
+and a small model trained from ``none`` spends its budget relearning the copy (experiments/dynamics/README.md).
+The cached path needs the frame before the new ones for this (``prev`` of :meth:`forward_cached`).
 """
 
 from __future__ import annotations
@@ -29,7 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from mmsuite.lightning_modules.dynamics.conventions import DEFAULT_K_MAX, check_k_max, finest_level, num_levels
+from mmsuite.lightning_modules.dynamics.conventions import (
+    DEFAULT_K_MAX,
+    check_k_max,
+    finest_level,
+    linear_clean_estimate,
+    num_levels,
+)
+
+PRIORS = ("none", "previous")
 
 
 def _pair(x) -> tuple[int, int]:
@@ -144,6 +160,7 @@ class DynamicsTransformer(nn.Module):
         registers: learned register tokens per frame. num_actions: discrete actions (0 = no action labels).
         k_max: the finest step count of :mod:`.conventions` (sizes of the τ and step embeddings).
         rope_base: RoPE frequency base over frame positions.
+        prior: ``none`` (ẑ0 = head output) or ``previous`` (ẑ0 = head output + the clean estimate of frame t − 1).
     """
 
     def __init__(
@@ -161,6 +178,7 @@ class DynamicsTransformer(nn.Module):
         num_actions: int = 0,
         k_max: int = DEFAULT_K_MAX,
         rope_base: float = 10_000.0,
+        prior: str = "none",
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
@@ -177,6 +195,8 @@ class DynamicsTransformer(nn.Module):
             raise ValueError(
                 f"temporal_every {temporal_every} must be in [1, depth={depth}] (else no layer attends over time)"
             )
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
         if registers < 0 or num_actions < 0:
             raise ValueError(f"registers and num_actions must be >= 0, got {registers}, {num_actions}")
         self.k_max = check_k_max(k_max)
@@ -185,6 +205,7 @@ class DynamicsTransformer(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.patch_dim = self.latent_channels * patch * patch
         self.num_actions, self.registers, self.rope_base = int(num_actions), int(registers), float(rope_base)
+        self.prior = prior
         self.slots = 2 + self.registers + self.num_patches
         self.head_dim = dim // heads
 
@@ -201,6 +222,11 @@ class DynamicsTransformer(nn.Module):
         )
         self.norm_out = nn.RMSNorm(dim)
         self.head = nn.Linear(dim, self.patch_dim)
+        # prior: previous — a learned weight of the predecessor's estimate per (its τ index, this frame's τ index),
+        # 1 where the predecessor is the cleaner of the two, 0 elsewhere, to start
+        self.prior_gate = None
+        if prior == "previous":
+            self.prior_gate = nn.Parameter(torch.ones(self.k_max + 1, self.k_max + 1).triu(diagonal=1))
         self.apply(self._init_weights)
         for p in (self.slot_embed, self.register_tokens, self.action_base):
             nn.init.normal_(p, std=0.02)
@@ -283,8 +309,22 @@ class DynamicsTransformer(nn.Module):
                 x = activation_checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        out = self.head(self.norm_out(x[:, :, -self.num_patches :]))
-        return self.unpatchify(out)
+        return self._output(x, z, tau_index, None)
+
+    def _output(self, x, z, tau_index, prev) -> torch.Tensor:
+        """Head on the patch slots, plus the ``prior`` base (the estimate of each frame's predecessor; for the
+        first frame that of ``prev`` = ``(z, tau_index)`` of the frame before, or zero)."""
+        out = self.unpatchify(self.head(self.norm_out(x[:, :, -self.num_patches :])))
+        if self.prior == "none":
+            return out
+        est = linear_clean_estimate(z, tau_index, self.k_max)
+        if prev is None:
+            first, first_index = torch.zeros_like(est[:, :1]), torch.zeros_like(tau_index[:, :1])
+        else:
+            first, first_index = linear_clean_estimate(*prev, self.k_max).to(est.dtype), prev[1]
+        base = torch.cat([first, est[:, :-1]], dim=1)
+        gate = self.prior_gate[torch.cat([first_index, tau_index[:, :-1]], dim=1), tau_index]  # [B, T]
+        return out + (gate[..., None, None, None] * base).to(out.dtype)
 
     # --- incremental (cached) forward for rollouts ----------------------------------------------------------
 
@@ -296,6 +336,7 @@ class DynamicsTransformer(nn.Module):
         step_level: torch.Tensor,
         actions: torch.Tensor | None = None,
         cache: list | None = None,
+        prev: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list]:
         """:meth:`forward` for frames ``z`` ``[B, t, ...]`` that follow the frames already in ``cache``.
 
@@ -303,7 +344,9 @@ class DynamicsTransformer(nn.Module):
         as returned here; the new frames sit at positions ``P .. P + t − 1`` after the ``P`` cached ones. Returns
         ``(ẑ0 of the new frames, their keys/values per temporal layer)``; extend the cache with
         :func:`extend_cache` only once the frames are final (a frame being denoised changes at every step).
-        Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested).
+        Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested). With
+        ``prior: previous`` and a non-empty cache, ``prev`` = ``(z [B, 1, ...], tau_index [B, 1])`` of the last
+        cached frame, as it was fed in.
         """
         self._check_inputs(z, tau_index, step_level, actions)
         temporal = [block for block in self.blocks if block.temporal]
@@ -311,6 +354,8 @@ class DynamicsTransformer(nn.Module):
         if len(cache) != len(temporal):
             raise ValueError(f"cache has {len(cache)} entries, the model has {len(temporal)} temporal layers")
         start = 0 if cache[0] is None else cache[0][0].shape[2]
+        if self.prior != "none" and start > 0 and prev is None:
+            raise ValueError("prior='previous' with a cache needs prev = (z, tau_index) of the last cached frame")
         t = z.shape[1]
         cos, sin = rope_tables(start + t, self.head_dim, self.rope_base, device=z.device)
         rope = (cos[start:], sin[start:])
@@ -321,8 +366,7 @@ class DynamicsTransformer(nn.Module):
             if block.temporal:
                 new.append(kv)
                 i += 1
-        out = self.head(self.norm_out(x[:, :, -self.num_patches :]))
-        return self.unpatchify(out), new
+        return self._output(x, z, tau_index, prev if start > 0 else None), new
 
 
 def extend_cache(cache: list | None, new: list) -> list:

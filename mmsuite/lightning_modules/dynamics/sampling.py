@@ -38,14 +38,15 @@ def sample_frame(
     """One new frame ``[B, 1, C, H, W]`` from ``noise`` (τ = 1) in ``steps`` Euler steps, re-running the context
     ``[B, Tc, ...]`` (already corrupted, with its τ indices and levels ``[B, Tc]``) at every step; ``actions``
     ``[B, Tc + 1]`` or None."""
-    z, _ = _sample(model, noise, steps, actions, context, context_tau_index, context_level, cache=None)
+    z, _, _ = _sample(model, noise, steps, actions, context, context_tau_index, context_level, cache=None)
     return z
 
 
-def _sample(model, noise, steps, actions, context, context_tau_index, context_level, cache, pending=None):
+def _sample(model, noise, steps, actions, context, context_tau_index, context_level, cache, pending=None, last=None):
     """The Euler loop of both paths. Cached (``cache`` a list, possibly empty): only the new frame runs, after
     the cached ones; ``pending`` = ``(z, tau_index, level, actions)`` of a finished frame not yet in the cache is
-    run together with the first step and committed from it. Returns ``(frame, cache)``."""
+    run together with the first step and committed from it; ``last`` = ``(z, tau_index)`` of the last cached
+    frame (the model's ``prior`` reads it). Returns ``(frame, cache, last)``."""
     indices, level = C.sampling_schedule(steps, model.k_max)
     b = noise.shape[0]
     lvl = torch.full((b, 1), level, dtype=torch.long, device=noise.device)
@@ -57,12 +58,18 @@ def _sample(model, noise, steps, actions, context, context_tau_index, context_le
             pz, pidx, plvl, pact = pending
             acts = None if actions is None else torch.cat([pact, actions], dim=1)
             out, kv = model.forward_cached(
-                torch.cat([pz, z], dim=1), torch.cat([pidx, tau_idx], dim=1), torch.cat([plvl, lvl], dim=1), acts, cache
+                torch.cat([pz, z], dim=1),
+                torch.cat([pidx, tau_idx], dim=1),
+                torch.cat([plvl, lvl], dim=1),
+                acts,
+                cache,
+                last,
             )
             x_hat = out[:, -1:]
             cache, pending = extend_cache(cache, [(k[:, :, :1], v[:, :, :1]) for k, v in kv]), None
+            last = (pz, pidx)
         elif cache is not None:
-            x_hat, _ = model.forward_cached(z, tau_idx, lvl, actions, cache)
+            x_hat, _ = model.forward_cached(z, tau_idx, lvl, actions, cache, last)
         elif context is None or context.shape[1] == 0:
             x_hat = model(z, tau_idx, lvl, actions)
         else:
@@ -73,7 +80,7 @@ def _sample(model, noise, steps, actions, context, context_tau_index, context_le
                 actions,
             )[:, -1:]
         z = C.euler_step(z, x_hat, C.tau_value(tau_idx, model.k_max).to(z.device), d)
-    return z, cache
+    return z, cache, last
 
 
 @torch.no_grad()
@@ -102,18 +109,19 @@ def rollout(
     frame_shape = (b, 1, *context.shape[2:])
     eps = _randn(context.shape, generator, context)
     ctx, ctx_idx, ctx_lvl = C.corrupt_context(context.float(), tau_ctx, eps, k_max=model.k_max)
-    cache, pending = None, None
+    cache, pending, last = None, None, None
     if cached:
         cache = []
         if tc > 0:
             _, cache = model.forward_cached(ctx, ctx_idx, ctx_lvl, None if actions is None else actions[:, :tc])
+            last = (ctx[:, -1:], ctx_idx[:, -1:])
     frames = []
     for h in range(horizon):
         pos = tc + h
         noise = _randn(frame_shape, generator, context)
         if cached:
             act = None if actions is None else actions[:, pos : pos + 1]
-            new, cache = _sample(model, noise, steps, act, None, None, None, cache, pending)
+            new, cache, last = _sample(model, noise, steps, act, None, None, None, cache, pending, last)
         else:
             act = None if actions is None else actions[:, : pos + 1]
             new = sample_frame(
