@@ -25,8 +25,9 @@ therefore never sees frames after ``t``. The output head (RMSNorm + linear on th
 ``z_{t−1}`` at its τ; zero for the first frame) times a learned weight per pair (τ index of frame ``t − 1``,
 τ index of frame ``t``), which starts at 1 where the predecessor is the cleaner frame and at 0 elsewhere: the
 untrained model copies a cleaner last frame, and training learns what changes. (An unweighted estimate is
-worse: a noisy predecessor's noise then has to be cancelled by the network; measured in the README.) Consecutive latents of slow video are close (the copy-last baseline),
-and a small model trained from ``none`` spends its budget relearning the copy (experiments/dynamics/README.md).
+worse: a noisy predecessor's noise then has to be cancelled by the network.) Consecutive latents of slow video
+are close (the copy-last baseline), and a small model trained from ``none`` spends its budget relearning the
+copy. Both measured in experiments/dynamics/README.md.
 The cached path needs the frame before the new ones for this (``prev`` of :meth:`forward_cached`).
 """
 
