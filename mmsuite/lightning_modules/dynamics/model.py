@@ -206,7 +206,6 @@ class DynamicsTransformer(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.patch_dim = self.latent_channels * patch * patch
         self.num_actions, self.registers, self.rope_base = int(num_actions), int(registers), float(rope_base)
-        self.prior = prior
         self.slots = 2 + self.registers + self.num_patches
         self.head_dim = dim // heads
 
@@ -316,15 +315,14 @@ class DynamicsTransformer(nn.Module):
         """Head on the patch slots, plus the ``prior`` base (the estimate of each frame's predecessor; for the
         first frame that of ``prev`` = ``(z, tau_index)`` of the frame before, or zero)."""
         out = self.unpatchify(self.head(self.norm_out(x[:, :, -self.num_patches :])))
-        if self.prior == "none":
+        if self.prior_gate is None:  # prior: none
             return out
-        est = linear_clean_estimate(z, tau_index, self.k_max)
-        if prev is None:
-            first, first_index = torch.zeros_like(est[:, :1]), torch.zeros_like(tau_index[:, :1])
-        else:
-            first, first_index = linear_clean_estimate(*prev, self.k_max).to(est.dtype), prev[1]
-        base = torch.cat([first, est[:, :-1]], dim=1)
-        gate = self.prior_gate[torch.cat([first_index, tau_index[:, :-1]], dim=1), tau_index]  # [B, T]
+        # each frame's predecessor; before the first one, ``prev`` or a clean zero frame (whose estimate is 0)
+        first, first_index = (torch.zeros_like(z[:, :1]), torch.zeros_like(tau_index[:, :1])) if prev is None else prev
+        pred = torch.cat([first.to(z.dtype), z[:, :-1]], dim=1)
+        pred_index = torch.cat([first_index, tau_index[:, :-1]], dim=1)
+        base = linear_clean_estimate(pred, pred_index, self.k_max)
+        gate = self.prior_gate[pred_index, tau_index]  # [B, T]
         return out + (gate[..., None, None, None] * base).to(out.dtype)
 
     # --- incremental (cached) forward for rollouts ----------------------------------------------------------
@@ -355,7 +353,7 @@ class DynamicsTransformer(nn.Module):
         if len(cache) != len(temporal):
             raise ValueError(f"cache has {len(cache)} entries, the model has {len(temporal)} temporal layers")
         start = 0 if cache[0] is None else cache[0][0].shape[2]
-        if self.prior != "none" and start > 0 and prev is None:
+        if self.prior_gate is not None and start > 0 and prev is None:
             raise ValueError("prior='previous' with a cache needs prev = (z, tau_index) of the last cached frame")
         t = z.shape[1]
         cos, sin = rope_tables(start + t, self.head_dim, self.rope_base, device=z.device)
