@@ -160,6 +160,20 @@ def test_prefix_pattern_holds_a_random_prefix_at_tau_ctx():
     assert len({int((row == 6).cumprod(0).sum()) for row in taus}) > 2  # prefix lengths vary
 
 
+def test_interleave_pattern_holds_every_other_frame_at_tau_ctx():
+    m = _module(global_step=0, noise={"pattern": "interleave", "pattern_fraction": 1.0, "tau_ctx": 0.1})
+    calls = _record_calls(m)
+    torch.manual_seed(0)
+    for _ in range(20):
+        m.training_step(_batch(b=2, t=6), 0)
+    taus = torch.cat([c["tau"] for c in calls])
+    even = (taus[:, 0::2] == 6).all(dim=1)
+    odd = (taus[:, 1::2] == 6).all(dim=1)
+    assert (even | odd).all()  # every row holds one phase at the snapped tau_ctx
+    assert even.any() and odd.any()  # both phases occur
+    assert ((taus[:, 0::2] != 6).any(dim=1) | (taus[:, 1::2] != 6).any(dim=1)).all()
+
+
 def test_bad_settings_raise():
     with pytest.raises(ValueError, match="noise.pattern"):
         _module(noise={"pattern": "ramp"})

@@ -15,7 +15,8 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
 * ``noise.pattern=rising`` replaces the τ of ``noise.pattern_fraction`` of the flow rows by the log's "context at
   τ_ctx, targets rising to 1" pattern (for comparison; the default ``iid`` is the paper's). ``prefix`` instead
   sets a random-length prefix of those rows to τ_ctx and leaves the later frames' iid τ alone (the rollout's
-  situation, without coupling a target's τ to its position).
+  situation, without coupling a target's τ to its position). ``interleave`` sets every other frame (random phase)
+  to τ_ctx, so half the frames of the row are targets whose predecessor is clean-ish, as at a rollout's first step.
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/boot_rows``,
@@ -48,7 +49,7 @@ from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer
 from mmsuite.lightning_modules.dynamics.sampling import rollout
 from mmsuite.nn.schedule import adamw_warmup_cosine
 
-PATTERNS = ("iid", "rising", "prefix")
+PATTERNS = ("iid", "rising", "prefix", "interleave")
 ROLLOUT_DEFAULTS = dict(
     context=16, horizon=16, steps=[4, 64], tau_ctx=0.1, batches=2, cached=True, during_fit="final", gifs=4, seed=0
 )
@@ -169,6 +170,8 @@ class DynamicsModule(L.LightningModule):
                 tau_idx[rows] = C.rising_tau_indices(t, ctx, self.pattern_tau_ctx, self.k_max).to(dev)
             for r in rows if self.pattern == "prefix" else []:  # a clean-ish prefix, targets keep their iid tau
                 tau_idx[r, : int(torch.randint(1, t, ()))] = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
+            for r in rows if self.pattern == "interleave" else []:  # every other frame clean-ish, from a random phase
+                tau_idx[r, int(torch.randint(0, 2, ())) :: 2] = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
         x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint)
