@@ -168,10 +168,13 @@ class DynamicsModule(L.LightningModule):
             if rows and self.pattern == "rising":
                 ctx = min(self.pattern_context, t - 1)
                 tau_idx[rows] = C.rising_tau_indices(t, ctx, self.pattern_tau_ctx, self.k_max).to(dev)
-            for r in rows if self.pattern == "prefix" else []:  # a clean-ish prefix, targets keep their iid tau
-                tau_idx[r, : int(torch.randint(1, t, ()))] = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
-            for r in rows if self.pattern == "interleave" else []:  # every other frame clean-ish, from a random phase
-                tau_idx[r, int(torch.randint(0, 2, ())) :: 2] = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
+            held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
+            for r in rows if self.pattern != "rising" else []:  # frames held clean-ish; the others keep their iid tau
+                if self.pattern == "prefix":  # a random-length prefix
+                    frames = slice(int(torch.randint(1, t, ())))
+                else:  # interleave: every other frame, from a random phase
+                    frames = slice(int(torch.randint(0, 2, ())), None, 2)
+                tau_idx[r, frames] = held
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
         x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint)
