@@ -296,16 +296,76 @@ def test_linear_clean_estimate_is_the_least_squares_scale():
         torch.testing.assert_close(est, best * z, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("prior", ["none", "previous"])
+@pytest.mark.parametrize("prior", ["none", "previous", "previous+clean"])
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("with_actions", [False, True])
 def test_cached_rollout_matches_the_uncached_one(context, with_actions, prior):
-    net = _net(prior=prior)
+    net = _net(prior=prior.split("+")[0])
     ctx = torch.randn(2, context, 4, 4, 4)
     actions = torch.randint(-1, 3, (2, context + 3)) if with_actions else None
-    runs = [rollout(net, ctx, 3, 4, 0.1, actions, torch.Generator().manual_seed(1), cached=cached) for cached in (1, 0)]
+    clean = prior.endswith("clean")
+    runs = [
+        rollout(net, ctx, 3, 4, 0.1, actions, torch.Generator().manual_seed(1), cached=cached, clean_prior=clean)
+        for cached in (1, 0)
+    ]
     assert runs[0].shape == (2, 3, 4, 4, 4)
     torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=0)
+
+
+def test_prior_reads_what_it_is_given_and_checks_its_shapes():
+    net = _net(prior="previous").eval()
+    z, clean = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
+    tau, lvl = torch.tensor([[2, 2, 40, 64], [1, 30, 2, 9]]), torch.full((2, 4), 6)
+    with torch.no_grad():
+        plain, same = net(z, tau, lvl), net(z, tau, lvl, prior_z=z, prior_index=tau)
+        other = net(z, tau, lvl, prior_z=clean, prior_index=torch.zeros_like(tau))
+    torch.testing.assert_close(plain, same)  # the default is the input itself
+    gate = net.prior_gate[torch.zeros_like(tau[:, :-1]), tau[:, 1:]][..., None, None, None]
+    base_plain = net.prior_gate[tau[:, :-1], tau[:, 1:]][..., None, None, None] * C.linear_clean_estimate(
+        z[:, :-1], tau[:, :-1]
+    )
+    torch.testing.assert_close(other[:, 1:] - plain[:, 1:], gate * clean[:, :-1] - base_plain)  # only the base moves
+    torch.testing.assert_close(other[:, :1], plain[:, :1])  # the first frame has no predecessor
+    with pytest.raises(ValueError, match="go together"):
+        net(z, tau, lvl, prior_z=clean)
+    with pytest.raises(ValueError, match="shapes"):
+        net(z, tau, lvl, prior_z=clean[:, :2], prior_index=tau[:, :2])
+
+
+def test_clean_prior_rollout_of_an_untrained_model_copies_the_clean_last_frame():
+    net = DynamicsTransformer(**NET, prior="previous").eval()  # zero head: ẑ0 is the gated base alone
+    ctx = torch.randn(2, 3, 4, 4, 4)
+    clean = rollout(net, ctx, 3, 4, 2 / 64, generator=torch.Generator().manual_seed(0), clean_prior=True)
+    torch.testing.assert_close(clean, ctx[:, -1:].expand_as(clean))  # the context noise never reaches the base
+    noisy = rollout(net, ctx, 3, 4, 2 / 64, generator=torch.Generator().manual_seed(0))
+    assert float((noisy - ctx[:, -1:]).abs().max()) > 1e-3  # without it the base is the noisy frame's estimate
+
+
+def test_clean_prior_training_passes_the_clean_latents_of_context_frames():
+    m = _module(global_step=20, noise={"pattern": "interleave", "tau_ctx": 2 / 64, "clean_prior": True})
+    seen = []
+    m.net.register_forward_hook(lambda _, args, kwargs, out: seen.append((args, kwargs)), with_kwargs=True)
+    batch = _batch()
+    torch.manual_seed(5)
+    loss = m.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    (z_tau, tau, _, _), kwargs = seen[0]
+    held = tau <= 2
+    assert held.any() and (~held).any()
+    frames = held[..., None, None, None].expand_as(z_tau)
+    torch.testing.assert_close(kwargs["prior_z"][frames], batch["latents"][frames])
+    torch.testing.assert_close(kwargs["prior_z"][~frames], z_tau[~frames])
+    assert torch.equal(kwargs["prior_index"], torch.where(held, 0, tau))
+    assert all("prior_z" in kw for _, kw in seen)  # the teacher passes read the same way
+    assert all("prior_z" not in kw for _, kw in _calls_without_clean_prior())
+
+
+def _calls_without_clean_prior():
+    m = _module(global_step=20)
+    seen = []
+    m.net.register_forward_hook(lambda _, args, kwargs, out: seen.append((args, kwargs)), with_kwargs=True)
+    m.training_step(_batch(), 0)
+    return seen
 
 
 def test_rollout_is_reproducible_and_depends_on_the_noise():

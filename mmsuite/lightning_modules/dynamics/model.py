@@ -29,6 +29,9 @@ worse: a noisy predecessor's noise then has to be cancelled by the network.) Con
 are close (the copy-last baseline), and a small model trained from ``none`` spends its budget relearning the
 copy. Both measured in experiments/dynamics/README.md.
 The cached path needs the frame before the new ones for this (``prev`` of :meth:`forward_cached`).
+What the prior reads of each frame is ``(z, tau_index)`` unless the caller passes ``prior_z`` / ``prior_index``:
+with ``clean_prior`` (module and rollout) a context frame's clean latents at index 0 (the frame the context noise
+was added to), so the base does not carry the context noise (:func:`.conventions.clean_prior_source`).
 """
 
 from __future__ import annotations
@@ -298,9 +301,12 @@ class DynamicsTransformer(nn.Module):
         step_level: torch.Tensor,
         actions: torch.Tensor | None = None,
         checkpoint: bool = False,
+        prior_z: torch.Tensor | None = None,
+        prior_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
-        (for long batches)."""
+        (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what ``prior:
+        previous`` reads of each frame instead of ``(z, tau_index)``."""
         self._check_inputs(z, tau_index, step_level, actions)
         x = self.frame_tokens(z, tau_index, step_level, actions)
         rope = rope_tables(z.shape[1], self.head_dim, self.rope_base, device=z.device)
@@ -309,18 +315,27 @@ class DynamicsTransformer(nn.Module):
                 x = activation_checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        return self._output(x, z, tau_index, None)
+        return self._output(x, z, tau_index, None, prior_z, prior_index)
 
-    def _output(self, x, z, tau_index, prev) -> torch.Tensor:
+    def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None) -> torch.Tensor:
         """Head on the patch slots, plus the ``prior`` base (the estimate of each frame's predecessor; for the
         first frame that of ``prev`` = ``(z, tau_index)`` of the frame before, or zero)."""
         out = self.unpatchify(self.head(self.norm_out(x[:, :, -self.num_patches :])))
         if self.prior_gate is None:  # prior: none
             return out
-        # each frame's predecessor; before the first one, ``prev`` or a clean zero frame (whose estimate is 0)
+        if (prior_z is None) != (prior_index is None):
+            raise ValueError("prior_z and prior_index go together (what the prior reads of each frame)")
+        if prior_z is not None and (prior_z.shape != z.shape or prior_index.shape != tau_index.shape):
+            raise ValueError(
+                f"prior_z {tuple(prior_z.shape)} / prior_index {tuple(prior_index.shape)} must have the shapes "
+                f"of z {tuple(z.shape)} / tau_index {tuple(tau_index.shape)}"
+            )
+        reads, reads_index = (z, tau_index) if prior_z is None else (prior_z, prior_index)
+        # each frame's predecessor as the prior reads it; before the first one, ``prev`` or a clean zero frame
+        # (whose estimate is 0); the gate's column is the frame's own input τ index
         first, first_index = (torch.zeros_like(z[:, :1]), torch.zeros_like(tau_index[:, :1])) if prev is None else prev
-        pred = torch.cat([first.to(z.dtype), z[:, :-1]], dim=1)
-        pred_index = torch.cat([first_index, tau_index[:, :-1]], dim=1)
+        pred = torch.cat([first.to(z.dtype), reads[:, :-1].to(z.dtype)], dim=1)
+        pred_index = torch.cat([first_index, reads_index[:, :-1]], dim=1)
         base = linear_clean_estimate(pred, pred_index, self.k_max)
         gate = self.prior_gate[pred_index, tau_index]  # [B, T]
         return out + (gate[..., None, None, None] * base).to(out.dtype)
@@ -336,6 +351,8 @@ class DynamicsTransformer(nn.Module):
         actions: torch.Tensor | None = None,
         cache: list | None = None,
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prior_z: torch.Tensor | None = None,
+        prior_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list]:
         """:meth:`forward` for frames ``z`` ``[B, t, ...]`` that follow the frames already in ``cache``.
 
@@ -345,7 +362,7 @@ class DynamicsTransformer(nn.Module):
         :func:`extend_cache` only once the frames are final (a frame being denoised changes at every step).
         Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested). With
         ``prior: previous`` and a non-empty cache, ``prev`` = ``(z [B, 1, ...], tau_index [B, 1])`` of the last
-        cached frame, as it was fed in.
+        cached frame as the prior reads it (its ``prior_z`` / ``prior_index`` when those were given, else its input).
         """
         self._check_inputs(z, tau_index, step_level, actions)
         temporal = [block for block in self.blocks if block.temporal]
@@ -365,7 +382,7 @@ class DynamicsTransformer(nn.Module):
             if block.temporal:
                 new.append(kv)
                 i += 1
-        return self._output(x, z, tau_index, prev if start > 0 else None), new
+        return self._output(x, z, tau_index, prev if start > 0 else None, prior_z, prior_index), new
 
 
 def extend_cache(cache: list | None, new: list) -> list:

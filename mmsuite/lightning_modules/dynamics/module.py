@@ -17,6 +17,9 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   sets a random-length prefix of those rows to τ_ctx and leaves the later frames' iid τ alone (the rollout's
   situation, without coupling a target's τ to its position). ``interleave`` sets every other frame (random phase)
   to τ_ctx, so half the frames of the row are targets whose predecessor is clean-ish, as at a rollout's first step.
+* ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
+  of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
+  context noise.
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/boot_rows``,
@@ -51,7 +54,16 @@ from mmsuite.nn.schedule import adamw_warmup_cosine
 
 PATTERNS = ("iid", "rising", "prefix", "interleave")
 ROLLOUT_DEFAULTS = dict(
-    context=16, horizon=16, steps=[4, 64], tau_ctx=0.1, batches=2, cached=True, during_fit="final", gifs=4, seed=0
+    context=16,
+    horizon=16,
+    steps=[4, 64],
+    tau_ctx=0.1,
+    batches=2,
+    cached=True,
+    during_fit="final",
+    gifs=4,
+    seed=0,
+    clean_prior=False,
 )
 
 
@@ -100,6 +112,7 @@ class DynamicsModule(L.LightningModule):
         self.pattern_fraction = float(nz.get("pattern_fraction", 1.0))
         self.pattern_context = int(nz.get("pattern_context", 16))
         self.pattern_tau_ctx = float(nz.get("tau_ctx", 0.1))
+        self.clean_prior = bool(nz.get("clean_prior", False))
         self.rollout_cfg = {**ROLLOUT_DEFAULTS, **dict(rollout or {})}
         self.rollout_cfg["steps"] = [int(s) for s in self.rollout_cfg["steps"]]
         for s in self.rollout_cfg["steps"]:
@@ -153,6 +166,14 @@ class DynamicsModule(L.LightningModule):
             return 0
         return min(rows, int(math.floor(self.boot_fraction * rows + float(torch.rand(())))))
 
+    def _prior(self, z_tau: torch.Tensor, z0: torch.Tensor, tau_idx: torch.Tensor) -> dict:
+        """``noise.clean_prior``: the model's prior reads the clean latents of frames at or below τ_ctx (as the
+        rollout reads the clean context); otherwise nothing is passed and it reads the noisy input."""
+        if not self.clean_prior:
+            return {}
+        prior_z, prior_index = C.clean_prior_source(z_tau, z0, tau_idx, self.pattern_tau_ctx, self.k_max)
+        return {"prior_z": prior_z, "prior_index": prior_index}
+
     def _group_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
         """Sums and counts of the per-frame losses of one group of rows ``[B, T, ...]``."""
         b, t = z0.shape[:2]
@@ -177,7 +198,7 @@ class DynamicsModule(L.LightningModule):
                 tau_idx[r, frames] = held
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
-        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint)
+        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx))
         w = C.ramp_weight(tau)
         clean_err = w * C.per_frame_mse(x_hat, z0, 2)
         out = {"flow": clean_err[:n_flow].sum(), "n_flow": n_flow * t, "n": b * t, "n_boot": n_boot * t}
@@ -187,9 +208,10 @@ class DynamicsModule(L.LightningModule):
             with torch.no_grad():  # the teacher: two half steps of the same network
                 half = C.teacher_level(lb, self.k_max)
                 tau_b, d_b = tau[n_flow:], C.step_size(lb, self.k_max).to(dev)
-                x1 = self.net(zb, ib, half, ab)
+                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0[n_flow:], ib))
                 z_mid, tau_mid = C.teacher_midpoint(zb, x1, tau_b, d_b)
-                x2 = self.net(z_mid, C.tau_index(tau_mid, self.k_max), half, ab)
+                i_mid = C.tau_index(tau_mid, self.k_max)
+                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0[n_flow:], i_mid))
                 x_star = C.bootstrap_x_target(zb, z_mid, x1, x2, tau_b, d_b).detach()
             out["boot"] = (w[n_flow:] * C.bootstrap_loss_x(x_hat[n_flow:], x_star, 2)).sum()
             out["anchor"] = clean_err[n_flow:].sum()
@@ -340,7 +362,17 @@ class DynamicsModule(L.LightningModule):
             if z0.is_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            pred = rollout(self.eval_net, z0[:, :c], h, steps, float(cfg["tau_ctx"]), acts, gen, bool(cfg["cached"]))
+            pred = rollout(
+                self.eval_net,
+                z0[:, :c],
+                h,
+                steps,
+                float(cfg["tau_ctx"]),
+                acts,
+                gen,
+                bool(cfg["cached"]),
+                clean_prior=bool(cfg["clean_prior"]),
+            )
             if z0.is_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start

@@ -10,6 +10,9 @@ Two equal paths (tested): ``cached=False`` re-runs every frame at every step; ``
 keys/values of the committed context frames in each temporal layer and runs only the new frame per step; a
 generated frame is committed at τ_ctx inside the first pass of the next frame (two frames in that pass). Noise
 comes from a CPU generator in a fixed order, so both paths and every device draw the same noise.
+
+``clean_prior`` (for a model trained with it): the model's ``prior: previous`` reads each context frame's clean
+latents (the given context, a generated frame before its context noise) instead of the noisy input.
 """
 
 from __future__ import annotations
@@ -34,19 +37,44 @@ def sample_frame(
     context_tau_index: torch.Tensor | None = None,
     context_level: torch.Tensor | None = None,
     actions: torch.Tensor | None = None,
+    context_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One new frame ``[B, 1, C, H, W]`` from ``noise`` (τ = 1) in ``steps`` Euler steps, re-running the context
     ``[B, Tc, ...]`` (already corrupted, with its τ indices and levels ``[B, Tc]``) at every step; ``actions``
-    ``[B, Tc + 1]`` or None."""
-    z, _, _ = _sample(model, noise, steps, actions, context, context_tau_index, context_level, cache=None)
+    ``[B, Tc + 1]`` or None; ``context_prior`` = ``(prior_z, prior_index)`` of the context frames, what the
+    model's prior reads of them (default: the corrupted context itself)."""
+    z, _, _ = _sample(
+        model, noise, steps, actions, context, context_tau_index, context_level, cache=None, context_prior=context_prior
+    )
     return z
 
 
-def _sample(model, noise, steps, actions, context, context_tau_index, context_level, cache, pending=None, last=None):
+def _prior_kwargs(reads, z, tau_idx) -> dict:
+    """The model's ``prior_z`` / ``prior_index`` for earlier frames ``reads`` = ``(prior_z, prior_index)``
+    followed by the frame being denoised (as it is); nothing when ``reads`` is None (the prior reads the input)."""
+    if reads is None:
+        return {}
+    return {"prior_z": torch.cat([reads[0], z], dim=1), "prior_index": torch.cat([reads[1], tau_idx], dim=1)}
+
+
+def _sample(
+    model,
+    noise,
+    steps,
+    actions,
+    context,
+    context_tau_index,
+    context_level,
+    cache,
+    pending=None,
+    last=None,
+    context_prior=None,
+):
     """The Euler loop of both paths. Cached (``cache`` a list, possibly empty): only the new frame runs, after
-    the cached ones; ``pending`` = ``(z, tau_index, level, actions)`` of a finished frame not yet in the cache is
-    run together with the first step and committed from it; ``last`` = ``(z, tau_index)`` of the last cached
-    frame (the model's ``prior`` reads it). Returns ``(frame, cache, last)``."""
+    the cached ones; ``pending`` = ``(z, tau_index, level, actions, (prior_z, prior_index))`` of a finished frame
+    not yet in the cache is run together with the first step and committed from it; ``last`` = ``(prior_z,
+    prior_index)`` of the last cached frame (what the model's ``prior`` reads of it). Uncached, ``context_prior``
+    is what the prior reads of the context frames (None: the context as given). Returns ``(frame, cache, last)``."""
     indices, level = C.sampling_schedule(steps, model.k_max)
     b = noise.shape[0]
     lvl = torch.full((b, 1), level, dtype=torch.long, device=noise.device)
@@ -55,7 +83,7 @@ def _sample(model, noise, steps, actions, context, context_tau_index, context_le
     for index in indices.tolist():
         tau_idx = torch.full((b, 1), index, dtype=torch.long, device=noise.device)
         if cache is not None and pending is not None:  # commit the last frame in the same pass
-            pz, pidx, plvl, pact = pending
+            pz, pidx, plvl, pact, reads = pending
             acts = None if actions is None else torch.cat([pact, actions], dim=1)
             out, kv = model.forward_cached(
                 torch.cat([pz, z], dim=1),
@@ -64,10 +92,11 @@ def _sample(model, noise, steps, actions, context, context_tau_index, context_le
                 acts,
                 cache,
                 last,
+                **_prior_kwargs(reads, z, tau_idx),
             )
             x_hat = out[:, -1:]
             cache, pending = extend_cache(cache, [(k[:, :, :1], v[:, :, :1]) for k, v in kv]), None
-            last = (pz, pidx)
+            last = (pz, pidx) if reads is None else reads
         elif cache is not None:
             x_hat, _ = model.forward_cached(z, tau_idx, lvl, actions, cache, last)
         elif context is None or context.shape[1] == 0:
@@ -78,6 +107,7 @@ def _sample(model, noise, steps, actions, context, context_tau_index, context_le
                 torch.cat([context_tau_index, tau_idx], dim=1),
                 torch.cat([context_level, lvl], dim=1),
                 actions,
+                **_prior_kwargs(context_prior, z, tau_idx),
             )[:, -1:]
         z = C.euler_step(z, x_hat, C.tau_value(tau_idx, model.k_max).to(z.device), d)
     return z, cache, last
@@ -93,13 +123,14 @@ def rollout(
     actions: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     cached: bool = True,
+    clean_prior: bool = False,
 ) -> torch.Tensor:
     """Predict ``horizon`` frames after clean context latents ``[B, Tc, C, H, W]`` (``Tc`` may be 0: start frames).
 
     ``actions`` ``[B, Tc + horizon]`` (or None). Returns the predicted clean latents ``[B, horizon, C, H, W]``;
     each is fed back as context at ``τ_ctx`` with its own fixed noise. Cached, a generated frame is committed to
     the cache in the first denoising pass of the next one (a two-frame pass), so K-step sampling costs K passes a
-    frame.
+    frame. ``clean_prior``: the model's prior reads the context frames' clean latents (see the module docstring).
     """
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
@@ -109,12 +140,17 @@ def rollout(
     frame_shape = (b, 1, *context.shape[2:])
     eps = _randn(context.shape, generator, context)
     ctx, ctx_idx, ctx_lvl = C.corrupt_context(context.float(), tau_ctx, eps, k_max=model.k_max)
+
+    # clean_prior: the model's prior reads the context frames clean, at τ index 0 (else None: their noisy input)
+    reads = (context.float(), torch.zeros_like(ctx_idx)) if clean_prior else None
     cache, pending, last = None, None, None
     if cached:
         cache = []
         if tc > 0:
-            _, cache = model.forward_cached(ctx, ctx_idx, ctx_lvl, None if actions is None else actions[:, :tc])
-            last = (ctx[:, -1:], ctx_idx[:, -1:])
+            acts = None if actions is None else actions[:, :tc]
+            kwargs = {} if reads is None else {"prior_z": reads[0], "prior_index": reads[1]}
+            _, cache = model.forward_cached(ctx, ctx_idx, ctx_lvl, acts, **kwargs)
+            last = (ctx[:, -1:], ctx_idx[:, -1:]) if reads is None else (reads[0][:, -1:], reads[1][:, -1:])
     frames = []
     for h in range(horizon):
         pos = tc + h
@@ -125,15 +161,25 @@ def rollout(
         else:
             act = None if actions is None else actions[:, : pos + 1]
             new = sample_frame(
-                model, noise, steps, context=ctx, context_tau_index=ctx_idx, context_level=ctx_lvl, actions=act
+                model,
+                noise,
+                steps,
+                context=ctx,
+                context_tau_index=ctx_idx,
+                context_level=ctx_lvl,
+                actions=act,
+                context_prior=reads,
             )
         frames.append(new)
         if h == horizon - 1:
             break
         noisy, idx1, lvl1 = C.corrupt_context(new, tau_ctx, _randn(frame_shape, generator, context), k_max=model.k_max)
+        new_reads = None if reads is None else (new, torch.zeros_like(idx1))
         if cached:
-            pending = (noisy, idx1, lvl1, None if actions is None else actions[:, pos : pos + 1])
+            pending = (noisy, idx1, lvl1, None if actions is None else actions[:, pos : pos + 1], new_reads)
         else:
             ctx = torch.cat([ctx, noisy], dim=1)
             ctx_idx, ctx_lvl = torch.cat([ctx_idx, idx1], dim=1), torch.cat([ctx_lvl, lvl1], dim=1)
+            if reads is not None:
+                reads = (torch.cat([reads[0], new], dim=1), torch.cat([reads[1], new_reads[1]], dim=1))
     return torch.cat(frames, dim=1)
