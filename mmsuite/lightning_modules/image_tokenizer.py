@@ -26,6 +26,7 @@ class ImageTokenizerModule(L.LightningModule):
         loss: dict,
         n_sample_images: int = 8,
         image_size: int = 64,
+        latent_noise: float = 0.0,
     ):
         super().__init__()
         unknown = set(loss) - _LOSS_KEYS
@@ -44,6 +45,13 @@ class ImageTokenizerModule(L.LightningModule):
         if self.w_l1 < 0 or self.w_mse < 0 or self.w_l1 + self.w_mse <= 0:
             raise ValueError(f"loss weights must be >= 0 with l1 + mse > 0, got {loss}")
         self.n_sample_images = int(n_sample_images)
+        # training only: the decoder reads latents + N(0, latent_noise²), so a small latent error (a world model's
+        # prediction) decodes to a small pixel error; continuous bottleneck only (FSQ rounds noise away)
+        self.latent_noise = float(latent_noise)
+        if self.latent_noise < 0 or (self.latent_noise > 0 and self.net.quantized):
+            raise ValueError(
+                f"latent_noise must be >= 0 and needs the continuous bottleneck (levels: null), got {latent_noise}"
+            )
         self._code_counts: torch.Tensor | None = None
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -64,7 +72,11 @@ class ImageTokenizerModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x = self._images(batch)
-        recon, _ = self.net(x)
+        if self.latent_noise > 0:
+            z, _ = self.net.encode(x)
+            recon = self.net.decode(z + self.latent_noise * torch.randn_like(z))
+        else:
+            recon, _ = self.net(x)
         out = self._losses(recon.float(), x)
         bs = x.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)

@@ -239,6 +239,8 @@ class ImageAutoencoder(nn.Module):
     """Conv autoencoder with an FSQ bottleneck (``levels``) or a continuous one (``levels=None``).
 
     Inputs are float images ``[B, 3, H, W]`` in ``[-1, 1]`` with ``H, W`` divisible by ``downsample``.
+    ``latent_bound`` (continuous only): ``tanh`` squashes the latents into ``(-1, 1)`` (DreamerV4's bottleneck), so
+    noise added to them in training (``ImageTokenizerModule(latent_noise=...)``) cannot be outgrown by scaling up.
     """
 
     def __init__(
@@ -250,10 +252,16 @@ class ImageAutoencoder(nn.Module):
         num_res_blocks: int | Sequence[int] = 1,
         latent_channels: int = 4,
         patch_size: int = 1,
+        latent_bound: str | None = None,
     ):
         super().__init__()
         self.downsample = int(downsample)
         self.quantizer = FSQ(levels) if levels is not None else None
+        if latent_bound not in (None, "tanh"):
+            raise ValueError(f"latent_bound must be null or 'tanh', got {latent_bound!r}")
+        if latent_bound is not None and self.quantizer is not None:
+            raise ValueError("latent_bound is for the continuous bottleneck (levels: null); FSQ bounds its own")
+        self.latent_bound = latent_bound
         self.latent_channels = self.quantizer.dim if self.quantizer is not None else int(latent_channels)
         kw = dict(
             downsample=downsample,
@@ -280,7 +288,7 @@ class ImageAutoencoder(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by the downsample factor {self.downsample}")
         z = self.encoder(x)
         if self.quantizer is None:
-            return z, None
+            return (torch.tanh(z) if self.latent_bound == "tanh" else z), None
         return self.quantizer(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

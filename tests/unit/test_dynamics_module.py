@@ -26,6 +26,7 @@ class _Trainer:
 
     log_every_n_steps = 10**9
     is_global_zero = True
+    max_steps = 10
 
 
 class _Module(DynamicsModule):
@@ -239,9 +240,9 @@ def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
     assert tau[0, :4].tolist() == [6, 6, 6, 6] and level[0, :4].tolist() == [6, 6, 6, 6]  # 3 context + 1 generated
 
 
-def _net(seed=0, actions=3, prior="none"):
+def _net(seed=0, actions=3, prior="none", copy_mask=False):
     torch.manual_seed(seed)
-    net = DynamicsTransformer(**NET, num_actions=actions, prior=prior).eval()
+    net = DynamicsTransformer(**NET, num_actions=actions, prior=prior, copy_mask=copy_mask).eval()
     torch.nn.init.normal_(net.head.weight, std=0.3)
     return net
 
@@ -287,6 +288,62 @@ def test_prior_previous_starts_as_the_estimate_of_the_last_frame_and_the_cache_a
         DynamicsTransformer(**NET, prior="last")
 
 
+def test_fixed_clean_gate_copies_a_clean_predecessor_at_weight_one_and_learns_the_rest():
+    net = DynamicsTransformer(**NET, prior="previous", fixed_clean_gate_from=16)  # zero head: the output is the prior
+    net.prior_gate.data.fill_(0.5)  # what a learned gate might have drifted to
+    z = torch.randn(2, 4, 4, 4, 4)
+    tau = torch.tensor([[0, 48, 0, 0], [5, 0, 20, 3]])  # (0 → 48) and (0 → 20): a clean predecessor, noisier frame
+    lvl = torch.full((2, 4), 6)
+    out = net(z, tau, lvl)
+    est = C.linear_clean_estimate(z[:, :-1], tau[:, :-1])
+    torch.testing.assert_close(out[0, 1], z[0, 0])  # weight 1, however the parameter drifted
+    torch.testing.assert_close(out[1, 2], z[1, 1])
+    torch.testing.assert_close(out[0, 2], 0.5 * est[0, 1])  # a noisy predecessor: the learned weight
+    torch.testing.assert_close(out[0, 3], 0.5 * est[0, 2])  # clean → clean (column 0): learned
+    torch.testing.assert_close(out[1, 1], 0.5 * est[1, 0])
+    torch.testing.assert_close(out[1, 3], 0.5 * est[1, 2])
+    out.sum().backward()
+    grad = net.prior_gate.grad
+    assert float(grad[0, 48]) == 0.0 and float(grad[0, 20]) == 0.0  # the fixed entries get no gradient
+    assert all(float(grad[i, j].abs()) > 0 for i, j in ((48, 0), (0, 0), (5, 0), (20, 3)))  # the learned ones do
+    learned = DynamicsTransformer(**NET, prior="previous")
+    learned.prior_gate.data.fill_(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(learned(z, tau, lvl)[0, 1], 0.5 * z[0, 0])  # the default learns that weight too
+    with torch.no_grad():  # below the threshold (0 → 8) the weight stays learned
+        low = net(z, torch.tensor([[0, 8, 0, 0], [5, 0, 20, 3]]), lvl)
+    torch.testing.assert_close(low[0, 1], 0.5 * z[0, 0])
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="fixed_clean_gate_from"):
+            DynamicsTransformer(**NET, prior="previous", fixed_clean_gate_from=bad)
+
+
+def test_copy_mask_lets_a_position_take_the_prior_exactly():
+    net = DynamicsTransformer(**NET, prior="previous", copy_mask=True).eval()
+    torch.nn.init.normal_(net.head.weight, std=0.3)  # a head that outputs something everywhere
+    z = torch.randn(2, 3, 4, 4, 4)
+    tau, lvl = torch.tensor([[0, 64, 64], [0, 48, 16]]), torch.full((2, 3), 6)
+    with torch.no_grad():
+        half = net(z, tau, lvl)  # mask logits start at 0: the head's output counts half
+        net.mask_head.bias.fill_(-40.0)  # mask 0 everywhere
+        copied = net(z, tau, lvl)
+        net.mask_head.bias.fill_(40.0)  # mask 1: the plain head
+        full = net(z, tau, lvl)
+        net.mask_head.bias.copy_(torch.tensor([-40.0, 40.0, 40.0, 40.0]))  # the first position of each patch copies
+        mixed = net(z, tau, lvl)
+    base = net.prior_gate[tau[:, :-1], tau[:, 1:]][..., None, None, None] * C.linear_clean_estimate(
+        z[:, :-1], tau[:, :-1]
+    )
+    torch.testing.assert_close(copied[:, 1:], base)  # exactly the prior, however large the head's output
+    torch.testing.assert_close(copied[:, 0], torch.zeros_like(z[:, 0]))  # the first frame: zero prior
+    assert float((full - copied).abs().max()) > 0.1  # the head does add something where the mask is open
+    torch.testing.assert_close(half - copied, 0.5 * (full - copied))
+    torch.testing.assert_close(mixed[..., 0::2, 0::2], copied[..., 0::2, 0::2])  # every channel of that position
+    torch.testing.assert_close(mixed[..., 1::2, :], full[..., 1::2, :])
+    with pytest.raises(ValueError, match="copy_mask"):
+        DynamicsTransformer(**NET, prior="none", copy_mask=True)
+
+
 def test_linear_clean_estimate_is_the_least_squares_scale():
     z0, eps = torch.randn(200_000), torch.randn(200_000)
     for index in (0, 6, 32, 48, 64):
@@ -296,14 +353,16 @@ def test_linear_clean_estimate_is_the_least_squares_scale():
         torch.testing.assert_close(est, best * z, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("prior", ["none", "previous", "previous+clean"])
+@pytest.mark.parametrize("prior", ["none", "previous", "previous+clean", "previous+clean+mask"])
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("with_actions", [False, True])
 def test_cached_rollout_matches_the_uncached_one(context, with_actions, prior):
-    net = _net(prior=prior.split("+")[0])
+    net = _net(prior=prior.split("+")[0], copy_mask=prior.endswith("mask"))
+    if net.mask_head is not None:
+        torch.nn.init.normal_(net.mask_head.weight, std=0.3)
     ctx = torch.randn(2, context, 4, 4, 4)
     actions = torch.randint(-1, 3, (2, context + 3)) if with_actions else None
-    clean = prior.endswith("clean")
+    clean = "clean" in prior
     runs = [
         rollout(net, ctx, 3, 4, 0.1, actions, torch.Generator().manual_seed(1), cached=cached, clean_prior=clean)
         for cached in (1, 0)
@@ -403,3 +462,21 @@ def test_ema_updates_once_per_optimizer_step():
         m.step = step
         m.on_train_batch_end(None, None, 0)
         assert m._ema_updates == n
+
+
+def test_weight_decay_spares_the_prior_gate():
+    m = _module(net={**NET, "num_actions": 3, "prior": "previous"}, optim={"lr": 1e-2, "weight_decay": 0.5})
+    opt = m.configure_optimizers()["optimizer"]
+    gate_group = [g for g in opt.param_groups if any(p is m.net.prior_gate for p in g["params"])]
+    assert len(gate_group) == 1 and gate_group[0]["weight_decay"] == 0.0 and len(gate_group[0]["params"]) == 1
+    rest = [g for g in opt.param_groups if g is not gate_group[0]]
+    assert [g["weight_decay"] for g in rest] == [0.5]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.net.parameters()))
+    before_gate, before_w = m.net.prior_gate.detach().clone(), m.net.head.weight.detach().clone() + 1.0
+    with torch.no_grad():
+        m.net.head.weight.add_(1.0)
+    for p in m.net.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only weight decay moves anything
+    opt.step()
+    torch.testing.assert_close(m.net.prior_gate.detach(), before_gate)  # not decayed
+    assert float(m.net.head.weight.abs().sum()) < float(before_w.abs().sum())  # decayed

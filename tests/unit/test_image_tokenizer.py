@@ -260,6 +260,39 @@ def test_fit_checkpoint_from_checkpoint_weights_only(tmp_path):
     assert torch.equal(plain.encode(imgs), ids - 300)
 
 
+def test_tanh_bound_and_latent_noise_train_the_decoder_on_noisy_latents_only(tmp_path):
+    net = _tiny(levels=None, latent_channels=5, latent_bound="tanh")
+    x = torch.from_numpy(_images(2)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    with torch.no_grad():
+        net.encoder.apply(lambda m: m.weight.mul_(50) if isinstance(m, torch.nn.Conv2d) else None)  # large pre-tanh
+        z, _ = net.encode(x)
+    assert float(z.abs().max()) <= 1.0 and float(z.abs().max()) > 0.99  # squashed into (-1, 1)
+    with pytest.raises(ValueError, match="continuous"):
+        _tiny(latent_bound="tanh")  # FSQ bounds its own channels
+    with pytest.raises(ValueError, match="latent_bound"):
+        _tiny(levels=None, latent_bound="clip")
+    cont = {**TINY, "levels": None, "latent_channels": 5, "latent_bound": "tanh"}
+    with pytest.raises(ValueError, match="continuous"):
+        _module(latent_noise=0.1)  # FSQ rounds the noise away
+    with pytest.raises(ValueError, match="latent_noise"):
+        _module(net=cont, latent_noise=-1.0)
+    module = _module(net=cont, latent_noise=0.5)
+    batch = {"image": torch.from_numpy(_images(2)).permute(0, 3, 1, 2).contiguous()}
+    torch.manual_seed(3)
+    noisy = [float(module.training_step(batch, 0)) for _ in range(2)]
+    assert noisy[0] != noisy[1]  # a fresh noise draw each step
+    module.latent_noise = 0.0
+    clean = [float(module.training_step(batch, 0)) for _ in range(2)]
+    assert clean[0] == clean[1]
+    path = tmp_path / "tanh.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    loaded = ImageTokenizer.from_checkpoint(path, image_size=32)
+    assert loaded.net.latent_bound == "tanh"  # the bound travels with the checkpoint's hyper-parameters
+    torch.testing.assert_close(
+        loaded.encode_latents(_images(2)), ImageTokenizer(module.net, image_size=32).encode_latents(_images(2))
+    )
+
+
 def test_schedule_needs_max_steps():
     import lightning as L
 

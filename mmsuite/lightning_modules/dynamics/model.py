@@ -32,6 +32,10 @@ The cached path needs the frame before the new ones for this (``prev`` of :meth:
 What the prior reads of each frame is ``(z, tau_index)`` unless the caller passes ``prior_z`` / ``prior_index``:
 with ``clean_prior`` (module and rollout) a context frame's clean latents at index 0 (the frame the context noise
 was added to), so the base does not carry the context noise (:func:`.conventions.clean_prior_source`).
+``copy_mask``: the head's output is multiplied by a sigmoid mask the network predicts per latent position, so a
+position that does not change can take the base exactly; ``fixed_clean_gate_from``: the weight of a clean
+predecessor is 1, not learned, for frames noisier than a given τ index (the learned weights are not weight-decayed:
+the module keeps ``prior_gate`` out of AdamW's decay).
 """
 
 from __future__ import annotations
@@ -165,6 +169,12 @@ class DynamicsTransformer(nn.Module):
         k_max: the finest step count of :mod:`.conventions` (sizes of the τ and step embeddings).
         rope_base: RoPE frequency base over frame positions.
         prior: ``none`` (ẑ0 = head output) or ``previous`` (ẑ0 = head output + the clean estimate of frame t − 1).
+        fixed_clean_gate_from: None (every weight of the prior is learned) or a τ index ``i`` ≥ 1: a clean predecessor
+            (τ index 0) enters a frame whose τ index is ≥ ``i`` at weight 1, not learned (the head learns only what
+            changes); below ``i`` the weight stays learned.
+        copy_mask: with ``prior: previous``, the head's output is multiplied by a per-position sigmoid mask that the
+            network predicts (one value per latent position, shared by its channels), so a position that does not
+            change can take the prior exactly (mask → 0) instead of through a head output that must cancel to 0.
     """
 
     def __init__(
@@ -183,6 +193,8 @@ class DynamicsTransformer(nn.Module):
         k_max: int = DEFAULT_K_MAX,
         rope_base: float = 10_000.0,
         prior: str = "none",
+        fixed_clean_gate_from: int | None = None,
+        copy_mask: bool = False,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
@@ -201,9 +213,16 @@ class DynamicsTransformer(nn.Module):
             )
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+        self.k_max = check_k_max(k_max)
+        if fixed_clean_gate_from is not None and not 1 <= int(fixed_clean_gate_from) <= self.k_max:
+            raise ValueError(
+                f"fixed_clean_gate_from must be null or a τ index in [1, {self.k_max}], got {fixed_clean_gate_from}"
+            )
+        self.fixed_clean_gate_from = None if fixed_clean_gate_from is None else int(fixed_clean_gate_from)
+        if copy_mask and prior != "previous":
+            raise ValueError("copy_mask needs prior='previous' (the mask chooses between the prior and the head)")
         if registers < 0 or num_actions < 0:
             raise ValueError(f"registers and num_actions must be >= 0, got {registers}, {num_actions}")
-        self.k_max = check_k_max(k_max)
         self.latent_channels, self.latent_size, self.patch = int(latent_channels), (h, w), int(patch)
         self.grid = (h // patch, w // patch)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -230,7 +249,12 @@ class DynamicsTransformer(nn.Module):
         self.prior_gate = None
         if prior == "previous":
             self.prior_gate = nn.Parameter(torch.ones(self.k_max + 1, self.k_max + 1).triu(diagonal=1))
+        # copy_mask: logits of the per-position mask (p² per patch slot); starts at 0 (mask 1/2)
+        self.mask_head = nn.Linear(dim, patch * patch) if copy_mask else None
         self.apply(self._init_weights)
+        if self.mask_head is not None:
+            nn.init.zeros_(self.mask_head.weight)
+            nn.init.zeros_(self.mask_head.bias)
         for p in (self.slot_embed, self.register_tokens, self.action_base):
             nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.head.weight)  # zero-initialised output: ẑ0 = 0 at the start
@@ -320,7 +344,11 @@ class DynamicsTransformer(nn.Module):
     def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None) -> torch.Tensor:
         """Head on the patch slots, plus the ``prior`` base (the estimate of each frame's predecessor; for the
         first frame that of ``prev`` = ``(z, tau_index)`` of the frame before, or zero)."""
-        out = self.unpatchify(self.head(self.norm_out(x[:, :, -self.num_patches :])))
+        feats = self.norm_out(x[:, :, -self.num_patches :])
+        out = self.head(feats)
+        if self.mask_head is not None:  # [B, T, N, p²] -> the same mask for every channel of a position
+            out = out * torch.sigmoid(self.mask_head(feats)).repeat(1, 1, 1, self.latent_channels)
+        out = self.unpatchify(out)
         if self.prior_gate is None:  # prior: none
             return out
         if (prior_z is None) != (prior_index is None):
@@ -338,6 +366,9 @@ class DynamicsTransformer(nn.Module):
         pred_index = torch.cat([first_index, reads_index[:, :-1]], dim=1)
         base = linear_clean_estimate(pred, pred_index, self.k_max)
         gate = self.prior_gate[pred_index, tau_index]  # [B, T]
+        if self.fixed_clean_gate_from is not None:  # a clean predecessor of a noisy enough frame: 1, no gradient
+            fixed = (pred_index == 0) & (tau_index >= self.fixed_clean_gate_from)
+            gate = torch.where(fixed, torch.ones_like(gate), gate)
         return out + (gate[..., None, None, None] * base).to(out.dtype)
 
     # --- incremental (cached) forward for rollouts ----------------------------------------------------------
