@@ -442,15 +442,13 @@ def load_frame_tokenizer(encoder: dict, image_size: int, device="cpu", ckpt: str
             f"{path} is a quantised (FSQ) image tokenizer; the dynamics model needs continuous latents: "
             "train one with tokenizer=continuous (data.encoder.train_overrides) or use tokenizer=sd_vae"
         )
-    hp = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
-    saved = {"latent_bound": enc.net.latent_bound, "latent_noise": float(hp.get("latent_noise", 0.0))}
-    for key, value in saved.items():  # the config's tokenizer settings, where it has them, must be the checkpoint's
-        if key not in tok:
-            continue
-        wanted = tok[key] if key == "latent_bound" else float(tok[key] or 0.0)
-        if wanted != value:
+    # the config's tokenizer settings, where it has them, must be the ones the checkpoint was trained with
+    saved = {"latent_bound": enc.net.latent_bound, "latent_noise": float(enc.hyper_parameters.get("latent_noise", 0.0))}
+    wanted = {"latent_bound": tok.get("latent_bound"), "latent_noise": float(tok.get("latent_noise") or 0.0)}
+    for key in saved:
+        if key in tok and wanted[key] != saved[key]:
             raise ValueError(
-                f"{path} was trained with tokenizer.{key}={value}, but the config asks for {wanted}: give the other "
-                "tokenizer its own data.encoder.run and pass the setting in data.encoder.train_overrides"
+                f"{path} was trained with tokenizer.{key}={saved[key]}, but the config asks for {wanted[key]}: give "
+                "the other tokenizer its own data.encoder.run and pass the setting in data.encoder.train_overrides"
             )
     return enc

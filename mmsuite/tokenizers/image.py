@@ -344,6 +344,7 @@ class ImageTokenizer:
     ):
         self.net = net.eval().to(device)
         self.device = torch.device(device)
+        self.hyper_parameters: dict = {}  # the training module's, when loaded from a checkpoint
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         self.image_size: tuple[int, int] = (int(hw[0]), int(hw[1]))
         ds = net.downsample
@@ -402,7 +403,9 @@ class ImageTokenizer:
         net.load_state_dict(state)
         if image_size is None:
             image_size = hp.get("image_size") or 64
-        return cls(net, token_space, range_name, image_size=image_size, device=map_location)
+        tok = cls(net, token_space, range_name, image_size=image_size, device=map_location)
+        tok.hyper_parameters = dict(hp)  # how it was trained (e.g. latent_noise)
+        return tok
 
     # -- properties -----------------------------------------------------------------------------------
     @property

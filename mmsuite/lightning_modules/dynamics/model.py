@@ -367,8 +367,7 @@ class DynamicsTransformer(nn.Module):
         base = linear_clean_estimate(pred, pred_index, self.k_max)
         gate = self.prior_gate[pred_index, tau_index]  # [B, T]
         if self.fixed_clean_gate_from is not None:  # a clean predecessor of a noisy enough frame: 1, no gradient
-            fixed = (pred_index == 0) & (tau_index >= self.fixed_clean_gate_from)
-            gate = torch.where(fixed, torch.ones_like(gate), gate)
+            gate = gate.masked_fill((pred_index == 0) & (tau_index >= self.fixed_clean_gate_from), 1.0)
         return out + (gate[..., None, None, None] * base).to(out.dtype)
 
     # --- incremental (cached) forward for rollouts ----------------------------------------------------------

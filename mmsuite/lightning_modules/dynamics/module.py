@@ -448,11 +448,10 @@ class DynamicsModule(L.LightningModule):
     def configure_optimizers(self):
         # the prior's weights are mixing weights whose neutral value is 1 (copy), not 0: no weight decay on them
         # (``optim.weight_decay`` 0.01 at lr 3e-3 alone pulls an unused entry from 1 to 0.91 in 3000 steps)
-        named = list(self.net.named_parameters())
-        gates = [p for n, p in named if n == "prior_gate"]
-        params = [{"params": [p for n, p in named if n != "prior_gate"]}]
-        if gates:
-            params.append({"params": gates, "weight_decay": 0.0})
+        gate = self.net.prior_gate
+        params = [{"params": [p for p in self.net.parameters() if p is not gate]}]
+        if gate is not None:
+            params.append({"params": [gate], "weight_decay": 0.0})
         return adamw_warmup_cosine(
             params,
             self.hparams.optim,
