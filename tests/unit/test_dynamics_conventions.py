@@ -287,3 +287,28 @@ def test_clean_prior_source_reads_context_frames_clean_at_index_zero():
             assert torch.equal(prior_z[b, t], z0[b, t] if context[b, t] else z_tau[b, t])
     with pytest.raises(ValueError, match="shapes"):
         C.clean_prior_source(z_tau[:, :2], z0, tau, 2 / 64, K_MAX)
+
+
+def test_motion_weight_favours_still_frames_and_has_mean_one():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 1, 3, 4, 4, generator=g).repeat(1, 5, 1, 1, 1)  # still clips
+    z[0, 3] += 1.0  # row 0: frame 3 moves (frames 3 and 4 change from their predecessor)
+    w = C.motion_weight(z, floor=0.01)
+    assert w.shape == (2, 5)
+    assert torch.allclose(w.mean(), torch.tensor(1.0))
+    assert w[0, 3] < w[0, 0] and w[0, 4] < w[0, 1] and w[0, 3] == w[0, 4]
+    assert torch.allclose(w[1], w[1, :1].expand(5)) and torch.allclose(w[0, 0], w[1, 0])  # still frames alike
+    assert w[1, 0] / w[0, 3] == pytest.approx((1.0 + 0.01) / 0.01, rel=1e-5)  # 1/(m + floor): change 1 vs 0
+    z2 = z.clone()
+    z2[:, 0] = z2[:, 1] + 0.5  # frame 0 has no predecessor: it takes its change to frame 1
+    w2 = C.motion_weight(z2, floor=0.01)
+    assert torch.allclose(w2[:, 0], w2[:, 1])
+
+
+def test_motion_weight_of_single_frames_is_one_and_bad_floor_is_refused():
+    assert torch.equal(C.motion_weight(torch.randn(3, 1, 2, 2, 2), 0.01), torch.ones(3, 1))
+    for floor in (0.0, -1.0):
+        with pytest.raises(ValueError, match="floor"):
+            C.motion_weight(torch.randn(1, 2, 2, 2, 2), floor)
+    with pytest.raises(ValueError, match="B, T"):
+        C.motion_weight(torch.randn(4, 2), 0.01)

@@ -149,9 +149,10 @@ def test_rising_pattern_is_an_option():
     assert not torch.equal(calls[0]["tau"], want.expand(2, -1))  # iid by default
 
 
-def _pattern_taus(pattern: str, steps: int = 20) -> torch.Tensor:
+def _pattern_taus(pattern: str, steps: int = 20, period: int = 2) -> torch.Tensor:
     """τ indices [rows, 6] the training step gives with ``pattern`` on every flow row (τ_ctx 0.1 -> index 6)."""
-    m = _module(global_step=0, noise={"pattern": pattern, "pattern_fraction": 1.0, "tau_ctx": 0.1})
+    noise = {"pattern": pattern, "pattern_fraction": 1.0, "tau_ctx": 0.1, "pattern_period": period}
+    m = _module(global_step=0, noise=noise)
     calls = _record_calls(m)
     torch.manual_seed(0)
     for _ in range(steps):
@@ -173,6 +174,20 @@ def test_interleave_pattern_holds_every_other_frame_at_tau_ctx():
     assert (even | odd).all()  # every row holds one phase at the snapped tau_ctx
     assert even.any() and odd.any()  # both phases occur
     assert not (even & odd).all()  # the other phase keeps its iid tau
+
+
+def test_interleave_with_period_three_keeps_one_target_every_three_frames():
+    taus = _pattern_taus("interleave", period=3)
+    held = taus == 6
+    phases = set()
+    for row in held:
+        free = [i for i in range(6) if not row[i]]  # the iid targets (an iid draw may also land on 6)
+        phase = next(p for p in range(3) if all(row[i] for i in range(6) if (i - p) % 3))
+        phases.add(phase)
+        assert all((i - phase) % 3 == 0 for i in free)  # only every third frame is free
+    assert phases == {0, 1, 2}
+    with pytest.raises(ValueError, match="pattern_period"):
+        _module(noise={"pattern": "interleave", "pattern_period": 1})
 
 
 def test_bad_settings_raise():
@@ -240,26 +255,30 @@ def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
     assert tau[0, :4].tolist() == [6, 6, 6, 6] and level[0, :4].tolist() == [6, 6, 6, 6]  # 3 context + 1 generated
 
 
-def _net(seed=0, actions=3, prior="none", copy_mask=False):
+def _net(seed=0, actions=3, prior="none", copy_mask=False, velocity=False):
     torch.manual_seed(seed)
-    net = DynamicsTransformer(**NET, num_actions=actions, prior=prior, copy_mask=copy_mask).eval()
+    net = DynamicsTransformer(**NET, num_actions=actions, prior=prior, copy_mask=copy_mask, velocity=velocity).eval()
     torch.nn.init.normal_(net.head.weight, std=0.3)
+    if velocity:
+        torch.nn.init.normal_(net.velocity_head.weight, std=0.05)
     return net
 
 
-@pytest.mark.parametrize("prior", ["none", "previous"])
+@pytest.mark.parametrize("prior", ["none", "previous", "previous+velocity"])
 def test_cached_forward_equals_the_full_forward(prior):
-    net = _net(prior=prior)
+    net = _net(prior=prior.split("+")[0], velocity=prior.endswith("velocity"))
     z = torch.randn(2, 7, 4, 4, 4)
     tau, lvl, act = torch.randint(0, 65, (2, 7)), torch.randint(0, 7, (2, 7)), torch.randint(-1, 3, (2, 7))
+    tau[0, :5] = 0  # clean frames, so the velocity term acts (frames 2..5 of row 0)
+    keep = 2 if net.velocity_head is not None else 1  # the cached frames the prior needs
     with torch.no_grad():
         full = net(z, tau, lvl, act)
     out, cache = net.forward_cached(z[:, :3], tau[:, :3], lvl[:, :3], act[:, :3])
     torch.testing.assert_close(out, full[:, :3], atol=1e-5, rtol=0)
-    prev = (z[:, 2:3], tau[:, 2:3])  # the last cached frame, for the prior
+    prev = (z[:, 3 - keep : 3], tau[:, 3 - keep : 3])  # the last cached frame(s), for the prior
     two, kv = net.forward_cached(z[:, 3:5], tau[:, 3:5], lvl[:, 3:5], act[:, 3:5], cache, prev)
     torch.testing.assert_close(two, full[:, 3:5], atol=1e-5, rtol=0)
-    prev = (z[:, 4:5], tau[:, 4:5])
+    prev = (z[:, 5 - keep : 5], tau[:, 5 - keep : 5])
     one, _ = net.forward_cached(z[:, 5:6], tau[:, 5:6], lvl[:, 5:6], act[:, 5:6], extend_cache(cache, kv), prev)
     torch.testing.assert_close(one, full[:, 5:6], atol=1e-5, rtol=0)
 
@@ -353,11 +372,13 @@ def test_linear_clean_estimate_is_the_least_squares_scale():
         torch.testing.assert_close(est, best * z, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("prior", ["none", "previous", "previous+clean", "previous+clean+mask"])
+@pytest.mark.parametrize(
+    "prior", ["none", "previous", "previous+clean", "previous+clean+mask", "previous+clean+mask+velocity"]
+)
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("with_actions", [False, True])
 def test_cached_rollout_matches_the_uncached_one(context, with_actions, prior):
-    net = _net(prior=prior.split("+")[0], copy_mask=prior.endswith("mask"))
+    net = _net(prior=prior.split("+")[0], copy_mask="mask" in prior, velocity=prior.endswith("velocity"))
     if net.mask_head is not None:
         torch.nn.init.normal_(net.mask_head.weight, std=0.3)
     ctx = torch.randn(2, context, 4, 4, 4)
@@ -480,3 +501,74 @@ def test_weight_decay_spares_the_prior_gate():
     opt.step()
     torch.testing.assert_close(m.net.prior_gate.detach(), before_gate)  # not decayed
     assert float(m.net.head.weight.abs().sum()) < float(before_w.abs().sum())  # decayed
+
+
+def test_motion_floor_weights_the_training_loss_by_frame_motion():
+    def loss_of(batch, **kw):
+        m = _module(global_step=20, **kw)
+        torch.manual_seed(7)
+        return m.training_step(batch, 0)
+
+    even = _batch(b=4, t=5)
+    step = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    even["latents"] = even["latents"][:, :1] + step * torch.arange(5).view(1, 5, 1, 1, 1)  # equal change per frame
+    plain = loss_of(even)
+    assert torch.allclose(loss_of(even, loss={"motion_floor": 0.01}), plain)  # equal motion: every weight is 1
+    mixed = _batch(b=4, t=5)
+    mixed["latents"][:2] = mixed["latents"][:2, :1].expand(2, 5, 4, 4, 4).clone()  # two still rows
+    assert not torch.allclose(loss_of(mixed, loss={"motion_floor": 0.01}), loss_of(mixed))
+    with pytest.raises(ValueError, match="motion_floor"):
+        _module(loss={"motion_floor": 0.0})
+
+
+def test_velocity_starts_off_and_extrapolates_only_from_two_clean_frames_before():
+    with pytest.raises(ValueError, match="velocity"):
+        DynamicsTransformer(**NET, velocity=True)  # needs prior: previous
+    with pytest.raises(ValueError, match="clean_prior"):
+        _module(net={**NET, "prior": "previous", "velocity": True})
+    torch.manual_seed(0)
+    plain = DynamicsTransformer(**NET, prior="previous").eval()
+    torch.manual_seed(0)
+    net = DynamicsTransformer(**NET, prior="previous", velocity=True).eval()
+    z = torch.randn(2, 5, 4, 4, 4)
+    tau = torch.tensor([[0, 0, 0, 64, 64], [0, 32, 0, 64, 64]])
+    lvl = torch.full((2, 5), 6)
+    with torch.no_grad():
+        torch.testing.assert_close(net(z, tau, lvl), plain(z, tau, lvl))  # coefficient 0 at the start
+        net.velocity_head.bias.fill_(1.0)  # coefficient 1 everywhere: linear extrapolation where it acts
+        out, base = net(z, tau, lvl), plain(z, tau, lvl)
+    change = out - base
+    torch.testing.assert_close(change[0, 2], z[0, 1] - z[0, 0])  # two clean frames before
+    torch.testing.assert_close(change[0, 3], z[0, 2] - z[0, 1])
+    for row, t in [(0, 0), (0, 1), (0, 4), (1, 1), (1, 2), (1, 3)]:  # no frame or a noisy frame among the two
+        assert change[row, t].abs().max() == 0, (row, t)
+    torch.testing.assert_close(change[1, 4], torch.zeros_like(z[1, 4]))  # t-1 = 3 is noisy
+
+
+def test_velocity_init_starts_as_that_multiple_of_the_last_change():
+    torch.manual_seed(0)
+    plain = DynamicsTransformer(**NET, prior="previous").eval()
+    torch.manual_seed(0)
+    net = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5).eval()
+    z, tau, lvl = torch.randn(1, 3, 4, 4, 4), torch.tensor([[0, 0, 64]]), torch.full((1, 3), 6)
+    with torch.no_grad():
+        change = net(z, tau, lvl) - plain(z, tau, lvl)
+    torch.testing.assert_close(change[0, 2], 0.5 * (z[0, 1] - z[0, 0]))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_observed_velocity_rollout_uses_the_velocity_term_for_the_first_frame_only(cached):
+    net = _net(prior="previous", copy_mask=True, velocity=True)
+    ctx, actions = torch.randn(2, 3, 4, 4, 4), torch.randint(-1, 3, (2, 6))
+
+    def run(velocity):
+        g = torch.Generator().manual_seed(1)
+        return rollout(net, ctx, 3, 4, 0.1, actions, g, cached=cached, clean_prior=True, velocity=velocity)
+
+    every, observed = run("all"), run("observed")
+    torch.testing.assert_close(observed[:, 0], every[:, 0], atol=1e-6, rtol=0)  # frame 1: changes between given frames
+    assert (observed[:, 1:] - every[:, 1:]).abs().max() > 1e-3  # later frames follow a generated one
+    with pytest.raises(ValueError, match="velocity"):
+        run("sometimes")
+    with pytest.raises(ValueError, match="rollout.velocity"):
+        _module(rollout={"velocity": "sometimes"})

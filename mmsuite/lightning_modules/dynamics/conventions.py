@@ -247,6 +247,29 @@ def ramp_weight(tau: torch.Tensor | float) -> torch.Tensor:
     return 1.0 - (1.0 - RAMP_FLOOR) * tau
 
 
+def motion_weight(z0: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per-frame loss weight for clean latents ``[B, T, ...]`` -> ``[B, T]``: ``1/(m + floor)``, normalised to mean 1
+    over the frames given, where ``m`` is the frame's mean squared change from the frame before (frame 0: its change
+    to frame 1; a single frame, ``T = 1``: weight 1).
+
+    A rollout is scored by the mean of per-frame PSNRs, i.e. by ``log`` MSE: on a nearly still frame a small
+    absolute error costs as many dB as a large one on a moving frame, but a plain MSE loss barely sees it.
+    Weighting by ``1/(m + floor)`` spends the loss on the error *relative to* a frame's motion; ``floor`` (in
+    squared normalised-latent units) caps the weight of a still frame at ``(mean + floor)/floor`` times the mean."""
+    z0 = _float(z0)
+    if not floor > 0:
+        raise ValueError(f"motion weight floor must be > 0, got {floor}")
+    if z0.ndim < 3:
+        raise ValueError(f"motion_weight needs latents [B, T, ...], got shape {tuple(z0.shape)}")
+    b, t = z0.shape[:2]
+    if t < 2:
+        return torch.ones(b, t, device=z0.device)
+    change = per_frame_mse(z0[:, 1:], z0[:, :-1], 2)
+    m = torch.cat([change[:, :1], change], dim=1)
+    w = 1.0 / (m + floor)
+    return w / w.mean()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Corruption, velocity, Euler
 # ---------------------------------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ was added to), so the base does not carry the context noise (:func:`.conventions
 position that does not change can take the base exactly; ``fixed_clean_gate_from``: the weight of a clean
 predecessor is 1, not learned, for frames noisier than a given τ index (the learned weights are not weight-decayed:
 the module keeps ``prior_gate`` out of AdamW's decay).
+``velocity``: where the two frames before are both clean as the prior reads them (τ index 0: with ``clean_prior``,
+context frames), the output also gets ``a ⊙ (z_{t−1} − z_{t−2})`` with coefficients ``a`` the network predicts per
+latent number (zero-initialised, so an untrained model is unchanged). Slow, smooth motion (an idle figure, the camera
+pan) continues from one frame to the next, and a learned multiple of the last change says so exactly; a head that
+had to recompute that change from noisy inputs could not. The cached path then needs the last two cached frames.
 """
 
 from __future__ import annotations
@@ -175,6 +180,9 @@ class DynamicsTransformer(nn.Module):
         copy_mask: with ``prior: previous``, the head's output is multiplied by a per-position sigmoid mask that the
             network predicts (one value per latent position, shared by its channels), so a position that does not
             change can take the prior exactly (mask → 0) instead of through a head output that must cancel to 0.
+        velocity: with ``prior: previous``, add predicted coefficients times the change between the two frames
+            before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
+            ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
     """
 
     def __init__(
@@ -195,6 +203,8 @@ class DynamicsTransformer(nn.Module):
         prior: str = "none",
         fixed_clean_gate_from: int | None = None,
         copy_mask: bool = False,
+        velocity: bool = False,
+        velocity_init: float = 0.0,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
@@ -221,6 +231,8 @@ class DynamicsTransformer(nn.Module):
         self.fixed_clean_gate_from = None if fixed_clean_gate_from is None else int(fixed_clean_gate_from)
         if copy_mask and prior != "previous":
             raise ValueError("copy_mask needs prior='previous' (the mask chooses between the prior and the head)")
+        if velocity and prior != "previous":
+            raise ValueError("velocity needs prior='previous' (it extends the copy of the frame before)")
         if registers < 0 or num_actions < 0:
             raise ValueError(f"registers and num_actions must be >= 0, got {registers}, {num_actions}")
         self.latent_channels, self.latent_size, self.patch = int(latent_channels), (h, w), int(patch)
@@ -251,10 +263,15 @@ class DynamicsTransformer(nn.Module):
             self.prior_gate = nn.Parameter(torch.ones(self.k_max + 1, self.k_max + 1).triu(diagonal=1))
         # copy_mask: logits of the per-position mask (p² per patch slot); starts at 0 (mask 1/2)
         self.mask_head = nn.Linear(dim, patch * patch) if copy_mask else None
+        # velocity: a coefficient per latent number on the change between the two clean frames before; starts at 0
+        self.velocity_head = nn.Linear(dim, self.patch_dim) if velocity else None
         self.apply(self._init_weights)
-        if self.mask_head is not None:
-            nn.init.zeros_(self.mask_head.weight)
-            nn.init.zeros_(self.mask_head.bias)
+        for extra in (self.mask_head, self.velocity_head):
+            if extra is not None:
+                nn.init.zeros_(extra.weight)
+                nn.init.zeros_(extra.bias)
+        if self.velocity_head is not None:
+            nn.init.constant_(self.velocity_head.bias, float(velocity_init))
         for p in (self.slot_embed, self.register_tokens, self.action_base):
             nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.head.weight)  # zero-initialised output: ẑ0 = 0 at the start
@@ -327,10 +344,12 @@ class DynamicsTransformer(nn.Module):
         checkpoint: bool = False,
         prior_z: torch.Tensor | None = None,
         prior_index: torch.Tensor | None = None,
+        velocity: bool = True,
     ) -> torch.Tensor:
         """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
         (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what ``prior:
-        previous`` reads of each frame instead of ``(z, tau_index)``."""
+        previous`` reads of each frame instead of ``(z, tau_index)``. ``velocity=False`` leaves out the
+        ``velocity`` term (a rollout past its first frame, where the change before is the model's own)."""
         self._check_inputs(z, tau_index, step_level, actions)
         x = self.frame_tokens(z, tau_index, step_level, actions)
         rope = rope_tables(z.shape[1], self.head_dim, self.rope_base, device=z.device)
@@ -339,11 +358,12 @@ class DynamicsTransformer(nn.Module):
                 x = activation_checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        return self._output(x, z, tau_index, None, prior_z, prior_index)
+        return self._output(x, z, tau_index, None, prior_z, prior_index, velocity)
 
-    def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None) -> torch.Tensor:
+    def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None, velocity=True) -> torch.Tensor:
         """Head on the patch slots, plus the ``prior`` base (the estimate of each frame's predecessor; for the
-        first frame that of ``prev`` = ``(z, tau_index)`` of the frame before, or zero)."""
+        first frame that of ``prev`` = ``(z [B, k, ...], tau_index [B, k])``, the ``k`` frames before, or zero) and,
+        with ``velocity``, the predicted coefficients times the change between the two frames before."""
         feats = self.norm_out(x[:, :, -self.num_patches :])
         out = self.head(feats)
         if self.mask_head is not None:  # [B, T, N, p²] -> the same mask for every channel of a position
@@ -359,16 +379,35 @@ class DynamicsTransformer(nn.Module):
                 f"of z {tuple(z.shape)} / tau_index {tuple(tau_index.shape)}"
             )
         reads, reads_index = (z, tau_index) if prior_z is None else (prior_z, prior_index)
-        # each frame's predecessor as the prior reads it; before the first one, ``prev`` or a clean zero frame
-        # (whose estimate is 0); the gate's column is the frame's own input τ index
-        first, first_index = (torch.zeros_like(z[:, :1]), torch.zeros_like(tau_index[:, :1])) if prev is None else prev
-        pred = torch.cat([first.to(z.dtype), reads[:, :-1].to(z.dtype)], dim=1)
-        pred_index = torch.cat([first_index, reads_index[:, :-1]], dim=1)
+        # the frames as the prior reads them, after ``prev`` and after clean zero frames (estimate 0, not real) that
+        # pad the sequence to the predecessors it needs; the gate's column is the frame's own input τ index
+        b, t = tau_index.shape
+        k = 0 if prev is None else prev[0].shape[1]
+        pad = max((2 if self.velocity_head is not None else 1) - k, 0)
+        seq = [z.new_zeros(b, pad, *z.shape[2:]), reads.to(z.dtype)]
+        seq_index = [tau_index.new_zeros(b, pad), reads_index]
+        if prev is not None:
+            seq[1:1], seq_index[1:1] = [prev[0].to(z.dtype)], [prev[1]]
+        seq, seq_index = torch.cat(seq, dim=1), torch.cat(seq_index, dim=1)
+        first = pad + k  # position of frame 0 in seq
+
+        def before(n: int):  # the frames n before each frame, with their τ indices
+            return seq[:, first - n : first - n + t], seq_index[:, first - n : first - n + t]
+
+        pred, pred_index = before(1)
         base = linear_clean_estimate(pred, pred_index, self.k_max)
         gate = self.prior_gate[pred_index, tau_index]  # [B, T]
         if self.fixed_clean_gate_from is not None:  # a clean predecessor of a noisy enough frame: 1, no gradient
             gate = gate.masked_fill((pred_index == 0) & (tau_index >= self.fixed_clean_gate_from), 1.0)
-        return out + (gate[..., None, None, None] * base).to(out.dtype)
+        out = out + (gate[..., None, None, None] * base).to(out.dtype)
+        if self.velocity_head is not None and velocity:  # only where both frames before are real and clean
+            pred2, pred2_index = before(2)
+            real = torch.arange(t, device=tau_index.device) + first - 2 >= pad
+            on = (pred_index == 0) & (pred2_index == 0) & real
+            change = (pred - pred2) * on[..., None, None, None].to(pred.dtype)
+            coef = self.unpatchify(self.velocity_head(feats))
+            out = out + coef * change.to(out.dtype)
+        return out
 
     # --- incremental (cached) forward for rollouts ----------------------------------------------------------
 
@@ -383,6 +422,7 @@ class DynamicsTransformer(nn.Module):
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
         prior_z: torch.Tensor | None = None,
         prior_index: torch.Tensor | None = None,
+        velocity: bool = True,
     ) -> tuple[torch.Tensor, list]:
         """:meth:`forward` for frames ``z`` ``[B, t, ...]`` that follow the frames already in ``cache``.
 
@@ -392,7 +432,8 @@ class DynamicsTransformer(nn.Module):
         :func:`extend_cache` only once the frames are final (a frame being denoised changes at every step).
         Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested). With
         ``prior: previous`` and a non-empty cache, ``prev`` = ``(z [B, 1, ...], tau_index [B, 1])`` of the last
-        cached frame as the prior reads it (its ``prior_z`` / ``prior_index`` when those were given, else its input).
+        cached frame as the prior reads it (its ``prior_z`` / ``prior_index`` when those were given, else its input);
+        with ``velocity``, the last two cached frames (``[B, 2, ...]``; one is enough when only one is cached).
         """
         self._check_inputs(z, tau_index, step_level, actions)
         temporal = [block for block in self.blocks if block.temporal]
@@ -412,7 +453,8 @@ class DynamicsTransformer(nn.Module):
             if block.temporal:
                 new.append(kv)
                 i += 1
-        return self._output(x, z, tau_index, prev if start > 0 else None, prior_z, prior_index), new
+        out = self._output(x, z, tau_index, prev if start > 0 else None, prior_z, prior_index, velocity)
+        return out, new
 
 
 def extend_cache(cache: list | None, new: list) -> list:

@@ -16,7 +16,9 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   τ_ctx, targets rising to 1" pattern (for comparison; the default ``iid`` is the paper's). ``prefix`` instead
   sets a random-length prefix of those rows to τ_ctx and leaves the later frames' iid τ alone (the rollout's
   situation, without coupling a target's τ to its position). ``interleave`` sets every other frame (random phase)
-  to τ_ctx, so half the frames of the row are targets whose predecessor is clean-ish, as at a rollout's first step.
+  to τ_ctx, so half the frames of the row are targets whose predecessor is clean-ish, as at a rollout's first step;
+  ``noise.pattern_period`` = p > 2 keeps one target every p frames and holds the p − 1 between (targets with two
+  clean predecessors, what ``net.velocity`` reads).
 * ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
   of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
   context noise.
@@ -64,6 +66,7 @@ ROLLOUT_DEFAULTS = dict(
     gifs=4,
     seed=0,
     clean_prior=False,
+    velocity="all",
 )
 
 
@@ -87,6 +90,7 @@ class DynamicsModule(L.LightningModule):
         probe: dict | None = None,
         activation_checkpointing: dict | None = None,
         ema: dict | None = None,
+        loss: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -111,13 +115,27 @@ class DynamicsModule(L.LightningModule):
             raise ValueError(f"noise.pattern must be one of {list(PATTERNS)}, got {self.pattern!r}")
         self.pattern_fraction = float(nz.get("pattern_fraction", 1.0))
         self.pattern_context = int(nz.get("pattern_context", 16))
+        self.pattern_period = int(nz.get("pattern_period", 2))
+        if self.pattern_period < 2:
+            raise ValueError(f"noise.pattern_period must be >= 2, got {self.pattern_period}")
         self.pattern_tau_ctx = float(nz.get("tau_ctx", 0.1))
         self.clean_prior = bool(nz.get("clean_prior", False))
+        if self.net.velocity_head is not None and not self.clean_prior:
+            raise ValueError(
+                "model.net.velocity needs model.noise.clean_prior=true (it acts only where the prior reads two clean "
+                "frames before, which only clean_prior gives)"
+            )
+        floor = dict(loss or {}).get("motion_floor")
+        self.motion_floor = None if floor is None else float(floor)
+        if self.motion_floor is not None and not self.motion_floor > 0:
+            raise ValueError(f"loss.motion_floor must be null or > 0, got {floor}")
         self.rollout_cfg = {**ROLLOUT_DEFAULTS, **dict(rollout or {})}
         self.rollout_cfg["steps"] = [int(s) for s in self.rollout_cfg["steps"]]
         for s in self.rollout_cfg["steps"]:
             C.sampling_schedule(s, self.k_max)  # powers of two <= k_max, else a clear error now
         C.snap_context_tau(float(self.rollout_cfg["tau_ctx"]), self.k_max)
+        if self.rollout_cfg["velocity"] not in ("all", "observed"):
+            raise ValueError(f"rollout.velocity must be 'all' or 'observed', got {self.rollout_cfg['velocity']!r}")
         self.probe_batches = int(dict(probe or {}).get("batches", 1))
         self.ckpt_min_frames = (activation_checkpointing or {}).get("min_frames")
         self.decoder_cfg = dict(decoder or {})
@@ -193,13 +211,18 @@ class DynamicsModule(L.LightningModule):
             for r in rows if self.pattern != "rising" else []:  # frames held clean-ish; the others keep their iid tau
                 if self.pattern == "prefix":  # a random-length prefix
                     frames = slice(int(torch.randint(1, t, ())))
-                else:  # interleave: every other frame, from a random phase
+                elif self.pattern_period == 2:  # interleave: every other frame, from a random phase
                     frames = slice(int(torch.randint(0, 2, ())), None, 2)
+                else:  # interleave with a longer period: one target every pattern_period frames, the rest held
+                    phase = int(torch.randint(0, self.pattern_period, ()))
+                    frames = [i for i in range(t) if (i - phase) % self.pattern_period]
                 tau_idx[r, frames] = held
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
         x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx))
         w = C.ramp_weight(tau)
+        if self.motion_floor is not None:  # nearly still frames weigh more (the rollout is scored in log MSE)
+            w = w * C.motion_weight(z0, self.motion_floor)
         clean_err = w * C.per_frame_mse(x_hat, z0, 2)
         out = {"flow": clean_err[:n_flow].sum(), "n_flow": n_flow * t, "n": b * t, "n_boot": n_boot * t}
         if n_boot:
@@ -372,6 +395,7 @@ class DynamicsModule(L.LightningModule):
                 gen,
                 bool(cfg["cached"]),
                 clean_prior=bool(cfg["clean_prior"]),
+                velocity=str(cfg["velocity"]),
             )
             if z0.is_cuda:
                 torch.cuda.synchronize()

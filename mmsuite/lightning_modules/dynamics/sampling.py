@@ -38,13 +38,24 @@ def sample_frame(
     context_level: torch.Tensor | None = None,
     actions: torch.Tensor | None = None,
     context_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    velocity: bool = True,
 ) -> torch.Tensor:
     """One new frame ``[B, 1, C, H, W]`` from ``noise`` (τ = 1) in ``steps`` Euler steps, re-running the context
     ``[B, Tc, ...]`` (already corrupted, with its τ indices and levels ``[B, Tc]``) at every step; ``actions``
     ``[B, Tc + 1]`` or None; ``context_prior`` = ``(prior_z, prior_index)`` of the context frames, what the
-    model's prior reads of them (default: the corrupted context itself)."""
+    model's prior reads of them (default: the corrupted context itself); ``velocity=False``: without the model's
+    ``velocity`` term."""
     z, _, _ = _sample(
-        model, noise, steps, actions, context, context_tau_index, context_level, cache=None, context_prior=context_prior
+        model,
+        noise,
+        steps,
+        actions,
+        context,
+        context_tau_index,
+        context_level,
+        cache=None,
+        context_prior=context_prior,
+        velocity=velocity,
     )
     return z
 
@@ -55,6 +66,14 @@ def _prior_kwargs(reads, z, tau_idx) -> dict:
     if reads is None:
         return {}
     return {"prior_z": torch.cat([reads[0], z], dim=1), "prior_index": torch.cat([reads[1], tau_idx], dim=1)}
+
+
+def _keep_last(last, new, n: int = 2):
+    """``(prior_z, prior_index)`` of the last ``n`` cached frames after committing ``new`` (what ``prev`` needs:
+    the frame before, and for a ``velocity`` model the one before that)."""
+    if last is None:
+        return new
+    return torch.cat([last[0], new[0]], dim=1)[:, -n:], torch.cat([last[1], new[1]], dim=1)[:, -n:]
 
 
 def _sample(
@@ -69,11 +88,12 @@ def _sample(
     pending=None,
     last=None,
     context_prior=None,
+    velocity=True,
 ):
     """The Euler loop of both paths. Cached (``cache`` a list, possibly empty): only the new frame runs, after
     the cached ones; ``pending`` = ``(z, tau_index, level, actions, (prior_z, prior_index))`` of a finished frame
     not yet in the cache is run together with the first step and committed from it; ``last`` = ``(prior_z,
-    prior_index)`` of the last cached frame (what the model's ``prior`` reads of it). Uncached, ``context_prior``
+    prior_index)`` of the last two cached frames (what the model's ``prior`` reads of them). Uncached, ``context_prior``
     is what the prior reads of the context frames (None: the context as given). Returns ``(frame, cache, last)``."""
     indices, level = C.sampling_schedule(steps, model.k_max)
     b = noise.shape[0]
@@ -93,14 +113,15 @@ def _sample(
                 cache,
                 last,
                 **_prior_kwargs(reads, z, tau_idx),
+                velocity=velocity,
             )
             x_hat = out[:, -1:]
             cache, pending = extend_cache(cache, [(k[:, :, :1], v[:, :, :1]) for k, v in kv]), None
-            last = (pz, pidx) if reads is None else reads
+            last = _keep_last(last, (pz, pidx) if reads is None else reads)
         elif cache is not None:
-            x_hat, _ = model.forward_cached(z, tau_idx, lvl, actions, cache, last)
+            x_hat, _ = model.forward_cached(z, tau_idx, lvl, actions, cache, last, velocity=velocity)
         elif context is None or context.shape[1] == 0:
-            x_hat = model(z, tau_idx, lvl, actions)
+            x_hat = model(z, tau_idx, lvl, actions, velocity=velocity)
         else:
             x_hat = model(
                 torch.cat([context, z], dim=1),
@@ -108,6 +129,7 @@ def _sample(
                 torch.cat([context_level, lvl], dim=1),
                 actions,
                 **_prior_kwargs(context_prior, z, tau_idx),
+                velocity=velocity,
             )[:, -1:]
         z = C.euler_step(z, x_hat, C.tau_value(tau_idx, model.k_max).to(z.device), d)
     return z, cache, last
@@ -124,6 +146,7 @@ def rollout(
     generator: torch.Generator | None = None,
     cached: bool = True,
     clean_prior: bool = False,
+    velocity: str = "all",
 ) -> torch.Tensor:
     """Predict ``horizon`` frames after clean context latents ``[B, Tc, C, H, W]`` (``Tc`` may be 0: start frames).
 
@@ -131,7 +154,12 @@ def rollout(
     each is fed back as context at ``τ_ctx`` with its own fixed noise. Cached, a generated frame is committed to
     the cache in the first denoising pass of the next one (a two-frame pass), so K-step sampling costs K passes a
     frame. ``clean_prior``: the model's prior reads the context frames' clean latents (see the module docstring).
+    ``velocity`` (a model with ``velocity``): ``all`` uses its velocity term for every frame; ``observed`` only where
+    the change it reads is between given frames, i.e. for the first predicted frame after a context of >= 2
+    (later frames follow a generated one, whose change from the frame before is the model's own guess).
     """
+    if velocity not in ("all", "observed"):
+        raise ValueError(f"velocity must be 'all' or 'observed', got {velocity!r}")
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     b, tc = context.shape[:2]
@@ -150,14 +178,17 @@ def rollout(
             acts = None if actions is None else actions[:, :tc]
             kwargs = {} if reads is None else {"prior_z": reads[0], "prior_index": reads[1]}
             _, cache = model.forward_cached(ctx, ctx_idx, ctx_lvl, acts, **kwargs)
-            last = (ctx[:, -1:], ctx_idx[:, -1:]) if reads is None else (reads[0][:, -1:], reads[1][:, -1:])
+            last = (ctx[:, -2:], ctx_idx[:, -2:]) if reads is None else (reads[0][:, -2:], reads[1][:, -2:])
     frames = []
     for h in range(horizon):
         pos = tc + h
         noise = _randn(frame_shape, generator, context)
+        use_velocity = velocity == "all" or h == 0
         if cached:
             act = None if actions is None else actions[:, pos : pos + 1]
-            new, cache, last = _sample(model, noise, steps, act, None, None, None, cache, pending, last)
+            new, cache, last = _sample(
+                model, noise, steps, act, None, None, None, cache, pending, last, velocity=use_velocity
+            )
         else:
             act = None if actions is None else actions[:, : pos + 1]
             new = sample_frame(
@@ -169,6 +200,7 @@ def rollout(
                 context_level=ctx_lvl,
                 actions=act,
                 context_prior=reads,
+                velocity=use_velocity,
             )
         frames.append(new)
         if h == horizon - 1:
