@@ -45,19 +45,8 @@ def sample_frame(
     ``[B, Tc + 1]`` or None; ``context_prior`` = ``(prior_z, prior_index)`` of the context frames, what the
     model's prior reads of them (default: the corrupted context itself); ``velocity=False``: without the model's
     ``velocity`` term."""
-    z, _, _ = _sample(
-        model,
-        noise,
-        steps,
-        actions,
-        context,
-        context_tau_index,
-        context_level,
-        cache=None,
-        context_prior=context_prior,
-        velocity=velocity,
-    )
-    return z
+    args = (model, noise, steps, actions, context, context_tau_index, context_level)
+    return _sample(*args, cache=None, context_prior=context_prior, velocity=velocity)[0]
 
 
 def _prior_kwargs(reads, z, tau_idx) -> dict:
@@ -96,6 +85,7 @@ def _sample(
     prior_index)`` of the last two cached frames (what the model's ``prior`` reads of them). Uncached, ``context_prior``
     is what the prior reads of the context frames (None: the context as given). Returns ``(frame, cache, last)``."""
     indices, level = C.sampling_schedule(steps, model.k_max)
+    vkw = {} if velocity else {"velocity": False}  # only said when off: any x-prediction model can be sampled
     b = noise.shape[0]
     lvl = torch.full((b, 1), level, dtype=torch.long, device=noise.device)
     d = C.step_size(lvl, model.k_max).to(noise.device)
@@ -113,15 +103,15 @@ def _sample(
                 cache,
                 last,
                 **_prior_kwargs(reads, z, tau_idx),
-                velocity=velocity,
+                **vkw,
             )
             x_hat = out[:, -1:]
             cache, pending = extend_cache(cache, [(k[:, :, :1], v[:, :, :1]) for k, v in kv]), None
             last = _keep_last(last, (pz, pidx) if reads is None else reads)
         elif cache is not None:
-            x_hat, _ = model.forward_cached(z, tau_idx, lvl, actions, cache, last, velocity=velocity)
+            x_hat, _ = model.forward_cached(z, tau_idx, lvl, actions, cache, last, **vkw)
         elif context is None or context.shape[1] == 0:
-            x_hat = model(z, tau_idx, lvl, actions, velocity=velocity)
+            x_hat = model(z, tau_idx, lvl, actions, **vkw)
         else:
             x_hat = model(
                 torch.cat([context, z], dim=1),
@@ -129,7 +119,7 @@ def _sample(
                 torch.cat([context_level, lvl], dim=1),
                 actions,
                 **_prior_kwargs(context_prior, z, tau_idx),
-                velocity=velocity,
+                **vkw,
             )[:, -1:]
         z = C.euler_step(z, x_hat, C.tau_value(tau_idx, model.k_max).to(z.device), d)
     return z, cache, last
