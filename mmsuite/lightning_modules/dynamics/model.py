@@ -38,9 +38,10 @@ predecessor is 1, not learned, for frames noisier than a given τ index (the lea
 the module keeps ``prior_gate`` out of AdamW's decay).
 ``velocity``: where the two frames before are both clean as the prior reads them (τ index 0: with ``clean_prior``,
 context frames), the output also gets ``a ⊙ (z_{t−1} − z_{t−2})`` with coefficients ``a`` the network predicts per
-latent number (zero-initialised, so an untrained model is unchanged). Slow, smooth motion (an idle figure, the camera
-pan) continues from one frame to the next, and a learned multiple of the last change says so exactly; a head that
-had to recompute that change from noisy inputs could not. The cached path then needs the last two cached frames.
+latent number (starting at ``velocity_init``; at 0 an untrained model is unchanged). Slow, smooth motion (an idle
+figure, the camera pan) continues from one frame to the next, and a learned multiple of the last change says so
+exactly; a head that had to recompute that change from noisy inputs could not. The cached path then needs the last
+two cached frames.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ class DynamicsTransformer(nn.Module):
             self.prior_gate = nn.Parameter(torch.ones(self.k_max + 1, self.k_max + 1).triu(diagonal=1))
         # copy_mask: logits of the per-position mask (p² per patch slot); starts at 0 (mask 1/2)
         self.mask_head = nn.Linear(dim, patch * patch) if copy_mask else None
-        # velocity: a coefficient per latent number on the change between the two clean frames before; starts at 0
+        # velocity: a coefficient per latent number on the change between the two clean frames before, from
+        # velocity_init
         self.velocity_head = nn.Linear(dim, self.patch_dim) if velocity else None
         self.apply(self._init_weights)
         for extra in (self.mask_head, self.velocity_head):
