@@ -384,14 +384,11 @@ class DynamicsTransformer(nn.Module):
         # the frames as the prior reads them, after ``prev`` and after clean zero frames (estimate 0, not real) that
         # pad the sequence to the predecessors it needs; the gate's column is the frame's own input τ index
         b, t = tau_index.shape
-        k = 0 if prev is None else prev[0].shape[1]
-        pad = max((2 if self.velocity_head is not None else 1) - k, 0)
-        seq = [z.new_zeros(b, pad, *z.shape[2:]), reads.to(z.dtype)]
-        seq_index = [tau_index.new_zeros(b, pad), reads_index]
-        if prev is not None:
-            seq[1:1], seq_index[1:1] = [prev[0].to(z.dtype)], [prev[1]]
-        seq, seq_index = torch.cat(seq, dim=1), torch.cat(seq_index, dim=1)
-        first = pad + k  # position of frame 0 in seq
+        prev_z, prev_index = (z[:, :0], tau_index[:, :0]) if prev is None else prev
+        pad = max((2 if self.velocity_head is not None else 1) - prev_z.shape[1], 0)
+        seq = torch.cat([z.new_zeros(b, pad, *z.shape[2:]), prev_z.to(z.dtype), reads.to(z.dtype)], dim=1)
+        seq_index = torch.cat([tau_index.new_zeros(b, pad), prev_index, reads_index], dim=1)
+        first = pad + prev_z.shape[1]  # position of frame 0 in seq
 
         def before(n: int):  # the frames n before each frame, with their τ indices
             return seq[:, first - n : first - n + t], seq_index[:, first - n : first - n + t]

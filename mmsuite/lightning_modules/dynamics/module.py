@@ -51,7 +51,7 @@ import torch
 
 from mmsuite.lightning_modules.dynamics import conventions as C
 from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer
-from mmsuite.lightning_modules.dynamics.sampling import rollout
+from mmsuite.lightning_modules.dynamics.sampling import VELOCITY_MODES, rollout
 from mmsuite.nn.schedule import adamw_warmup_cosine
 
 PATTERNS = ("iid", "rising", "prefix", "interleave")
@@ -134,8 +134,10 @@ class DynamicsModule(L.LightningModule):
         for s in self.rollout_cfg["steps"]:
             C.sampling_schedule(s, self.k_max)  # powers of two <= k_max, else a clear error now
         C.snap_context_tau(float(self.rollout_cfg["tau_ctx"]), self.k_max)
-        if self.rollout_cfg["velocity"] not in ("all", "observed"):
-            raise ValueError(f"rollout.velocity must be 'all' or 'observed', got {self.rollout_cfg['velocity']!r}")
+        if self.rollout_cfg["velocity"] not in VELOCITY_MODES:
+            raise ValueError(
+                f"rollout.velocity must be one of {list(VELOCITY_MODES)}, got {self.rollout_cfg['velocity']!r}"
+            )
         self.probe_batches = int(dict(probe or {}).get("batches", 1))
         self.ckpt_min_frames = (activation_checkpointing or {}).get("min_frames")
         self.decoder_cfg = dict(decoder or {})
@@ -211,9 +213,7 @@ class DynamicsModule(L.LightningModule):
             for r in rows if self.pattern != "rising" else []:  # frames held clean-ish; the others keep their iid tau
                 if self.pattern == "prefix":  # a random-length prefix
                     frames = slice(int(torch.randint(1, t, ())))
-                elif self.pattern_period == 2:  # interleave: every other frame, from a random phase
-                    frames = slice(int(torch.randint(0, 2, ())), None, 2)
-                else:  # interleave with a longer period: one target every pattern_period frames, the rest held
+                else:  # interleave: one target every pattern_period frames from a random phase, the rest held
                     phase = int(torch.randint(0, self.pattern_period, ()))
                     frames = [i for i in range(t) if (i - phase) % self.pattern_period]
                 tau_idx[r, frames] = held

@@ -22,6 +22,8 @@ import torch
 from mmsuite.lightning_modules.dynamics import conventions as C
 from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer, extend_cache
 
+VELOCITY_MODES = ("all", "observed")  # rollout(velocity=...): the model's velocity term on every frame / the first
+
 
 def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(like.device)
@@ -148,8 +150,8 @@ def rollout(
     the change it reads is between given frames, i.e. for the first predicted frame after a context of >= 2
     (later frames follow a generated one, whose change from the frame before is the model's own guess).
     """
-    if velocity not in ("all", "observed"):
-        raise ValueError(f"velocity must be 'all' or 'observed', got {velocity!r}")
+    if velocity not in VELOCITY_MODES:
+        raise ValueError(f"velocity must be one of {list(VELOCITY_MODES)}, got {velocity!r}")
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     b, tc = context.shape[:2]
