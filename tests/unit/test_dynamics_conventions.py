@@ -312,3 +312,28 @@ def test_motion_weight_of_single_frames_is_one_and_bad_floor_is_refused():
             C.motion_weight(torch.randn(1, 2, 2, 2, 2), floor)
     with pytest.raises(ValueError, match="B, T"):
         C.motion_weight(torch.randn(4, 2), 0.01)
+
+
+def test_input_skip_weight_is_the_posterior_weight_of_the_input_against_a_guess():
+    w = C.input_skip_weight(torch.arange(K_MAX + 1), 0.01, K_MAX)
+    assert w.shape == (K_MAX + 1,)
+    assert float(w[0]) == 1.0 and float(w[-1]) == 0.0  # clean: the input; pure noise: the guess
+    assert bool((w[1:] <= w[:-1]).all())  # less trust in the input as it gets noisier
+    g = torch.Generator().manual_seed(0)
+    guess = torch.randn(200_000, generator=g)
+    z0 = guess + 0.1 * torch.randn(200_000, generator=g)  # change of variance 0.01 from the guess
+    eps = torch.randn(200_000, generator=g)
+    for index in (2, 8, 32):
+        tau = torch.full((200_000,), index)
+        innov = C.innovation(C.noise(z0, C.tau_value(tau, K_MAX), eps), guess, tau, K_MAX)
+        best = ((z0 - guess) * innov).mean() / (innov * innov).mean()  # least squares: z0 ≈ guess + best·innov
+        assert float(w[index]) == pytest.approx(float(best), abs=0.01), index
+    torch.testing.assert_close(innov, C.tau_value(tau, K_MAX) * eps + (1 - C.tau_value(tau, K_MAX)) * (z0 - guess))
+    idx = torch.tensor([[5, 40], [5, 40]])
+    per_frame = C.input_skip_weight(idx, torch.tensor([[0.01, 0.01], [1.0, 1.0]]), K_MAX)
+    torch.testing.assert_close(per_frame[0], w[[5, 40]])
+    unit = C.linear_clean_estimate(torch.ones(2, 3), idx[1], K_MAX)[:, 0]  # var 1: the linear estimate's scale
+    torch.testing.assert_close(per_frame[1], unit)
+    for var in (0.0, -0.1):
+        with pytest.raises(ValueError, match="variance"):
+            C.input_skip_weight(idx, var, K_MAX)

@@ -255,18 +255,20 @@ def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
     assert tau[0, :4].tolist() == [6, 6, 6, 6] and level[0, :4].tolist() == [6, 6, 6, 6]  # 3 context + 1 generated
 
 
-def _net(seed=0, actions=3, prior="none", copy_mask=False, velocity=False):
+def _net(seed=0, actions=3, prior="none", copy_mask=False, velocity=False, input_skip=False):
     torch.manual_seed(seed)
-    net = DynamicsTransformer(**NET, num_actions=actions, prior=prior, copy_mask=copy_mask, velocity=velocity).eval()
+    net = DynamicsTransformer(
+        **NET, num_actions=actions, prior=prior, copy_mask=copy_mask, velocity=velocity, input_skip=input_skip
+    ).eval()
     torch.nn.init.normal_(net.head.weight, std=0.3)
     if velocity:
         torch.nn.init.normal_(net.velocity_head.weight, std=0.05)
     return net
 
 
-@pytest.mark.parametrize("prior", ["none", "previous", "previous+velocity"])
+@pytest.mark.parametrize("prior", ["none", "none+skip", "previous", "previous+velocity", "previous+velocity+skip"])
 def test_cached_forward_equals_the_full_forward(prior):
-    net = _net(prior=prior.split("+")[0], velocity=prior.endswith("velocity"))
+    net = _net(prior=prior.split("+")[0], velocity="velocity" in prior, input_skip="skip" in prior)
     z = torch.randn(2, 7, 4, 4, 4)
     tau, lvl, act = torch.randint(0, 65, (2, 7)), torch.randint(0, 7, (2, 7)), torch.randint(-1, 3, (2, 7))
     tau[0, :5] = 0  # clean frames, so the velocity term acts (frames 2..5 of row 0)
@@ -373,12 +375,21 @@ def test_linear_clean_estimate_is_the_least_squares_scale():
 
 
 @pytest.mark.parametrize(
-    "prior", ["none", "previous", "previous+clean", "previous+clean+mask", "previous+clean+mask+velocity"]
+    "prior",
+    [
+        "none",
+        "previous",
+        "previous+clean",
+        "previous+clean+mask",
+        "previous+clean+mask+velocity",
+        "previous+clean+mask+velocity+skip",
+    ],
 )
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("with_actions", [False, True])
 def test_cached_rollout_matches_the_uncached_one(context, with_actions, prior):
-    net = _net(prior=prior.split("+")[0], copy_mask="mask" in prior, velocity=prior.endswith("velocity"))
+    kinds = prior.split("+")
+    net = _net(prior=kinds[0], copy_mask="mask" in kinds, velocity="velocity" in kinds, input_skip="skip" in kinds)
     if net.mask_head is not None:
         torch.nn.init.normal_(net.mask_head.weight, std=0.3)
     ctx = torch.randn(2, context, 4, 4, 4)
@@ -545,6 +556,35 @@ def test_velocity_starts_off_and_extrapolates_only_from_two_clean_frames_before(
     torch.testing.assert_close(change[1, 4], torch.zeros_like(z[1, 4]))  # t-1 = 3 is noisy
 
 
+def test_input_skip_passes_a_nearly_clean_input_through():
+    with pytest.raises(ValueError, match="input_skip_var"):
+        DynamicsTransformer(**NET, input_skip=True, input_skip_var=0.0)
+    torch.manual_seed(0)
+    plain = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5).eval()
+    torch.manual_seed(0)
+    net = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5, input_skip=True).eval()
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in plain.parameters())  # fixed weights
+    z0, eps = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
+    lvl = torch.full((2, 4), 6)
+    for index in (0, 1, 32, 64):
+        tau = torch.tensor([[0, 0, 0, index], [index, 64, 16, index]])
+        z = C.noise(z0, C.tau_value(tau), eps)
+        with torch.no_grad():
+            out, guess = net(z, tau, lvl), plain(z, tau, lvl)  # zero heads: plain is the prior's guess alone
+        w = C.input_skip_weight(tau, 0.01)[..., None, None, None]
+        torch.testing.assert_close(out, guess + w * C.innovation(z, guess, tau))
+        torch.testing.assert_close(out[0, :3], z[0, :3])  # clean frames: the input exactly
+        if index == 1:  # nearly clean after a clean frame: near the input, far from the guess
+            err = (out[0, 3] - z0[0, 3]).pow(2).mean()
+            assert err < 0.01 * (guess[0, 3] - z0[0, 3]).pow(2).mean()
+        if index == 64:  # pure noise: the guess alone
+            torch.testing.assert_close(out[:, 3], guess[:, 3])
+    bare = DynamicsTransformer(**NET, input_skip=True, input_skip_var=1.0).eval()  # no prior, unit variance:
+    tau = torch.tensor([[0, 16, 48, 64]] * 2)
+    with torch.no_grad():  # the linear clean estimate of the input
+        torch.testing.assert_close(bare(z0, tau, lvl), C.linear_clean_estimate(z0, tau))
+
+
 def test_velocity_init_starts_as_that_multiple_of_the_last_change():
     torch.manual_seed(0)
     plain = DynamicsTransformer(**NET, prior="previous").eval()
@@ -572,3 +612,92 @@ def test_observed_velocity_rollout_uses_the_velocity_term_for_the_first_frame_on
         run("sometimes")
     with pytest.raises(ValueError, match="rollout.velocity"):
         _module(rollout={"velocity": "sometimes"})
+
+
+@pytest.mark.parametrize("velocity_mode", ["observed", "all"])
+def test_own_context_rows_train_the_frame_after_the_models_own_prediction(velocity_mode):
+    net = {**NET, "num_actions": 3, "prior": "previous", "velocity": True, "velocity_init": 0.5}
+    noise = {"own_context": 1.0, "own_context_steps": 4, "pattern_period": 3, "tau_ctx": 2 / 64, "clean_prior": True}
+    m = _module(global_step=20, net=net, noise=noise, shortcut={"fraction": 0.0}, rollout={"velocity": velocity_mode})
+    torch.nn.init.normal_(m.net.head.weight, std=0.3)  # predictions that differ from the real frames
+    calls = []
+
+    def hook(_, args, kwargs, out):
+        calls.append(
+            {
+                "grad": torch.is_grad_enabled(),
+                "z": args[0].clone(),
+                "tau": args[1].clone(),
+                "out": out,
+                "level": args[2].clone(),
+                **{k: v for k, v in kwargs.items() if k != "checkpoint"},
+            }
+        )
+
+    m.net.register_forward_hook(hook, with_kwargs=True)
+    batch = _batch(b=3, t=8)
+    z0 = batch["latents"]
+    torch.manual_seed(4)
+    loss = m.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and m.net.head.weight.grad.abs().max() > 0
+    assert [c["grad"] for c in calls] == [False] * 4 + [True]  # four no-grad sampler steps, then the student
+    first, student = calls[0], calls[-1]
+    own = first["tau"] == 64  # the predicted frames start from pure noise
+    assert own.any() and not own[:, -1].any()
+    for r in range(3):  # one every pattern_period frames
+        pos = own[r].nonzero().flatten()
+        assert (pos.diff() == 3).all()
+    assert [int(c["tau"][own].unique()) for c in calls[:4]] == [64, 48, 32, 16]  # the 4-step schedule
+    assert (first["level"][own] == 2).all() and (first["level"][~own] == C.finest_level(64)).all()
+    assert (first["tau"][~own] == 2).all() and "velocity" not in first  # the real frames held, h1 keeps velocity
+    target = torch.zeros_like(own)
+    target[:, 1:] = own[:, :-1]
+    assert (student["tau"][~target] == 2).all() and (student["tau"][target] >= 1).all()  # predictions held
+    predicted = student["prior_z"][own]
+    assert not torch.allclose(predicted, z0[own], atol=1e-3)  # the prior reads the model's own frames there...
+    torch.testing.assert_close(student["prior_z"][~own & ~target], z0[~own & ~target])  # ...and real ones here
+    assert (student["prior_index"][own] == 0).all()
+    assert ("velocity" in student) == (velocity_mode == "observed")  # as the rollout after its first frame
+    # the predictions carry no loss: changing the real latents there leaves the loss as it was
+    m2 = _module(global_step=20, net=net, noise=noise, shortcut={"fraction": 0.0}, rollout={"velocity": velocity_mode})
+    m2.net.load_state_dict(m.net.state_dict())
+    batch2 = {**batch, "latents": z0.clone()}
+    batch2["latents"][own] += 5.0
+    torch.manual_seed(4)
+    with torch.no_grad():
+        loss_a = m2.training_step(batch, 0)
+        torch.manual_seed(4)
+        loss_b = m2.training_step(batch2, 0)
+    torch.testing.assert_close(loss_a, loss_b)  # nothing of the real frames behind the predictions is used
+    torch.manual_seed(4)
+    batch2["latents"][target] += 5.0
+    with torch.no_grad():
+        assert not torch.allclose(m2.training_step(batch2, 0), loss_a)  # while the targets are
+    with pytest.raises(ValueError, match="own_context"):
+        _module(noise={"own_context": 1.5})
+
+
+def test_velocity_per_frame_mask_and_velocity_drop():
+    torch.manual_seed(0)
+    net = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5).eval()
+    z, lvl = torch.randn(2, 5, 4, 4, 4), torch.full((2, 5), 6)
+    tau = torch.tensor([[0, 0, 0, 0, 64], [0, 0, 0, 64, 64]])
+    keep = torch.tensor([[True, True, False, True, False], [False, True, True, False, True]])
+    with torch.no_grad():
+        on, off, mixed = net(z, tau, lvl), net(z, tau, lvl, velocity=False), net(z, tau, lvl, velocity=keep)
+    torch.testing.assert_close(mixed[keep], on[keep])
+    torch.testing.assert_close(mixed[~keep], off[~keep])
+    assert not torch.allclose(on[0, 2], off[0, 2])  # the dropped frame did have a velocity term
+    net_cfg = {**NET, "num_actions": 3, "prior": "previous", "velocity": True, "velocity_init": 0.5}
+    noise = {"velocity_drop": 0.5, "clean_prior": True, "tau_ctx": 2 / 64}
+    m = _module(global_step=20, net=net_cfg, noise=noise)
+    calls = []
+    m.net.register_forward_hook(lambda _, a, kw, out: calls.append(kw.get("velocity")), with_kwargs=True)
+    torch.manual_seed(2)
+    m.training_step(_batch(b=8, t=6), 0)
+    student, teachers = calls[0], calls[1:]
+    assert student.shape == (8, 6) and 0 < int(student.sum()) < 48  # about half the frames keep it
+    assert len(teachers) == 2 and all(torch.equal(t, student[8 - t.shape[0] :]) for t in teachers)
+    with pytest.raises(ValueError, match="velocity_drop"):
+        _module(noise={"velocity_drop": 1.0})

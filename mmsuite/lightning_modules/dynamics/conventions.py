@@ -317,6 +317,31 @@ def linear_clean_estimate(z_tau: torch.Tensor, tau_index: torch.Tensor, k_max: i
     return _per_frame("tau_index", scale, z_tau) * z_tau
 
 
+def input_skip_weight(tau_index: torch.Tensor, var: torch.Tensor | float, k_max: int = DEFAULT_K_MAX) -> torch.Tensor:
+    """The weight of a frame's own noisy input against a guess ``g`` of it, per frame (``tau_index`` ``[*F]``).
+
+    If ``z0 = g + δ`` with ``δ ~ N(0, var)`` per latent number, then ``E[z0 | z_τ, g] = g + w·(z_τ − (1 − τ)·g)``
+    with ``w = var·(1 − τ)/(var·(1 − τ)² + τ²)``: 1 at τ = 0 (the input is the frame), 0 at τ = 1 (the guess).
+    ``var`` (a float or per frame): how far the frame may be from the guess; 1 for no guess (``g = 0``, unit-variance
+    latents), where ``w`` is :func:`linear_clean_estimate`'s scale. The model's ``input_skip`` adds ``w`` times
+    :func:`innovation`, so near the clean end it passes its input through instead of rebuilding it in the head.
+    """
+    tau = tau_value(tau_index, k_max)
+    var = _float(var).to(tau.device)
+    if bool((var <= 0).any()):
+        raise ValueError(f"the input skip's variance must be > 0, got {var.min().item()}")
+    return var * (1.0 - tau) / (var * (1.0 - tau).pow(2) + tau.pow(2))
+
+
+def innovation(z_tau: torch.Tensor, guess: torch.Tensor, tau_index: torch.Tensor, k_max: int = DEFAULT_K_MAX):
+    """``z_τ − (1 − τ)·guess``: what a frame's noisy input says beyond a guess of its clean latents (zero in
+    expectation when the guess is right), per frame ``tau_index`` ``[*F]`` of ``z_τ`` ``[*F, ...]``."""
+    _same_shape(z_tau=z_tau, guess=guess)
+    z_tau = _float(z_tau)
+    tau = _like(tau_value(tau_index, k_max), z_tau)
+    return z_tau - _per_frame("tau_index", 1.0 - tau, z_tau) * guess.to(z_tau.dtype)
+
+
 def _check_step(tau: torch.Tensor, d: torch.Tensor) -> None:
     _check_range("tau", tau, 0.0, 1.0, low_open=True)
     _check_range("d", d, 0.0, 1.0, low_open=True)

@@ -42,6 +42,13 @@ latent number (starting at ``velocity_init``; at 0 an untrained model is unchang
 figure, the camera pan) continues from one frame to the next, and a learned multiple of the last change says so
 exactly; a head that had to recompute that change from noisy inputs could not. The cached path then needs the last
 two cached frames.
+``input_skip``: the output also gets ``w·(z_τ − (1 − τ)·g)``, the frame's own noisy input beyond the guess ``g``
+(the prior's base and velocity term; 0 without a prior), at the fixed Gaussian posterior weight ``w`` for a change of
+variance ``input_skip_var`` (:func:`.conventions.input_skip_weight`): near the clean end the output is then the input
+itself; at τ ≥ 1/4 the term is small. Without it the head has to rebuild a nearly clean input from the residual
+stream, and does so badly (a frame at τ 1/64 after a clean context came out 100× worse than its input), which is
+what a 64-step sampler's last steps ask of it. The weights are not learned: a learned weight per τ index drifted up
+to 0.7 at τ = 1/2 and 0.2 at τ = 1 and broke the rollout (experiments/dynamics/README.md, tenth round).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from mmsuite.lightning_modules.dynamics.conventions import (
     DEFAULT_K_MAX,
     check_k_max,
     finest_level,
+    innovation,
+    input_skip_weight,
     linear_clean_estimate,
     num_levels,
 )
@@ -184,6 +193,9 @@ class DynamicsTransformer(nn.Module):
         velocity: with ``prior: previous``, add predicted coefficients times the change between the two frames
             before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
             ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
+        input_skip: add the posterior weight times the frame's noisy input beyond the guess (the prior's base and
+            velocity term), for a change of variance ``input_skip_var`` per latent number from the guess; 1 at
+            τ = 0, 0 at τ = 1. No parameters.
     """
 
     def __init__(
@@ -206,6 +218,8 @@ class DynamicsTransformer(nn.Module):
         copy_mask: bool = False,
         velocity: bool = False,
         velocity_init: float = 0.0,
+        input_skip: bool = False,
+        input_skip_var: float = 0.01,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
@@ -267,6 +281,9 @@ class DynamicsTransformer(nn.Module):
         # velocity: a coefficient per latent number on the change between the two clean frames before, from
         # velocity_init
         self.velocity_head = nn.Linear(dim, self.patch_dim) if velocity else None
+        if input_skip and not float(input_skip_var) > 0:
+            raise ValueError(f"input_skip_var must be > 0, got {input_skip_var}")
+        self.input_skip, self.input_skip_var = bool(input_skip), float(input_skip_var)
         self.apply(self._init_weights)
         for extra in (self.mask_head, self.velocity_head):
             if extra is not None:
@@ -346,11 +363,12 @@ class DynamicsTransformer(nn.Module):
         checkpoint: bool = False,
         prior_z: torch.Tensor | None = None,
         prior_index: torch.Tensor | None = None,
-        velocity: bool = True,
+        velocity: bool | torch.Tensor = True,
     ) -> torch.Tensor:
         """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
         (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what ``prior:
-        previous`` reads of each frame instead of ``(z, tau_index)``. ``velocity=False`` leaves out the
+        previous`` reads of each frame instead of ``(z, tau_index)``. ``velocity=False`` (or a bool ``[B, T]``, per
+        frame: where False) leaves out the
         ``velocity`` term (a rollout past its first frame, where the change before is the model's own)."""
         self._check_inputs(z, tau_index, step_level, actions)
         x = self.frame_tokens(z, tau_index, step_level, actions)
@@ -363,16 +381,29 @@ class DynamicsTransformer(nn.Module):
         return self._output(x, z, tau_index, None, prior_z, prior_index, velocity)
 
     def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None, velocity=True) -> torch.Tensor:
-        """Head on the patch slots, plus the ``prior`` base (the estimate of each frame's predecessor; for the
-        first frame that of ``prev`` = ``(z [B, k, ...], tau_index [B, k])``, the ``k`` frames before, or zero) and,
-        with ``velocity``, the predicted coefficients times the change between the two frames before."""
+        """Head on the patch slots, plus the prior's guess (:meth:`_guess`; for the first frame from ``prev`` =
+        ``(z [B, k, ...], tau_index [B, k])``, the ``k`` frames before, or zero) and, with ``input_skip``, the
+        weighted input beyond that guess."""
         feats = self.norm_out(x[:, :, -self.num_patches :])
         out = self.head(feats)
         if self.mask_head is not None:  # [B, T, N, p²] -> the same mask for every channel of a position
             out = out * torch.sigmoid(self.mask_head(feats)).repeat(1, 1, 1, self.latent_channels)
         out = self.unpatchify(out)
+        terms = self._guess_terms(feats, z, tau_index, prev, prior_z, prior_index, velocity)
+        for term in terms:
+            out = out + term.to(out.dtype)
+        if self.input_skip:  # the frame's own input beyond the guess, at the posterior weight
+            guess = sum((term.float() for term in terms), torch.zeros_like(z, dtype=torch.float32))
+            w = input_skip_weight(tau_index, self.input_skip_var, self.k_max)[..., None, None, None]
+            out = out + (w * innovation(z, guess, tau_index, self.k_max)).to(out.dtype)
+        return out
+
+    def _guess_terms(self, feats, z, tau_index, prev, prior_z, prior_index, velocity) -> list[torch.Tensor]:
+        """What ``prior: previous`` guesses of each frame, as the terms added to the head's output: the
+        predecessor's weighted clean estimate and, with ``velocity``, the predicted coefficients times the change
+        between the two frames before (no terms without a prior)."""
         if self.prior_gate is None:  # prior: none
-            return out
+            return []
         if (prior_z is None) != (prior_index is None):
             raise ValueError("prior_z and prior_index go together (what the prior reads of each frame)")
         if prior_z is not None and (prior_z.shape != z.shape or prior_index.shape != tau_index.shape):
@@ -394,19 +425,24 @@ class DynamicsTransformer(nn.Module):
             return seq[:, first - n : first - n + t], seq_index[:, first - n : first - n + t]
 
         pred, pred_index = before(1)
+        real = torch.arange(t, device=tau_index.device) + first  # positions in seq; the pad comes first
+        clean_before = (pred_index == 0) & (real - 1 >= pad)  # a real clean frame before
         base = linear_clean_estimate(pred, pred_index, self.k_max)
         gate = self.prior_gate[pred_index, tau_index]  # [B, T]
         if self.fixed_clean_gate_from is not None:  # a clean predecessor of a noisy enough frame: 1, no gradient
             gate = gate.masked_fill((pred_index == 0) & (tau_index >= self.fixed_clean_gate_from), 1.0)
-        out = out + (gate[..., None, None, None] * base).to(out.dtype)
-        if self.velocity_head is not None and velocity:  # only where both frames before are real and clean
+        terms = [gate[..., None, None, None] * base]
+        on_frames = velocity if torch.is_tensor(velocity) else None  # per frame, else for all frames or none
+        if self.velocity_head is not None and (on_frames is not None or velocity):  # where kept and both frames
+            # before are real and clean
             pred2, pred2_index = before(2)
-            real = torch.arange(t, device=tau_index.device) + first - 2 >= pad
-            on = (pred_index == 0) & (pred2_index == 0) & real
+            on = clean_before & (pred2_index == 0) & (real - 2 >= pad)
+            if on_frames is not None:
+                on = on & on_frames.to(device=on.device, dtype=torch.bool)
             change = (pred - pred2) * on[..., None, None, None].to(pred.dtype)
             coef = self.unpatchify(self.velocity_head(feats))
-            out = out + coef * change.to(out.dtype)
-        return out
+            terms.append(coef * change.to(coef.dtype))
+        return terms
 
     # --- incremental (cached) forward for rollouts ----------------------------------------------------------
 

@@ -22,6 +22,14 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
 * ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
   of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
   context noise.
+* ``noise.velocity_drop``: that share of the frames is trained without ``net.velocity``'s term (a per-frame mask,
+  the teacher keeps it), so the model also learns a clean predecessor without it, which is what the rollout's
+  later frames see under ``rollout.velocity: observed``.
+* ``noise.own_context`` (self-forcing): that share of the sequence rows (after ``noise.own_context_start`` steps)
+  first predicts one frame every ``pattern_period`` frames from the real frames around it (``own_context_steps``
+  Euler steps, no grad), then trains the frame after each prediction with the prediction as its predecessor (held
+  at τ_ctx, read by the prior as given, no velocity term when ``rollout.velocity`` is ``observed``), as a rollout's
+  second step sees it. The predicted frames carry no loss; the real held frames keep theirs.
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/boot_rows``,
@@ -120,6 +128,16 @@ class DynamicsModule(L.LightningModule):
             raise ValueError(f"noise.pattern_period must be >= 2, got {self.pattern_period}")
         self.pattern_tau_ctx = float(nz.get("tau_ctx", 0.1))
         self.clean_prior = bool(nz.get("clean_prior", False))
+        self.velocity_drop = float(nz.get("velocity_drop", 0.0))
+        if not 0.0 <= self.velocity_drop < 1.0:
+            raise ValueError(f"noise.velocity_drop must be in [0, 1), got {self.velocity_drop}")
+        self.own_context = float(nz.get("own_context", 0.0))
+        self.own_context_steps = int(nz.get("own_context_steps", 4))
+        self.own_context_start = int(nz.get("own_context_start", 0))
+        if not 0.0 <= self.own_context <= 1.0:
+            raise ValueError(f"noise.own_context must be in [0, 1], got {self.own_context}")
+        if self.own_context:
+            C.sampling_schedule(self.own_context_steps, self.k_max)  # a power of two <= k_max, else a clear error
         if self.net.velocity_head is not None and not self.clean_prior:
             raise ValueError(
                 "model.net.velocity needs model.noise.clean_prior=true (it acts only where the prior reads two clean "
@@ -219,7 +237,12 @@ class DynamicsModule(L.LightningModule):
                 tau_idx[r, frames] = held
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
-        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx))
+        vkw = {}
+        if self.velocity_drop and self.net.velocity_head is not None:  # frames trained without the velocity term
+            vkw["velocity"] = torch.rand(b, t, device=dev) >= self.velocity_drop
+        x_hat = self.net(
+            z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx), **vkw
+        )
         w = C.ramp_weight(tau)
         if self.motion_floor is not None:  # nearly still frames weigh more (the rollout is scored in log MSE)
             w = w * C.motion_weight(z0, self.motion_floor)
@@ -228,17 +251,64 @@ class DynamicsModule(L.LightningModule):
         if n_boot:
             zb, ib, lb = z_tau[n_flow:], tau_idx[n_flow:], level[n_flow:]
             ab = None if actions is None else actions[n_flow:]
+            vkb = {k: v[n_flow:] for k, v in vkw.items()}  # the teacher keeps the student's velocity frames
             with torch.no_grad():  # the teacher: two half steps of the same network
                 half = C.teacher_level(lb, self.k_max)
                 tau_b, d_b = tau[n_flow:], C.step_size(lb, self.k_max).to(dev)
-                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0[n_flow:], ib))
+                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0[n_flow:], ib), **vkb)
                 z_mid, tau_mid = C.teacher_midpoint(zb, x1, tau_b, d_b)
                 i_mid = C.tau_index(tau_mid, self.k_max)
-                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0[n_flow:], i_mid))
+                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0[n_flow:], i_mid), **vkb)
                 x_star = C.bootstrap_x_target(zb, z_mid, x1, x2, tau_b, d_b).detach()
             out["boot"] = (w[n_flow:] * C.bootstrap_loss_x(x_hat[n_flow:], x_star, 2)).sum()
             out["anchor"] = clean_err[n_flow:].sum()
         return out
+
+    def _own_context_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
+        """Self-forcing rows ``[B, T, ...]`` (``noise.own_context``): the model predicts one frame every
+        ``pattern_period`` frames (random phase, never the last frame) from the real frames, held at τ_ctx, in
+        ``own_context_steps`` no-grad Euler steps; then the frame after each prediction is a target (iid τ at the
+        finest level) whose predecessor is that prediction, held at τ_ctx and read by the prior as given. The
+        predicted frames have no loss."""
+        b, t = z0.shape[:2]
+        dev = z0.device
+        held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
+        fine = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=dev)
+        own = torch.zeros(b, t, dtype=torch.bool, device=dev)
+        for r in range(b):
+            own[r, int(torch.randint(0, self.pattern_period, ())) : t - 1 : self.pattern_period] = True
+        target = torch.zeros_like(own)
+        target[:, 1:] = own[:, :-1]
+        mask = own[..., None, None, None]
+        indices, level = C.sampling_schedule(self.own_context_steps, self.k_max)
+        ctx = C.noise(z0, C.tau_value(torch.full_like(fine, held), self.k_max), torch.randn_like(z0))
+        z = torch.randn_like(z0)
+        lvl = fine.masked_fill(own, level)
+        d = C.step_size(torch.full_like(fine, level), self.k_max).to(dev)  # the step of every frame (only own kept)
+        with torch.no_grad():  # the model's own predictions of the frames in ``own``, from the real ones
+            for index in indices.tolist():
+                idx = torch.full_like(fine, held).masked_fill(own, index)
+                z_in = torch.where(mask, z, ctx)
+                reads = {}
+                if self.clean_prior:  # the real frames are read clean, the predicted ones as they are
+                    reads = {"prior_z": torch.where(mask, z_in, z0), "prior_index": idx.masked_fill(~own, 0)}
+                x_hat = self.net(z_in, idx, lvl, actions, **reads)
+                z = C.euler_step(z, x_hat, C.tau_value(torch.full_like(fine, index), self.k_max).to(dev), d)
+        z_own = torch.where(mask, z.detach(), z0)
+        tau_idx = torch.where(target, C.sample_tau_indices(fine, self.k_max), torch.full_like(fine, held))
+        tau = C.tau_value(tau_idx, self.k_max)
+        z_tau = C.noise(z_own, tau, torch.randn_like(z0))
+        velocity = self.rollout_cfg["velocity"] == "all"  # observed: no velocity term after a predicted frame
+        vkw = {} if velocity or self.net.velocity_head is None else {"velocity": False}
+        x_hat = self.net(
+            z_tau, tau_idx, fine, actions, checkpoint=checkpoint, **self._prior(z_tau, z_own, tau_idx), **vkw
+        )
+        w = C.ramp_weight(tau) * (~own).float()
+        if self.motion_floor is not None:
+            w = w * C.motion_weight(z0, self.motion_floor)
+        err = (w * C.per_frame_mse(x_hat, z0, 2)).sum()
+        n = int((~own).sum())
+        return {"flow": err, "n_flow": n, "n": n, "n_boot": 0}
 
     def training_step(self, batch, batch_idx):
         z0 = batch["latents"]
@@ -247,8 +317,16 @@ class DynamicsModule(L.LightningModule):
         single = list(batch.get("single") or [False] * b)
         seq_rows = [i for i in range(b) if not single[i]]
         one_rows = [i for i in range(b) if single[i]]
+        own_rows = []
+        if self.own_context and t >= 3 and self.global_step >= self.own_context_start:
+            own_rows = [i for i in seq_rows if float(torch.rand(())) < self.own_context]
+            seq_rows = [i for i in seq_rows if i not in own_rows]
         checkpoint = self.ckpt_min_frames is not None and t >= int(self.ckpt_min_frames)
         parts = []
+        if own_rows:
+            parts.append(
+                self._own_context_losses(z0[own_rows], None if actions is None else actions[own_rows], checkpoint)
+            )
         if seq_rows:
             parts.append(self._group_losses(z0[seq_rows], None if actions is None else actions[seq_rows], checkpoint))
         if one_rows:  # T=1 rows: every frame of the row on its own
