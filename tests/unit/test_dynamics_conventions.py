@@ -327,7 +327,7 @@ def test_input_skip_weight_is_the_posterior_weight_of_the_input_against_a_guess(
         tau = torch.full((200_000,), index)
         innov = C.innovation(C.noise(z0, C.tau_value(tau, K_MAX), eps), guess, tau, K_MAX)
         best = ((z0 - guess) * innov).mean() / (innov * innov).mean()  # least squares: z0 ≈ guess + best·innov
-        assert float(w[index]) == pytest.approx(float(best), abs=0.01), index
+        assert float(w[index]) == pytest.approx(float(best), rel=0.05), index
     torch.testing.assert_close(innov, C.tau_value(tau, K_MAX) * eps + (1 - C.tau_value(tau, K_MAX)) * (z0 - guess))
     idx = torch.tensor([[5, 40], [5, 40]])
     per_frame = C.input_skip_weight(idx, torch.tensor([[0.01, 0.01], [1.0, 1.0]]), K_MAX)

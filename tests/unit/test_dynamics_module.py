@@ -658,7 +658,11 @@ def test_own_context_rows_train_the_frame_after_the_models_own_prediction(veloci
     assert not torch.allclose(predicted, z0[own], atol=1e-3)  # the prior reads the model's own frames there...
     torch.testing.assert_close(student["prior_z"][~own & ~target], z0[~own & ~target])  # ...and real ones here
     assert (student["prior_index"][own] == 0).all()
-    assert ("velocity" in student) == (velocity_mode == "observed")  # as the rollout after its first frame
+    if velocity_mode == "observed":  # as in the rollout: no velocity term for a frame after a prediction
+        torch.testing.assert_close(student["velocity"], ~target)
+    else:
+        assert "velocity" not in student
+    assert m.net.velocity_head.weight.grad is not None  # used in every batch (DDP needs every parameter used)
     # the predictions carry no loss: changing the real latents there leaves the loss as it was
     m2 = _module(global_step=20, net=net, noise=noise, shortcut={"fraction": 0.0}, rollout={"velocity": velocity_mode})
     m2.net.load_state_dict(m.net.state_dict())
@@ -670,6 +674,7 @@ def test_own_context_rows_train_the_frame_after_the_models_own_prediction(veloci
         torch.manual_seed(4)
         loss_b = m2.training_step(batch2, 0)
     torch.testing.assert_close(loss_a, loss_b)  # nothing of the real frames behind the predictions is used
+    # (here: with loss.motion_floor the real clip's motion still weights the frames next to them)
     torch.manual_seed(4)
     batch2["latents"][target] += 5.0
     with torch.no_grad():
@@ -689,6 +694,9 @@ def test_velocity_per_frame_mask_and_velocity_drop():
     torch.testing.assert_close(mixed[keep], on[keep])
     torch.testing.assert_close(mixed[~keep], off[~keep])
     assert not torch.allclose(on[0, 2], off[0, 2])  # the dropped frame did have a velocity term
+    for bad in (keep.float(), keep[0]):
+        with pytest.raises(ValueError, match="velocity mask"):
+            net(z, tau, lvl, velocity=bad)
     net_cfg = {**NET, "num_actions": 3, "prior": "previous", "velocity": True, "velocity_init": 0.5}
     noise = {"velocity_drop": 0.5, "clean_prior": True, "tau_ctx": 2 / 64}
     m = _module(global_step=20, net=net_cfg, noise=noise)
@@ -701,3 +709,5 @@ def test_velocity_per_frame_mask_and_velocity_drop():
     assert len(teachers) == 2 and all(torch.equal(t, student[8 - t.shape[0] :]) for t in teachers)
     with pytest.raises(ValueError, match="velocity_drop"):
         _module(noise={"velocity_drop": 1.0})
+    with pytest.raises(ValueError, match="velocity_drop needs"):
+        _module(noise={"velocity_drop": 0.5})  # no velocity term to drop

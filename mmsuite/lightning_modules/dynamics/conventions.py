@@ -327,9 +327,12 @@ def input_skip_weight(tau_index: torch.Tensor, var: torch.Tensor | float, k_max:
     :func:`innovation`, so near the clean end it passes its input through instead of rebuilding it in the head.
     """
     tau = tau_value(tau_index, k_max)
+    if isinstance(var, (int, float)):  # the model's case: checked here, no device sync
+        if not var > 0:
+            raise ValueError(f"the input skip's variance must be > 0, got {var}")
+    elif bool((torch.as_tensor(var) <= 0).any()):
+        raise ValueError(f"the input skip's variance must be > 0, got {torch.as_tensor(var).min().item()}")
     var = _float(var).to(tau.device)
-    if bool((var <= 0).any()):
-        raise ValueError(f"the input skip's variance must be > 0, got {var.min().item()}")
     return var * (1.0 - tau) / (var * (1.0 - tau).pow(2) + tau.pow(2))
 
 

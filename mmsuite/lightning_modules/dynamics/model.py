@@ -44,7 +44,8 @@ exactly; a head that had to recompute that change from noisy inputs could not. T
 two cached frames.
 ``input_skip``: the output also gets ``w·(z_τ − (1 − τ)·g)``, the frame's own noisy input beyond the guess ``g``
 (the prior's base and velocity term; 0 without a prior), at the fixed Gaussian posterior weight ``w`` for a change of
-variance ``input_skip_var`` (:func:`.conventions.input_skip_weight`): near the clean end the output is then the input
+variance ``input_skip_var`` (:func:`.conventions.input_skip_weight`; one variance for every frame, also those with
+no real guess: the first frame, T=1 rows, a noisy predecessor): near the clean end the output is then the input
 itself; at τ ≥ 1/4 the term is small. Without it the head has to rebuild a nearly clean input from the residual
 stream, and does so badly (a frame at τ 1/64 after a clean context came out 100× worse than its input), which is
 what a 64-step sampler's last steps ask of it. The weights are not learned: a learned weight per τ index drifted up
@@ -390,13 +391,14 @@ class DynamicsTransformer(nn.Module):
             out = out * torch.sigmoid(self.mask_head(feats)).repeat(1, 1, 1, self.latent_channels)
         out = self.unpatchify(out)
         terms = self._guess_terms(feats, z, tau_index, prev, prior_z, prior_index, velocity)
-        for term in terms:
-            out = out + term.to(out.dtype)
-        if self.input_skip:  # the frame's own input beyond the guess, at the posterior weight
-            guess = sum((term.float() for term in terms), torch.zeros_like(z, dtype=torch.float32))
-            w = input_skip_weight(tau_index, self.input_skip_var, self.k_max)[..., None, None, None]
-            out = out + (w * innovation(z, guess, tau_index, self.k_max)).to(out.dtype)
-        return out
+        if not self.input_skip:
+            for term in terms:
+                out = out + term.to(out.dtype)
+            return out
+        # the guess plus the frame's own input beyond it at the posterior weight, summed in float32 and rounded once
+        guess = sum((term.float() for term in terms), torch.zeros_like(z, dtype=torch.float32))
+        w = input_skip_weight(tau_index, self.input_skip_var, self.k_max)[..., None, None, None]
+        return out + (guess + w * innovation(z, guess, tau_index, self.k_max)).to(out.dtype)
 
     def _guess_terms(self, feats, z, tau_index, prev, prior_z, prior_index, velocity) -> list[torch.Tensor]:
         """What ``prior: previous`` guesses of each frame, as the terms added to the head's output: the
@@ -433,12 +435,17 @@ class DynamicsTransformer(nn.Module):
             gate = gate.masked_fill((pred_index == 0) & (tau_index >= self.fixed_clean_gate_from), 1.0)
         terms = [gate[..., None, None, None] * base]
         on_frames = velocity if torch.is_tensor(velocity) else None  # per frame, else for all frames or none
+        if on_frames is not None and (on_frames.dtype != torch.bool or on_frames.shape != tau_index.shape):
+            raise ValueError(
+                f"a per-frame velocity mask must be bool with the shape of tau_index {tuple(tau_index.shape)}, got "
+                f"{on_frames.dtype} {tuple(on_frames.shape)}"
+            )
         if self.velocity_head is not None and (on_frames is not None or velocity):  # where kept and both frames
             # before are real and clean
             pred2, pred2_index = before(2)
             on = clean_before & (pred2_index == 0) & (real - 2 >= pad)
             if on_frames is not None:
-                on = on & on_frames.to(device=on.device, dtype=torch.bool)
+                on = on & on_frames.to(on.device)
             change = (pred - pred2) * on[..., None, None, None].to(pred.dtype)
             coef = self.unpatchify(self.velocity_head(feats))
             terms.append(coef * change.to(coef.dtype))
@@ -457,7 +464,7 @@ class DynamicsTransformer(nn.Module):
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
         prior_z: torch.Tensor | None = None,
         prior_index: torch.Tensor | None = None,
-        velocity: bool = True,
+        velocity: bool | torch.Tensor = True,
     ) -> tuple[torch.Tensor, list]:
         """:meth:`forward` for frames ``z`` ``[B, t, ...]`` that follow the frames already in ``cache``.
 

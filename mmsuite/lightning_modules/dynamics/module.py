@@ -26,10 +26,11 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   the teacher keeps it), so the model also learns a clean predecessor without it, which is what the rollout's
   later frames see under ``rollout.velocity: observed``.
 * ``noise.own_context`` (self-forcing): that share of the sequence rows (after ``noise.own_context_start`` steps)
-  first predicts one frame every ``pattern_period`` frames from the real frames around it (``own_context_steps``
-  Euler steps, no grad), then trains the frame after each prediction with the prediction as its predecessor (held
-  at τ_ctx, read by the prior as given, no velocity term when ``rollout.velocity`` is ``observed``), as a rollout's
-  second step sees it. The predicted frames carry no loss; the real held frames keep theirs.
+  first predicts one frame every ``pattern_period`` frames from the frames before it (``own_context_steps`` Euler
+  steps, no grad, all of a row's predictions at once, so a later one sees the earlier ones half-denoised), then
+  trains the frame after each prediction with the prediction as its predecessor (held at τ_ctx, read by the prior
+  as given, and under ``rollout.velocity: observed`` without the velocity term), as a rollout's second step sees it.
+  The predicted frames carry no loss; the real held frames keep theirs.
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/boot_rows``,
@@ -131,6 +132,8 @@ class DynamicsModule(L.LightningModule):
         self.velocity_drop = float(nz.get("velocity_drop", 0.0))
         if not 0.0 <= self.velocity_drop < 1.0:
             raise ValueError(f"noise.velocity_drop must be in [0, 1), got {self.velocity_drop}")
+        if self.velocity_drop and self.net.velocity_head is None:
+            raise ValueError("noise.velocity_drop needs model.net.velocity=true (there is no velocity term to drop)")
         self.own_context = float(nz.get("own_context", 0.0))
         self.own_context_steps = int(nz.get("own_context_steps", 4))
         self.own_context_start = int(nz.get("own_context_start", 0))
@@ -266,10 +269,11 @@ class DynamicsModule(L.LightningModule):
 
     def _own_context_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
         """Self-forcing rows ``[B, T, ...]`` (``noise.own_context``): the model predicts one frame every
-        ``pattern_period`` frames (random phase, never the last frame) from the real frames, held at τ_ctx, in
-        ``own_context_steps`` no-grad Euler steps; then the frame after each prediction is a target (iid τ at the
-        finest level) whose predecessor is that prediction, held at τ_ctx and read by the prior as given. The
-        predicted frames have no loss."""
+        ``pattern_period`` frames (random phase, never the last frame) from the frames before it (the real ones held
+        at τ_ctx; all predictions of a row denoised together), in ``own_context_steps`` no-grad Euler steps; then
+        the frame after each prediction is a target (iid τ at the finest level) whose predecessor is that
+        prediction, held at τ_ctx and read by the prior as given. The predicted frames have no loss (the motion
+        weights still read the real clip)."""
         b, t = z0.shape[:2]
         dev = z0.device
         held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
@@ -298,8 +302,9 @@ class DynamicsModule(L.LightningModule):
         tau_idx = torch.where(target, C.sample_tau_indices(fine, self.k_max), torch.full_like(fine, held))
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z_own, tau, torch.randn_like(z0))
-        velocity = self.rollout_cfg["velocity"] == "all"  # observed: no velocity term after a predicted frame
-        vkw = {} if velocity or self.net.velocity_head is None else {"velocity": False}
+        vkw = {}  # observed: as in the rollout, no velocity term for a frame after a prediction (the others keep it)
+        if self.rollout_cfg["velocity"] == "observed" and self.net.velocity_head is not None:
+            vkw["velocity"] = ~target
         x_hat = self.net(
             z_tau, tau_idx, fine, actions, checkpoint=checkpoint, **self._prior(z_tau, z_own, tau_idx), **vkw
         )
