@@ -369,8 +369,8 @@ class DynamicsTransformer(nn.Module):
         """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
         (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what ``prior:
         previous`` reads of each frame instead of ``(z, tau_index)``. ``velocity=False`` (or a bool ``[B, T]``, per
-        frame: where False) leaves out the
-        ``velocity`` term (a rollout past its first frame, where the change before is the model's own)."""
+        frame: where False) leaves out the ``velocity`` term (a rollout past its first frame, where the change before
+        is the model's own)."""
         self._check_inputs(z, tau_index, step_level, actions)
         x = self.frame_tokens(z, tau_index, step_level, actions)
         rope = rope_tables(z.shape[1], self.head_dim, self.rope_base, device=z.device)
@@ -382,7 +382,7 @@ class DynamicsTransformer(nn.Module):
         return self._output(x, z, tau_index, None, prior_z, prior_index, velocity)
 
     def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None, velocity=True) -> torch.Tensor:
-        """Head on the patch slots, plus the prior's guess (:meth:`_guess`; for the first frame from ``prev`` =
+        """Head on the patch slots, plus the prior's guess (:meth:`_guess_terms`; for the first frame from ``prev`` =
         ``(z [B, k, ...], tau_index [B, k])``, the ``k`` frames before, or zero) and, with ``input_skip``, the
         weighted input beyond that guess."""
         feats = self.norm_out(x[:, :, -self.num_patches :])

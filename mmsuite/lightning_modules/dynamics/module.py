@@ -276,22 +276,24 @@ class DynamicsModule(L.LightningModule):
         weights still read the real clip)."""
         b, t = z0.shape[:2]
         dev = z0.device
-        held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
         fine = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=dev)
-        own = torch.zeros(b, t, dtype=torch.bool, device=dev)
+        held = torch.full_like(fine, C.snap_context_tau(self.pattern_tau_ctx, self.k_max))
+        own = torch.zeros(b, t, dtype=torch.bool)  # built on the CPU: its count needs no device sync
         for r in range(b):
             own[r, int(torch.randint(0, self.pattern_period, ())) : t - 1 : self.pattern_period] = True
+        n = b * t - int(own.sum())  # the frames with a loss
+        own = own.to(dev)
         target = torch.zeros_like(own)
         target[:, 1:] = own[:, :-1]
         mask = own[..., None, None, None]
         indices, level = C.sampling_schedule(self.own_context_steps, self.k_max)
-        ctx = C.noise(z0, C.tau_value(torch.full_like(fine, held), self.k_max), torch.randn_like(z0))
+        ctx = C.noise(z0, C.tau_value(held, self.k_max), torch.randn_like(z0))
         z = torch.randn_like(z0)
         lvl = fine.masked_fill(own, level)
         d = C.step_size(torch.full_like(fine, level), self.k_max).to(dev)  # the step of every frame (only own kept)
         with torch.no_grad():  # the model's own predictions of the frames in ``own``, from the real ones
             for index in indices.tolist():
-                idx = torch.full_like(fine, held).masked_fill(own, index)
+                idx = held.masked_fill(own, index)
                 z_in = torch.where(mask, z, ctx)
                 reads = {}
                 if self.clean_prior:  # the real frames are read clean, the predicted ones as they are
@@ -299,7 +301,7 @@ class DynamicsModule(L.LightningModule):
                 x_hat = self.net(z_in, idx, lvl, actions, **reads)
                 z = C.euler_step(z, x_hat, C.tau_value(torch.full_like(fine, index), self.k_max).to(dev), d)
         z_own = torch.where(mask, z.detach(), z0)
-        tau_idx = torch.where(target, C.sample_tau_indices(fine, self.k_max), torch.full_like(fine, held))
+        tau_idx = torch.where(target, C.sample_tau_indices(fine, self.k_max), held)
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z_own, tau, torch.randn_like(z0))
         vkw = {}  # observed: as in the rollout, no velocity term for a frame after a prediction (the others keep it)
@@ -312,7 +314,6 @@ class DynamicsModule(L.LightningModule):
         if self.motion_floor is not None:
             w = w * C.motion_weight(z0, self.motion_floor)
         err = (w * C.per_frame_mse(x_hat, z0, 2)).sum()
-        n = int((~own).sum())
         return {"flow": err, "n_flow": n, "n": n, "n_boot": 0}
 
     def training_step(self, batch, batch_idx):
