@@ -490,7 +490,11 @@ class ImageTokenizer:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Float latents ``[B, C, h, w]`` -> uint8 images ``[B, H, W, 3]``."""
-        latents = torch.as_tensor(latents).float()
+        return self._to_uint8(self.decode_latents_float(torch.as_tensor(latents).float()))
+
+    def decode_latents_float(self, latents: torch.Tensor) -> torch.Tensor:
+        """Float latents ``[B, C, h, w]`` -> float images ``[B, 3, H, W]`` near ``[-1, 1]`` (not clamped), with autograd
+        through the decoder when grad is enabled (a loss in pixels; the caller freezes the weights)."""
         if latents.ndim != 4 or latents.shape[1] != self.net.latent_channels:
             raise ValueError(f"latents must be [B, {self.net.latent_channels}, h, w], got shape {tuple(latents.shape)}")
-        return self._to_uint8(self.net.decode(latents.to(self.device)))
+        return self.net.decode(latents.float().to(self.device))

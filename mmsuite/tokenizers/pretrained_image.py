@@ -279,13 +279,18 @@ class PretrainedImageTokenizer:
     @torch.no_grad()
     def decode_latents(self, latents) -> torch.Tensor:
         """Float latents ``[B, C, h, w]`` -> uint8 images ``[B, H, W, 3]``."""
-        z = torch.as_tensor(latents)
+        return _to_uint8(self.decode_latents_float(torch.as_tensor(latents)))
+
+    def decode_latents_float(self, latents: torch.Tensor) -> torch.Tensor:
+        """Float latents ``[B, C, h, w]`` -> float images ``[B, 3, H, W]`` near ``[-1, 1]`` (not clamped), with autograd
+        through the decoder when grad is enabled (a loss in pixels; the caller freezes the weights)."""
+        z = latents
         c = self.latent_channels
         if z.ndim != 4 or z.shape[1] != c or tuple(z.shape[-2:]) != self.grid:
             raise ValueError(f"latents must be [B, {c}, {self.grid[0]}, {self.grid[1]}], got shape {tuple(z.shape)}")
         x = self._decode_latents(z.to(device=self.device, dtype=self.dtype))
         self._check_image(x)
-        return _to_uint8(x)
+        return x
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != self.image_size:

@@ -711,3 +711,65 @@ def test_velocity_per_frame_mask_and_velocity_drop():
         _module(noise={"velocity_drop": 1.0})
     with pytest.raises(ValueError, match="velocity_drop needs"):
         _module(noise={"velocity_drop": 0.5})  # no velocity term to drop
+
+
+def _tiny_decoder(monkeypatch):
+    """A random continuous image tokenizer (4 latent channels, 4x4 -> 8x8 px) in place of the checkpoint."""
+    from mmsuite.tokenizers.image import ImageAutoencoder, ImageTokenizer
+
+    torch.manual_seed(5)
+    net = ImageAutoencoder(levels=None, downsample=2, channels=8, channel_mult=(1, 1), latent_channels=4)
+    tok = ImageTokenizer(net, image_size=8)
+    monkeypatch.setattr("mmsuite.datamodules.dynamics.load_frame_tokenizer", lambda *a, **k: tok)
+    return tok
+
+
+def test_decoded_loss_is_the_weighted_pixel_mse_through_a_frozen_decoder(monkeypatch):
+    tok = _tiny_decoder(monkeypatch)
+    m = _module(global_step=0, shortcut={"fraction": 0.0}, loss={"decoded": 3.0, "decoded_frames": 1000})
+    m.latent_std.fill_(2.0)  # the decoder reads the tokenizer's own scale
+    batch = _batch(b=2, t=3)
+    x_hat = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    w = torch.rand(2, 3)
+    got = m._decoded_loss(x_hat, batch["latents"], w)
+    img = tok.net.decode(x_hat.flatten(0, 1) * 2.0)
+    ref = tok.net.decode(batch["latents"].flatten(0, 1) * 2.0)
+    want = (w.flatten() * ((img - ref) ** 2).flatten(1).mean(1) / 4).sum()  # every frame: exact
+    assert torch.allclose(got, want, rtol=1e-5)
+    got.backward()
+    assert x_hat.grad.abs().max() > 0  # the gradient reaches the latents ...
+    assert all(not p.requires_grad and p.grad is None for p in tok.net.parameters())  # ... not the decoder
+    # one frame of six, scaled up six times: an unbiased estimate of the sum
+    m.decoded_frames = 1
+    torch.manual_seed(0)
+    one = m._decoded_loss(x_hat.detach(), batch["latents"], w)
+    per = w.flatten() * ((img - ref) ** 2).flatten(1).mean(1).detach() / 4
+    assert torch.isclose(one, 6 * per).any()
+    # decoded_floor f: f*log(1 + mse/f), the MSE for small errors and its log for large ones
+    m.decoded_frames, m.decoded_floor = 1000, 1e-3
+    mse = ((img - ref) ** 2).flatten(1).mean(1).detach() / 4
+    want = (w.flatten() * 1e-3 * torch.log1p(mse / 1e-3)).sum()
+    assert torch.allclose(m._decoded_loss(x_hat.detach(), batch["latents"], w), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="decoded_floor"):
+        _module(loss={"decoded": 1.0, "decoded_floor": 0.0})
+
+
+def test_decoded_loss_enters_training_only_when_on(monkeypatch):
+    _tiny_decoder(monkeypatch)
+    batch = _batch(b=4, t=5)
+
+    def loss_of(**kw):
+        m = _module(global_step=0, shortcut={"fraction": 0.0}, **kw)
+        torch.manual_seed(7)
+        return m, m.training_step(batch, 0)
+
+    _, plain = loss_of()
+    m, same = loss_of(loss={"decoded": 0.0})
+    assert torch.equal(plain, same) and m._decoder is None  # off: the decoder is not even loaded
+    m, more = loss_of(loss={"decoded": 2.0})
+    assert more > plain
+    more.backward()
+    assert m.net.head.weight.grad.abs().max() > 0
+    for bad in ({"decoded": -1.0}, {"decoded": 1.0, "decoded_frames": 0}):
+        with pytest.raises(ValueError, match="loss.decoded"):
+            _module(loss=bad)

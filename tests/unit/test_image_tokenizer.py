@@ -178,6 +178,12 @@ def test_continuous_tokenizer_latents():
     assert tok.decode_latents(z).shape == (2, 32, 32, 3)
     with pytest.raises(RuntimeError, match="continuous"):
         tok.encode(_images(1))
+    # the float decode (a pixel loss through the decoder) is the uint8 one before rounding, with autograd
+    zg = z.clone().requires_grad_(True)
+    x = tok.decode_latents_float(zg)
+    assert torch.equal(tok._to_uint8(x.detach()), tok.decode_latents(z))
+    x.sum().backward()
+    assert zg.grad.abs().max() > 0
 
 
 # -- Lightning module and checkpoint ----------------------------------------------------------------------

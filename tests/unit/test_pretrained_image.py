@@ -357,6 +357,11 @@ def test_autoencoder_kl_latents_scale_and_decode(kl_dir):
     assert z.shape == (2, 4, 8, 8) and torch.allclose(z, mean * 0.5, atol=1e-6)
     out = tok.decode_latents(z)
     assert out.shape == (2, 16, 16, 3) and torch.equal(out, _u8(ref))
+    zg = z.clone().requires_grad_(True)  # the float decode, differentiable (a pixel loss through it)
+    x = tok.decode_latents_float(zg)
+    assert torch.allclose(x.detach(), ref, atol=1e-5)
+    x.sum().backward()
+    assert zg.grad.abs().max() > 0
     over = _kl_tok(kl_dir, subfolder="vae", scaling_factor=0.25, shift_factor=0.1)
     assert torch.allclose(over.encode_latents(img), (mean - 0.1) * 0.25, atol=1e-6)
     assert torch.equal(over.decode_latents((mean - 0.1) * 0.25), tok.decode_latents(mean * 0.5))

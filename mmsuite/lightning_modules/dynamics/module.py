@@ -31,10 +31,13 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   trains the frame after each prediction with the prediction as its predecessor (held at τ_ctx, read by the prior
   as given, and under ``rollout.velocity: observed`` without the velocity term), as a rollout's second step sees it.
   The predicted frames carry no loss; the real held frames keep theirs.
+* ``loss.decoded`` (off): the flow rows' error also in decoded pixels, through the frozen frame decoder, on
+  ``loss.decoded_frames`` random frames a batch (``loss.decoded_floor``: per-frame ``f·log(1 + mse/f)``), as the
+  rollout is scored; measured no better than the latent loss alone (experiments/dynamics/README.md, eleventh round).
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
-Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/boot_rows``,
-``train/seq_len`` and a console line ``S T=..`` / ``L T=..`` every ``log_every_n_steps``.
+Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/decoded_loss``,
+``train/boot_rows``, ``train/seq_len`` and a console line ``S T=..`` / ``L T=..`` every ``log_every_n_steps``.
 
 Validation: ``val/loss`` (flow loss at d_min with fixed noise), one-step denoising PSNR per step size
 (``val/denoise/psnr_k{1/d}`` at τ ≈ 0.5), and on the first ``rollout.batches`` batches an autoregressive rollout
@@ -150,6 +153,17 @@ class DynamicsModule(L.LightningModule):
         self.motion_floor = None if floor is None else float(floor)
         if self.motion_floor is not None and not self.motion_floor > 0:
             raise ValueError(f"loss.motion_floor must be null or > 0, got {floor}")
+        self.decoded_weight = float(dict(loss or {}).get("decoded", 0.0) or 0.0)
+        self.decoded_frames = int(dict(loss or {}).get("decoded_frames", 16))
+        floor = dict(loss or {}).get("decoded_floor")
+        self.decoded_floor = None if floor is None else float(floor)
+        if self.decoded_floor is not None and not self.decoded_floor > 0:
+            raise ValueError(f"loss.decoded_floor must be null or > 0, got {floor}")
+        if self.decoded_weight < 0 or self.decoded_frames < 1:
+            raise ValueError(
+                f"loss.decoded must be >= 0 and loss.decoded_frames >= 1, got {self.decoded_weight} and "
+                f"{self.decoded_frames}"
+            )
         self.rollout_cfg = {**ROLLOUT_DEFAULTS, **dict(rollout or {})}
         self.rollout_cfg["steps"] = [int(s) for s in self.rollout_cfg["steps"]]
         for s in self.rollout_cfg["steps"]:
@@ -188,14 +202,45 @@ class DynamicsModule(L.LightningModule):
             from mmsuite.datamodules.dynamics import load_frame_tokenizer
 
             self._decoder = load_frame_tokenizer(self.decoder_cfg, self.image_size, device=self.device)
+            for p in self._decoder_params():  # frozen: the pixel loss (loss.decoded) reaches the latents only
+                p.requires_grad_(False)
         return self._decoder
+
+    def _decoder_params(self):
+        net = getattr(self._decoder, "net", None)
+        net = getattr(self._decoder, "model", None) if net is None else net
+        return list(net.parameters()) if isinstance(net, torch.nn.Module) else []
+
+    def _raw(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[N, C, h, w]`` -> the tokenizer's own latent scale."""
+        return z.float() * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``[..., C, h, w]`` -> uint8 frames ``[..., H, W, 3]`` (CPU)."""
         lead = z.shape[:-3]
-        raw = z.float().flatten(0, -4) * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
+        raw = self._raw(z.flatten(0, -4))
         frames = torch.cat([self.decoder().decode_latents(raw[i : i + 256]) for i in range(0, len(raw), 256)])
         return frames.reshape(*lead, *frames.shape[1:])
+
+    def _decoded_loss(self, x_hat: torch.Tensor, z0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``loss.decoded``: the frames' weighted pixel MSE through the frozen decoder (on the [0, 1] scale of the
+        rollout's PSNR, against the decoded truth as that PSNR is), on ``loss.decoded_frames`` frames drawn at random
+        from ``x_hat`` ``[B, T, ...]`` and scaled up to all of them (an unbiased estimate of the sum over every
+        frame: decoding all would cost more than the dynamics step). With ``loss.decoded_floor`` = f a frame adds
+        ``w·f·log(1 + mse/f)`` instead: its MSE below f, its log above (as PSNR counts a frame), so the frames with
+        large errors do not take over the term."""
+        x, z, wf = x_hat.flatten(0, 1), z0.flatten(0, 1), w.flatten()
+        n = x.shape[0]
+        k = min(self.decoded_frames, n)
+        pick = torch.randperm(n)[:k].to(x.device)
+        dec = self.decoder()
+        images = dec.decode_latents_float(self._raw(x[pick]))
+        with torch.no_grad():
+            truth = dec.decode_latents_float(self._raw(z[pick]))
+        mse = (images.float() - truth.float()).pow(2).flatten(1).mean(1) / 4  # [-1, 1] -> [0, 1] pixels
+        if self.decoded_floor is not None:
+            mse = self.decoded_floor * torch.log1p(mse / self.decoded_floor)
+        return (wf[pick] * mse).sum() * (n / k)
 
     # -- training -------------------------------------------------------------------------------------------
     def _actions(self, batch) -> torch.Tensor | None:
@@ -251,6 +296,9 @@ class DynamicsModule(L.LightningModule):
             w = w * C.motion_weight(z0, self.motion_floor)
         clean_err = w * C.per_frame_mse(x_hat, z0, 2)
         out = {"flow": clean_err[:n_flow].sum(), "n_flow": n_flow * t, "n": b * t, "n_boot": n_boot * t}
+        if self.decoded_weight and n_flow:  # the flow rows' error as the rollout is scored: in decoded pixels
+            wd = w if self.decoded_floor is None else C.ramp_weight(tau)  # the log weighs frames itself
+            out["decoded"] = self._decoded_loss(x_hat[:n_flow], z0[:n_flow], wd[:n_flow])
         if n_boot:
             zb, ib, lb = z_tau[n_flow:], tau_idx[n_flow:], level[n_flow:]
             ab = None if actions is None else actions[n_flow:]
@@ -343,11 +391,14 @@ class DynamicsModule(L.LightningModule):
         flow = sum(p["flow"] for p in parts)
         boot = sum(p.get("boot", 0.0) for p in parts)
         anchor = sum(p.get("anchor", 0.0) for p in parts)
-        loss = (flow + boot + self.anchor * anchor) / n
+        decoded = sum(p.get("decoded", 0.0) for p in parts)
+        loss = (flow + boot + self.anchor * anchor + self.decoded_weight * decoded) / n
         n_flow, n_boot = sum(p["n_flow"] for p in parts), sum(p["n_boot"] for p in parts)
         kind = batch.get("length", "S")
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/flow_loss", flow / max(n_flow, 1), batch_size=b)
+        if self.decoded_weight:
+            self.log("train/decoded_loss", decoded / max(n_flow, 1), batch_size=b)
         if n_boot:
             self.log("train/boot_loss", boot / n_boot, batch_size=b)
             self.log("train/anchor_loss", anchor / n_boot, batch_size=b)
