@@ -490,7 +490,7 @@ class ImageTokenizer:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Float latents ``[B, C, h, w]`` -> uint8 images ``[B, H, W, 3]``."""
-        return self._to_uint8(self.decode_latents_float(torch.as_tensor(latents).float()))
+        return self._to_uint8(self.decode_latents_float(torch.as_tensor(latents)))
 
     def decode_latents_float(self, latents: torch.Tensor) -> torch.Tensor:
         """Float latents ``[B, C, h, w]`` -> float images ``[B, 3, H, W]`` near ``[-1, 1]`` (not clamped), with autograd

@@ -284,8 +284,7 @@ class PretrainedImageTokenizer:
     def decode_latents_float(self, latents: torch.Tensor) -> torch.Tensor:
         """Float latents ``[B, C, h, w]`` -> float images ``[B, 3, H, W]`` near ``[-1, 1]`` (not clamped), with autograd
         through the decoder when grad is enabled (a loss in pixels; the caller freezes the weights)."""
-        z = latents
-        c = self.latent_channels
+        z, c = latents, self.latent_channels
         if z.ndim != 4 or z.shape[1] != c or tuple(z.shape[-2:]) != self.grid:
             raise ValueError(f"latents must be [B, {c}, {self.grid[0]}, {self.grid[1]}], got shape {tuple(z.shape)}")
         x = self._decode_latents(z.to(device=self.device, dtype=self.dtype))

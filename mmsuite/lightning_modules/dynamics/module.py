@@ -149,16 +149,14 @@ class DynamicsModule(L.LightningModule):
                 "model.net.velocity needs model.noise.clean_prior=true (it acts only where the prior reads two clean "
                 "frames before, which only clean_prior gives)"
             )
-        floor = dict(loss or {}).get("motion_floor")
-        self.motion_floor = None if floor is None else float(floor)
-        if self.motion_floor is not None and not self.motion_floor > 0:
-            raise ValueError(f"loss.motion_floor must be null or > 0, got {floor}")
-        self.decoded_weight = float(dict(loss or {}).get("decoded", 0.0) or 0.0)
-        self.decoded_frames = int(dict(loss or {}).get("decoded_frames", 16))
-        floor = dict(loss or {}).get("decoded_floor")
-        self.decoded_floor = None if floor is None else float(floor)
-        if self.decoded_floor is not None and not self.decoded_floor > 0:
-            raise ValueError(f"loss.decoded_floor must be null or > 0, got {floor}")
+        lc = dict(loss or {})
+        for key in ("motion_floor", "decoded_floor"):  # null (off) or > 0
+            if lc.get(key) is not None and not float(lc[key]) > 0:
+                raise ValueError(f"loss.{key} must be null or > 0, got {lc[key]}")
+        self.motion_floor = None if lc.get("motion_floor") is None else float(lc["motion_floor"])
+        self.decoded_floor = None if lc.get("decoded_floor") is None else float(lc["decoded_floor"])
+        self.decoded_weight = float(lc.get("decoded") or 0.0)
+        self.decoded_frames = int(lc.get("decoded_frames", 16))
         if self.decoded_weight < 0 or self.decoded_frames < 1:
             raise ValueError(
                 f"loss.decoded must be >= 0 and loss.decoded_frames >= 1, got {self.decoded_weight} and "
