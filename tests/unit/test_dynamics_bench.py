@@ -26,3 +26,16 @@ def test_dynamics_bench_quick():
     assert res["hardware_profile"] in ("cpu", "gpu16gb") and res["peak_memory_method"]
     json.dumps(res)
     assert "| dynamics (quick) | sample_k4_frames_per_s |" in run.table({"dynamics": {"quick": True, **res}})
+
+
+def test_dynamics_gpu16gb_bench_runs_that_profiles_lengths_here():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run.bench_dynamics_gpu16gb(quick=True)  # a tiny net, but the profile's latents and lengths
+    finally:
+        torch.set_num_threads(before)
+    assert res["hardware_profile"] == "gpu16gb" and "dynamics_gpu16gb" in run.BENCHES
+    for x in ("T32_B2", "T64_B1"):
+        assert math.isfinite(res[f"train_{x}_frames_per_s"]) and res[f"train_{x}_peak_memory_mib"] >= 0
+    assert res["train_T64_checkpointing"] and not res["train_T32_checkpointing"]  # checkpointing on the long batch

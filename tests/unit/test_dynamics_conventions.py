@@ -337,3 +337,23 @@ def test_input_skip_weight_is_the_posterior_weight_of_the_input_against_a_guess(
     for var in (0.0, -0.1):
         with pytest.raises(ValueError, match="variance"):
             C.input_skip_weight(idx, var, K_MAX)
+
+
+def test_input_skip_head_scale_is_the_posterior_spread_over_the_guess_spread():
+    s = C.input_skip_head_scale(torch.arange(K_MAX + 1), 0.003, K_MAX)
+    assert float(s[0]) == 0.0 and float(s[-1]) == 1.0  # clean: the head has no say; pure noise: all of it
+    assert bool((s[1:] >= s[:-1]).all())
+    assert float(s[K_MAX // 4 :].min()) > 0.98  # from τ = 1/4 on (where a 4-step sampler goes) about 1
+    g = torch.Generator().manual_seed(0)
+    guess = torch.randn(200_000, generator=g)
+    z0 = guess + 0.003**0.5 * torch.randn(200_000, generator=g)  # change of variance 0.003 from the guess
+    eps = torch.randn(200_000, generator=g)
+    for index in (1, 4, 16):
+        tau = torch.full((200_000,), index)
+        w = C.input_skip_weight(tau, 0.003, K_MAX)
+        post = guess + w * C.innovation(C.noise(z0, C.tau_value(tau, K_MAX), eps), guess, tau, K_MAX)
+        spread = ((z0 - post).pow(2).mean() / 0.003).sqrt()  # what is left of the frame after the skip, over var
+        assert float(s[index]) == pytest.approx(float(spread), rel=0.02), index
+    for var in (0.0, -0.1):
+        with pytest.raises(ValueError, match="variance"):
+            C.input_skip_head_scale(torch.arange(3), var, K_MAX)

@@ -149,9 +149,11 @@ def test_rising_pattern_is_an_option():
     assert not torch.equal(calls[0]["tau"], want.expand(2, -1))  # iid by default
 
 
-def _pattern_taus(pattern: str, steps: int = 20, period: int = 2) -> torch.Tensor:
+def _pattern_taus(pattern: str, steps: int = 20, period: int = 2, prefix_share: float = 0.0) -> torch.Tensor:
     """τ indices [rows, 6] the training step gives with ``pattern`` on every flow row (τ_ctx 0.1 -> index 6)."""
     noise = {"pattern": pattern, "pattern_fraction": 1.0, "tau_ctx": 0.1, "pattern_period": period}
+    if prefix_share:
+        noise["prefix_share"] = prefix_share
     m = _module(global_step=0, noise=noise)
     calls = _record_calls(m)
     torch.manual_seed(0)
@@ -188,6 +190,25 @@ def test_interleave_with_period_three_keeps_one_target_every_three_frames():
     assert phases == {0, 1, 2}
     with pytest.raises(ValueError, match="pattern_period"):
         _module(noise={"pattern": "interleave", "pattern_period": 1})
+
+
+def _is_prefix_row(row: torch.Tensor) -> bool:
+    """Held frames (τ index 6) only at the start, one run (an iid target may also land on 6 and count as held)."""
+    held = (row == 6).tolist()
+    first_free = held.index(False) if False in held else len(held)
+    return first_free >= 1 and not any(held[first_free:])
+
+
+def test_prefix_share_turns_that_share_of_interleave_rows_into_prefix_rows():
+    taus = _pattern_taus("interleave", steps=60, period=3, prefix_share=0.5)
+    share = sum(_is_prefix_row(row) for row in taus) / len(taus)
+    assert 0.35 < share < 0.65, share  # about half the rows hold a prefix, the others interleave
+    plain = _pattern_taus("interleave", steps=60, period=3)
+    assert not any(_is_prefix_row(row) for row in plain)  # period 3 over 6 frames never holds only a prefix
+    with pytest.raises(ValueError, match="prefix_share"):
+        _module(noise={"pattern": "interleave", "prefix_share": 1.5})
+    with pytest.raises(ValueError, match="needs noise.pattern=interleave"):
+        _module(noise={"pattern": "iid", "prefix_share": 0.5})
 
 
 def test_bad_settings_raise():
@@ -255,10 +276,16 @@ def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
     assert tau[0, :4].tolist() == [6, 6, 6, 6] and level[0, :4].tolist() == [6, 6, 6, 6]  # 3 context + 1 generated
 
 
-def _net(seed=0, actions=3, prior="none", copy_mask=False, velocity=False, input_skip=False):
+def _net(seed=0, actions=3, prior="none", copy_mask=False, velocity=False, input_skip=False, scale=False):
     torch.manual_seed(seed)
     net = DynamicsTransformer(
-        **NET, num_actions=actions, prior=prior, copy_mask=copy_mask, velocity=velocity, input_skip=input_skip
+        **NET,
+        num_actions=actions,
+        prior=prior,
+        copy_mask=copy_mask,
+        velocity=velocity,
+        input_skip=input_skip,
+        input_skip_scale=scale,
     ).eval()
     torch.nn.init.normal_(net.head.weight, std=0.3)
     if velocity:
@@ -266,9 +293,13 @@ def _net(seed=0, actions=3, prior="none", copy_mask=False, velocity=False, input
     return net
 
 
-@pytest.mark.parametrize("prior", ["none", "none+skip", "previous", "previous+velocity", "previous+velocity+skip"])
+@pytest.mark.parametrize(
+    "prior", ["none", "none+skip", "previous", "previous+velocity", "previous+velocity+skip", "previous+skip+scale"]
+)
 def test_cached_forward_equals_the_full_forward(prior):
-    net = _net(prior=prior.split("+")[0], velocity="velocity" in prior, input_skip="skip" in prior)
+    net = _net(
+        prior=prior.split("+")[0], velocity="velocity" in prior, input_skip="skip" in prior, scale="scale" in prior
+    )
     z = torch.randn(2, 7, 4, 4, 4)
     tau, lvl, act = torch.randint(0, 65, (2, 7)), torch.randint(0, 7, (2, 7)), torch.randint(-1, 3, (2, 7))
     tau[0, :5] = 0  # clean frames, so the velocity term acts (frames 2..5 of row 0)
@@ -383,13 +414,20 @@ def test_linear_clean_estimate_is_the_least_squares_scale():
         "previous+clean+mask",
         "previous+clean+mask+velocity",
         "previous+clean+mask+velocity+skip",
+        "previous+clean+mask+velocity+skip+scale",
     ],
 )
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("with_actions", [False, True])
 def test_cached_rollout_matches_the_uncached_one(context, with_actions, prior):
     kinds = prior.split("+")
-    net = _net(prior=kinds[0], copy_mask="mask" in kinds, velocity="velocity" in kinds, input_skip="skip" in kinds)
+    net = _net(
+        prior=kinds[0],
+        copy_mask="mask" in kinds,
+        velocity="velocity" in kinds,
+        input_skip="skip" in kinds,
+        scale="scale" in kinds,
+    )
     if net.mask_head is not None:
         torch.nn.init.normal_(net.mask_head.weight, std=0.3)
     ctx = torch.randn(2, context, 4, 4, 4)
@@ -583,6 +621,32 @@ def test_input_skip_passes_a_nearly_clean_input_through():
     tau = torch.tensor([[0, 16, 48, 64]] * 2)
     with torch.no_grad():  # the linear clean estimate of the input
         torch.testing.assert_close(bare(z0, tau, lvl), C.linear_clean_estimate(z0, tau))
+
+
+def test_input_skip_scale_fades_the_head_out_towards_the_clean_end():
+    with pytest.raises(ValueError, match="needs input_skip"):
+        DynamicsTransformer(**NET, input_skip_scale=True)
+    kw = dict(prior="previous", velocity=True, velocity_init=0.5, input_skip=True, input_skip_var=0.003)
+    torch.manual_seed(0)
+    skip = DynamicsTransformer(**NET, **kw).eval()
+    torch.manual_seed(0)
+    scaled = DynamicsTransformer(**NET, **kw, input_skip_scale=True).eval()
+    for net in (skip, scaled):  # the same non-zero head in both
+        torch.manual_seed(1)
+        torch.nn.init.normal_(net.head.weight, std=0.3)
+    torch.manual_seed(0)
+    zero = DynamicsTransformer(**NET, **kw).eval()  # zero head: the skip's posterior mean alone
+    z0, eps, lvl = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4), torch.full((2, 4), 6)
+    tau = torch.tensor([[0, 0, 0, 1], [0, 0, 0, 64]])  # after three clean frames: nearly clean, pure noise
+    z = C.noise(z0, C.tau_value(tau), eps)
+    with torch.no_grad():
+        a, b, mean = skip(z, tau, lvl), scaled(z, tau, lvl), zero(z, tau, lvl)
+    scale = C.input_skip_head_scale(tau, 0.003)[..., None, None, None]
+    torch.testing.assert_close(b - mean, scale * (a - mean))  # only the head's share is scaled
+    torch.testing.assert_close(b[:, :3], z[:, :3])  # clean frames: the input exactly, whatever the head says
+    torch.testing.assert_close(b[1, 3], a[1, 3])  # pure noise: the head unscaled
+    head_err = (a[0, 3] - mean[0, 3]).pow(2).mean()
+    assert (b[0, 3] - mean[0, 3]).pow(2).mean() < 0.1 * head_err  # τ 1/64: the head's share cut to 0.28² of it
 
 
 def test_velocity_init_starts_as_that_multiple_of_the_last_change():

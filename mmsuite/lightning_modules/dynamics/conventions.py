@@ -336,6 +336,24 @@ def input_skip_weight(tau_index: torch.Tensor, var: torch.Tensor | float, k_max:
     return var * (1.0 - tau) / (var * (1.0 - tau).pow(2) + tau.pow(2))
 
 
+def input_skip_head_scale(
+    tau_index: torch.Tensor, var: torch.Tensor | float, k_max: int = DEFAULT_K_MAX
+) -> torch.Tensor:
+    """The posterior's standard deviation over the guess's, ``τ/sqrt(var·(1 − τ)² + τ²)``, per frame.
+
+    Under :func:`input_skip_weight`'s model the clean frame given its noisy input and the guess has variance
+    ``var·τ²/(var·(1 − τ)² + τ²)``; this is its square root over ``sqrt(var)``: 0 at τ = 0, 1 at τ = 1, and
+    ≥ 0.98 for τ ≥ 1/4 at ``var`` 0.003. The model's ``input_skip_scale`` multiplies the head's output by it (the
+    output preconditioning of EDM, Karras et al. 2022, against a guess): the head's error then fades out where the
+    input alone nearly gives the frame, so a zero head is the Gaussian posterior mean and a poor one cannot be
+    worse than about the posterior's error at the clean end, where only a many-step sampler goes.
+    """
+    tau = tau_value(tau_index, k_max)
+    input_skip_weight(tau_index, var, k_max)  # the same checks of var
+    var = _float(var).to(tau.device)
+    return tau / torch.sqrt(var * (1.0 - tau).pow(2) + tau.pow(2))
+
+
 def innovation(z_tau: torch.Tensor, guess: torch.Tensor, tau_index: torch.Tensor, k_max: int = DEFAULT_K_MAX):
     """``z_τ − (1 − τ)·guess``: what a frame's noisy input says beyond a guess of its clean latents (zero in
     expectation when the guess is right), per frame ``tau_index`` ``[*F]`` of ``z_τ`` ``[*F, ...]``."""

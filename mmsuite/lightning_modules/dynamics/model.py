@@ -50,6 +50,11 @@ itself; at τ ≥ 1/4 the term is small. Without it the head has to rebuild a ne
 stream, and does so badly (a frame at τ 1/64 after a clean context came out 100× worse than its input), which is
 what a 64-step sampler's last steps ask of it. The weights are not learned: a learned weight per τ index drifted up
 to 0.7 at τ = 1/2 and 0.2 at τ = 1 and broke the rollout (experiments/dynamics/README.md, tenth round).
+``input_skip_scale``: the head's output is also multiplied by the posterior's spread over the guess's
+(:func:`.conventions.input_skip_head_scale`, EDM's output scaling): 0 at τ = 0, about 1 from τ = 1/4 at small
+variances. The skip alone left the head's own error in place near the clean end (on one seed of two the head worked
+against the skip there); scaled, a zero head is the Gaussian posterior mean, and the head's error fades out where only
+a many-step sampler goes (twelfth round).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from mmsuite.lightning_modules.dynamics.conventions import (
     check_k_max,
     finest_level,
     innovation,
+    input_skip_head_scale,
     input_skip_weight,
     linear_clean_estimate,
     num_levels,
@@ -197,6 +203,10 @@ class DynamicsTransformer(nn.Module):
         input_skip: add the posterior weight times the frame's noisy input beyond the guess (the prior's base and
             velocity term), for a change of variance ``input_skip_var`` per latent number from the guess; 1 at
             τ = 0, 0 at τ = 1. No parameters.
+        input_skip_scale: with ``input_skip``, the head's output is also multiplied by
+            :func:`.conventions.input_skip_head_scale` (0 at τ = 0, about 1 from τ = 1/4 at small variances): the
+            head predicts the frame beyond the skip's posterior mean in units of the posterior's spread, so its
+            error fades out near the clean end (EDM's output scaling). No parameters.
     """
 
     def __init__(
@@ -221,6 +231,7 @@ class DynamicsTransformer(nn.Module):
         velocity_init: float = 0.0,
         input_skip: bool = False,
         input_skip_var: float = 0.01,
+        input_skip_scale: bool = False,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
@@ -285,6 +296,9 @@ class DynamicsTransformer(nn.Module):
         if input_skip and not float(input_skip_var) > 0:
             raise ValueError(f"input_skip_var must be > 0, got {input_skip_var}")
         self.input_skip, self.input_skip_var = bool(input_skip), float(input_skip_var)
+        if input_skip_scale and not input_skip:
+            raise ValueError("input_skip_scale needs input_skip (it scales the head against the skip's posterior)")
+        self.input_skip_scale = bool(input_skip_scale)
         self.apply(self._init_weights)
         for extra in (self.mask_head, self.velocity_head):
             if extra is not None:
@@ -398,6 +412,10 @@ class DynamicsTransformer(nn.Module):
         # the guess plus the frame's own input beyond it at the posterior weight, summed in float32 and rounded once
         guess = sum((term.float() for term in terms), torch.zeros_like(z, dtype=torch.float32))
         w = input_skip_weight(tau_index, self.input_skip_var, self.k_max)[..., None, None, None]
+        if self.input_skip_scale:  # the head's share fades out towards the clean end (0 at τ = 0)
+            out = out * input_skip_head_scale(tau_index, self.input_skip_var, self.k_max)[..., None, None, None].to(
+                out.dtype
+            )
         return out + (guess + w * innovation(z, guess, tau_index, self.k_max)).to(out.dtype)
 
     def _guess_terms(self, feats, z, tau_index, prev, prior_z, prior_index, velocity) -> list[torch.Tensor]:
