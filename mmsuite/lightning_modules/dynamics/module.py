@@ -20,8 +20,8 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   ``noise.pattern_period`` = p > 2 keeps one target every p frames and holds the p − 1 between (targets with two
   clean predecessors, what ``net.velocity`` reads). ``noise.prefix_share``: that share of the interleave rows takes a
   random-length prefix instead. Interleave never holds more than p − 1 frames in a row, but a rollout's context is
-  a run of held frames; after such a run a nearly clean frame came out 7× worse than after an interleaved context
-  (experiments/dynamics/README.md, twelfth round).
+  a run of held frames; after such a run a nearly clean frame came out 4–6× worse than after an interleaved context
+  (experiments/dynamics/README.md, twelfth round; off: it costs the 4-step rollout 0.2–0.4 dB).
 * ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
   of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
   context noise.
