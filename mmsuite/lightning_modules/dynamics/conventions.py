@@ -326,14 +326,19 @@ def input_skip_weight(tau_index: torch.Tensor, var: torch.Tensor | float, k_max:
     latents), where ``w`` is :func:`linear_clean_estimate`'s scale. The model's ``input_skip`` adds ``w`` times
     :func:`innovation`, so near the clean end it passes its input through instead of rebuilding it in the head.
     """
+    tau, var = _skip_tau_var(tau_index, var, k_max)
+    return var * (1.0 - tau) / (var * (1.0 - tau).pow(2) + tau.pow(2))
+
+
+def _skip_tau_var(tau_index: torch.Tensor, var: torch.Tensor | float, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """τ of ``tau_index`` and the input skip's variance (checked > 0) as a float tensor on τ's device."""
     tau = tau_value(tau_index, k_max)
     if isinstance(var, (int, float)):  # the model's case: checked here, no device sync
         if not var > 0:
             raise ValueError(f"the input skip's variance must be > 0, got {var}")
     elif bool((torch.as_tensor(var) <= 0).any()):
         raise ValueError(f"the input skip's variance must be > 0, got {torch.as_tensor(var).min().item()}")
-    var = _float(var).to(tau.device)
-    return var * (1.0 - tau) / (var * (1.0 - tau).pow(2) + tau.pow(2))
+    return tau, _float(var).to(tau.device)
 
 
 def input_skip_head_scale(
@@ -348,9 +353,7 @@ def input_skip_head_scale(
     input alone nearly gives the frame, so a zero head is the Gaussian posterior mean and a poor one cannot be
     worse than about the posterior's error at the clean end, where only a many-step sampler goes.
     """
-    tau = tau_value(tau_index, k_max)
-    input_skip_weight(tau_index, var, k_max)  # the same checks of var
-    var = _float(var).to(tau.device)
+    tau, var = _skip_tau_var(tau_index, var, k_max)
     return tau / torch.sqrt(var * (1.0 - tau).pow(2) + tau.pow(2))
 
 

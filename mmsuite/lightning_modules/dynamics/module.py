@@ -285,9 +285,10 @@ class DynamicsModule(L.LightningModule):
                 tau_idx[rows] = C.rising_tau_indices(t, ctx, self.pattern_tau_ctx, self.k_max).to(dev)
             held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
             for r in rows if self.pattern != "rising" else []:  # frames held clean-ish; the others keep their iid tau
-                prefix = self.pattern == "prefix"
-                if self.prefix_share and not prefix:  # interleave, but a run of held frames as a rollout's context
-                    prefix = float(torch.rand(())) < self.prefix_share
+                # prefix_share (interleave only): a run of held frames, as a rollout's context, on that share of rows
+                prefix = self.pattern == "prefix" or (
+                    self.prefix_share > 0 and float(torch.rand(())) < self.prefix_share
+                )
                 if prefix:  # a random-length prefix
                     frames = slice(int(torch.randint(1, t, ())))
                 else:  # interleave: one target every pattern_period frames from a random phase, the rest held
