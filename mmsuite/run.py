@@ -352,7 +352,11 @@ def _train(cfg: DictConfig) -> dict:
         # validates when a module stops the fit with trainer.should_stop, as the token budget does)
         state = next(c for c in callbacks if isinstance(c, RunState))
         if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step:
+            fit_metrics = dict(trainer.callback_metrics)  # validate() replaces them: keep the training ones
             trainer.validate(model, datamodule=datamodule, verbose=False)
+            for key, value in fit_metrics.items():
+                if not key.startswith("val/"):
+                    trainer.callback_metrics.setdefault(key, value)
     metrics = collect_metrics(trainer, callbacks)
     if datamodule.corrupt_shards:
         metrics["corrupt_shards_skipped"] = datamodule.corrupt_shards

@@ -19,9 +19,11 @@ def dyn_logs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shortcut_run(dyn_logs, shared_data):
+    # 10 steps, validations every 4: the budget ends between validations, and the final weights must still be
+    # scored with the rollout (validate_at_end)
     run_cli(
         "train.py", "experiment=dynamics_shortcut", "debug=smoke", "callbacks.progress_bar=false",
-        logs=dyn_logs, data=shared_data,
+        "trainer.max_steps=10", logs=dyn_logs, data=shared_data,
     )  # fmt: skip
     return dyn_logs / "dynamics_shortcut" / "dynamics_shortcut-smoke"
 
@@ -30,7 +32,7 @@ def test_smoke_shortcut_run_trains_evaluates_and_logs_gifs(shortcut_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     metrics = json.loads((shortcut_run / "metrics.json").read_text())
-    assert metrics["global_step"] == 8
+    assert metrics["global_step"] == 10
     final = metrics["final"]
     for key in (
         "train/flow_loss",
@@ -48,7 +50,7 @@ def test_smoke_shortcut_run_trains_evaluates_and_logs_gifs(shortcut_run):
     ):
         assert key in final, key
     lengths = json.loads((shortcut_run / "batch_lengths_rank0.json").read_text())
-    assert len(lengths) == 8 and {r["length"] for r in lengths} <= {"S", "L"}
+    assert len(lengths) == 10 and {r["length"] for r in lengths} <= {"S", "L"}
     assert all((r["T"], r["B"]) == ((4, 4) if r["length"] == "S" else (8, 2)) for r in lengths)
     acc = EventAccumulator(str(shortcut_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
