@@ -281,8 +281,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
     )
 
 
-def collect_metrics(trainer: L.Trainer, callbacks: list) -> dict:
-    final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+def collect_metrics(trainer: L.Trainer, callbacks: list, earlier: dict | None = None) -> dict:
+    """``final``: the trainer's current metrics, over ``earlier`` ones they do not replace."""
+    final = {k: float(v) for k, v in {**(earlier or {}), **trainer.callback_metrics}.items()}
     best = {}
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_score is not None:
@@ -346,18 +347,17 @@ def _train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, callbacks, loggers, run_dir)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit_metrics: dict = {}
     if not trainer.interrupted:  # the final state, with the metrics of the final validation
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         # a budget that ends between validations: score the final weights (unless Lightning just did: it
         # validates when a module stops the fit with trainer.should_stop, as the token budget does)
         state = next(c for c in callbacks if isinstance(c, RunState))
         if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step:
-            fit_metrics = dict(trainer.callback_metrics)  # validate() replaces them: keep the training ones
+            # validate() replaces the metrics: keep the training ones (not the stale validation's) beside its own
+            fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("val/")}
             trainer.validate(model, datamodule=datamodule, verbose=False)
-            for key, value in fit_metrics.items():
-                if not key.startswith("val/"):
-                    trainer.callback_metrics.setdefault(key, value)
-    metrics = collect_metrics(trainer, callbacks)
+    metrics = collect_metrics(trainer, callbacks, fit_metrics)
     if datamodule.corrupt_shards:
         metrics["corrupt_shards_skipped"] = datamodule.corrupt_shards
     if cfg.get("test"):
