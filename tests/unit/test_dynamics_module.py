@@ -660,6 +660,29 @@ def test_velocity_init_starts_as_that_multiple_of_the_last_change():
     torch.testing.assert_close(change[0, 2], 0.5 * (z[0, 1] - z[0, 0]))
 
 
+def test_velocity_learned_false_keeps_the_coefficients_at_velocity_init_through_training():
+    net = {**NET, "num_actions": 3, "prior": "previous", "velocity": True, "velocity_init": 0.5}
+    noise = {"pattern": "interleave", "pattern_period": 3, "tau_ctx": 2 / 64, "clean_prior": True}
+    fixed = _module(global_step=20, net={**net, "velocity_learned": False}, noise=noise)
+    learned = _module(global_step=20, net=net, noise=noise)
+    for m in (fixed, learned):
+        opt = torch.optim.AdamW([p for p in m.net.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(3):
+            torch.manual_seed(step)
+            m.training_step(_batch(b=4, t=6, seed=step), 0).backward()
+            opt.step()
+            opt.zero_grad()
+    head = fixed.net.velocity_head
+    assert not any(p.requires_grad for p in head.parameters())
+    assert torch.equal(head.weight, torch.zeros_like(head.weight))
+    assert torch.equal(head.bias, torch.full_like(head.bias, 0.5))
+    assert fixed.net.head.weight.abs().max() > 0  # the rest of the net trains
+    assert (learned.net.velocity_head.bias - 0.5).abs().max() > 0  # learned: the same steps move the coefficients
+    in_optimizer = {id(p) for g in fixed.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert id(head.weight) not in in_optimizer and id(head.bias) not in in_optimizer
+    assert id(fixed.net.head.weight) in in_optimizer
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_observed_velocity_rollout_uses_the_velocity_term_for_the_first_frame_only(cached):
     net = _net(prior="previous", copy_mask=True, velocity=True)

@@ -201,6 +201,8 @@ class DynamicsTransformer(nn.Module):
         velocity: with ``prior: previous``, add predicted coefficients times the change between the two frames
             before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
             ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
+        velocity_learned: False keeps the coefficients at ``velocity_init`` (the velocity head's parameters are
+            frozen; the net learns only what the rule ``velocity_init`` times the last change leaves).
         input_skip: add the posterior weight times the frame's noisy input beyond the guess (the prior's base and
             velocity term), for a change of variance ``input_skip_var`` per latent number from the guess; 1 at
             τ = 0, 0 at τ = 1. No parameters.
@@ -230,6 +232,7 @@ class DynamicsTransformer(nn.Module):
         copy_mask: bool = False,
         velocity: bool = False,
         velocity_init: float = 0.0,
+        velocity_learned: bool = True,
         input_skip: bool = False,
         input_skip_var: float = 0.01,
         input_skip_scale: bool = False,
@@ -307,6 +310,7 @@ class DynamicsTransformer(nn.Module):
                 nn.init.zeros_(extra.bias)
         if self.velocity_head is not None:
             nn.init.constant_(self.velocity_head.bias, float(velocity_init))
+            self.velocity_head.requires_grad_(bool(velocity_learned))  # frozen: the constant velocity_init
         for p in (self.slot_embed, self.register_tokens, self.action_base):
             nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.head.weight)  # zero-initialised output: ẑ0 = 0 at the start

@@ -620,7 +620,7 @@ class DynamicsModule(L.LightningModule):
         # the prior's weights are mixing weights whose neutral value is 1 (copy), not 0: no weight decay on them
         # (``optim.weight_decay`` 0.01 at lr 3e-3 alone pulls an unused entry from 1 to 0.91 in 3000 steps)
         gate = self.net.prior_gate
-        params = [{"params": [p for p in self.net.parameters() if p is not gate]}]
+        params = [{"params": [p for p in self.net.parameters() if p is not gate and p.requires_grad]}]
         if gate is not None:
             params.append({"params": [gate], "weight_decay": 0.0})
         return adamw_warmup_cosine(
