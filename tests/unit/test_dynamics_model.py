@@ -159,6 +159,7 @@ BAD_CONFIGS = [
     ("heads", dict(dim=30)),
     ("kv_heads", dict(kv_heads=3)),
     ("temporal_every", dict(temporal_every=5)),
+    ("temporal_every", dict(temporal_every=1)),  # every layer over time: none within a frame
     ("k_max", dict(k_max=48)),
     ("num_actions", dict(num_actions=-1)),
 ]

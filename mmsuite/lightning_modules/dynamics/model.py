@@ -186,7 +186,7 @@ class DynamicsTransformer(nn.Module):
     Args (all plain numbers, so a Hydra config can hold them):
         latent_channels, latent_size: C and (H, W) of one frame's latents; patch: p (H and W divisible by p).
         dim, depth, heads, kv_heads (default heads): transformer width, layers, query and key/value heads.
-        temporal_every: every this-many-th layer attends over time (needs depth ≥ temporal_every).
+        temporal_every: every this-many-th layer attends over time, the others within a frame (2 ≤ it ≤ depth).
         mlp_ratio: SwiGLU hidden width is ``mlp_ratio·dim·2/3`` rounded up to a multiple of 64.
         registers: learned register tokens per frame. num_actions: discrete actions (0 = no action labels).
         k_max: the finest step count of :mod:`.conventions` (sizes of the τ and step embeddings).
@@ -248,9 +248,10 @@ class DynamicsTransformer(nn.Module):
             raise ValueError(f"dim {dim} must be divisible by heads {heads} into an even head dim (for RoPE)")
         if kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
-        if temporal_every < 1 or depth < temporal_every:
+        if temporal_every < 2 or depth < temporal_every:
             raise ValueError(
-                f"temporal_every {temporal_every} must be in [1, depth={depth}] (else no layer attends over time)"
+                f"temporal_every {temporal_every} must be in [2, depth={depth}]: 1 leaves no layer attending within a "
+                "frame, more than depth none over time"
             )
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
