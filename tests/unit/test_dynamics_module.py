@@ -122,6 +122,20 @@ def test_no_bootstrap_before_the_warm_up_ends():
     assert len(calls) == 5 and all((c["level"] == 6).all() for c in calls)
 
 
+def test_small_batches_still_get_bootstrap_rows_at_the_configured_share():
+    # dynamics.md P10: floor(B * fraction) is 0 for B=2 at 0.25, so a batch of two would never bootstrap.
+    m = _module(global_step=20, shortcut={"fraction": 0.25, "start_step": 10, "anchor": 0.1})
+    calls = _record_calls(m)
+    torch.manual_seed(0)
+    steps = 400
+    for _ in range(steps):
+        m.training_step(_batch(b=2, t=3), 0)
+    boot_rows = [int((c["level"] < C.finest_level(64)).all(dim=1).sum()) for c in calls if c["level"].shape[0] == 2]
+    assert len(boot_rows) == steps  # one student pass per step, whatever the teacher does
+    assert set(boot_rows) == {0, 1}  # never both rows of two at 0.25, but some steps bootstrap one
+    assert abs(sum(boot_rows) / (2 * steps) - 0.25) < 0.05  # the share of rows matches the fraction
+
+
 def test_diffusion_forcing_only_never_calls_a_teacher():
     m = _module(global_step=100, shortcut={"fraction": 0.0})
     calls = _record_calls(m)
