@@ -97,11 +97,11 @@ def test_euler_step_renoises_with_implied_noise_not_initial_noise():
 
 def test_half_precision_inputs_are_promoted_to_float32():
     z, x_hat = (t.to(torch.bfloat16) for t in _latents(3, dtype=torch.float32))
-    out = C.euler_step(z, x_hat, torch.full(z.shape[:2], 0.5), 0.25)
+    tau = torch.full(z.shape[:2], 0.5)
+    out = C.euler_step(z, x_hat, tau, 0.25)
     assert out.dtype == torch.float32
     # dynamics.md P5: the bootstrap target from bf16 network outputs is formed in fp32, not rounded to bf16 on the way
     z_mid, x2 = (t.to(torch.bfloat16) for t in _latents(4, dtype=torch.float32))
-    tau = torch.full(z.shape[:2], 0.5)
     target = C.bootstrap_x_target(z, z_mid, x_hat, x2, tau, 0.25)
     exact = C.bootstrap_x_target(*(t.double() for t in (z, z_mid, x_hat, x2)), tau.double(), 0.25)
     assert target.dtype == torch.float32
