@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mmsuite.callbacks.run_state import AtomicCheckpointIO, RunState
+from mmsuite.config import check_settings
 from mmsuite.tokenizers.text import TEXT_TOKENIZERS, prepare_text_tokenizer, text_tokenizer_from_config
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
 
@@ -60,9 +61,9 @@ def git_revision() -> str:
 
 
 def prepare_config(cfg: DictConfig) -> DictConfig:
-    """Apply the experiment's ``smoke:`` block under debug presets that ask for it; drop helper keys."""
-    if cfg.get("apply_smoke") and cfg.get("smoke"):
-        cfg = OmegaConf.merge(cfg, cfg.smoke)
+    """Check the model's and data's settings (:func:`mmsuite.config.check_settings`) before anything is built or
+    written: an unknown key, a wrong type or an invalid value stops the run with the key's full name."""
+    check_settings(cfg)
     return cfg
 
 
@@ -513,6 +514,14 @@ class SweepSummary(HydraCallback):
         storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
         if isinstance(storage, str) and storage.startswith("sqlite:///"):  # the study's folder must exist
             Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        """A job stopped before it wrote its run dir (a settings error) still gets its row: its overrides."""
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        saved = Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "overrides.json"
+        if saved.parent.is_dir() and not saved.exists():
+            write_text_atomic(saved, json.dumps(sorted(job_return.overrides)) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
