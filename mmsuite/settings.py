@@ -4,16 +4,17 @@ A settings class is a dataclass whose fields are made with :func:`setting` (a de
 choices or a nested schema); :func:`parse` turns a config block (a dict or DictConfig) into an instance and
 stops with a :class:`SettingsError` that names the full key (``model.noise.tau_ctx``) for an unknown key, a
 value of the wrong type, a value out of its bounds, or a rule between fields (a class's ``check(key)``).
-OmegaConf does the typing (``OmegaConf.merge(OmegaConf.structured(schema), values)``); this module adds what it
-has no words for: bounds, the key path of every error, and fields that hold a config interpolated from
-elsewhere (``schedule: ${schedule}``), which OmegaConf cannot merge into a dataclass-typed field (those are
-typed ``Any`` with ``schema=``, and parsed here). Leaf module: imports nothing from mmsuite.
+OmegaConf does the typing (the values assigned into ``OmegaConf.structured(schema)``, then ``OmegaConf.to_object``);
+this module adds what it has no words for: bounds, the key path of every error, and fields that hold a config
+interpolated from elsewhere (``schedule: ${schedule}``), which OmegaConf cannot merge into a dataclass-typed field
+(those are typed ``Any`` with ``schema=``, and parsed here). Leaf module: imports nothing from mmsuite.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -76,15 +77,23 @@ def parse(schema: type[T], values: Mapping | DictConfig | None, key: str) -> T:
 def _assign(node: DictConfig, values: Mapping) -> None:
     """``values`` into the typed ``node``: nested settings classes key by key (their other fields keep their
     defaults), every other value as given (a dict or list replaces the default instead of merging into it)."""
+    hints = typing.get_type_hints(OmegaConf.get_type(node))
     for key, value in values.items():
-        child = node._get_node(key)  # (an unknown key raises, naming it)
-        schema = child._metadata.ref_type if isinstance(child, DictConfig) else None
-        if isinstance(value, Mapping) and dataclasses.is_dataclass(schema):
-            if child._is_none() or child._is_missing():
-                node[key] = OmegaConf.structured(schema)  # its defaults, then the given values
-            _assign(node._get_node(key), value)
+        schema = _settings_class(hints.get(key))
+        if schema is not None and isinstance(value, Mapping):
+            if not isinstance(OmegaConf.select(node, key, throw_on_missing=False), DictConfig):  # None or missing
+                node[key] = OmegaConf.structured(schema)
+            _assign(node[key], value)
         else:
-            node[key] = value
+            node[key] = value  # an unknown key or a wrong type raises here, naming the key
+
+
+def _settings_class(hint) -> type | None:
+    """The dataclass a field's type names (``X`` or ``X | None``), or None."""
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
 
 
 def as_dict(obj) -> dict:

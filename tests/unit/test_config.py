@@ -48,7 +48,7 @@ def test_hardware_profiles_are_complete_and_experiments_never_restate_them(hardw
     profile = yaml.safe_load((CONF / "hardware" / f"{hardware}.yaml").read_text())
     assert profile["hardware"]["name"] == hardware
     assert {"threads", "num_workers"} <= set(profile["hardware"])
-    assert set(profile["trainer"]) == HARDWARE_KEYS
+    assert HARDWARE_KEYS <= set(profile["trainer"])
     for path in [*(CONF / "experiment").glob("*.yaml"), *(CONF / "exp_hw").glob("*.yaml")]:
         text = yaml.safe_load(path.read_text()) or {}
         assert "per_hardware" not in text and "smoke" not in text, path
