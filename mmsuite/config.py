@@ -65,10 +65,10 @@ def register_schemas() -> None:
         store.store(group="schedule", name=f"{option}_schema", node=schema)
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_settings(cfg: DictConfig, groups: tuple[str, ...] = CHECKED_GROUPS) -> None:
     """Build the settings of ``cfg.model`` and ``cfg.data`` (the classes their ``_target_`` names): an unknown key, a
     wrong type or an invalid value stops here, naming the key, before anything is built or written."""
-    for group in CHECKED_GROUPS:
+    for group in groups:
         node = cfg.get(group)
         if node is None or "_target_" not in node:
             continue

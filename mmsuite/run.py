@@ -60,10 +60,10 @@ def git_revision() -> str:
         return "unknown"
 
 
-def prepare_config(cfg: DictConfig) -> DictConfig:
-    """Check the model's and data's settings (:func:`mmsuite.config.check_settings`) before anything is built or
+def prepare_config(cfg: DictConfig, groups: tuple[str, ...] = ("model", "data")) -> DictConfig:
+    """Check the settings of ``groups`` (:func:`mmsuite.config.check_settings`) before anything is built or
     written: an unknown key, a wrong type or an invalid value stops the run with the key's full name."""
-    check_settings(cfg)
+    check_settings(cfg, groups)
     return cfg
 
 
@@ -453,7 +453,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def prepare(cfg: DictConfig) -> Path:
     """Build the experiment's data set; with a text tokenizer config, train (text_bpe) and check it too."""
-    cfg = prepare_config(cfg)
+    cfg = prepare_config(cfg, groups=("data",))  # the model is not built (tokenizer= may swap its tokenizer)
     set_threads(cfg)
     token_space = build_token_space(cfg)
     datamodule = build_datamodule(cfg, token_space, None)
