@@ -113,15 +113,15 @@ def test_positions_image_grid_shared_by_current_and_next_frame_pose_by_joint_and
 
 def test_loss_weighting_modality_mean_vs_token_mean():
     m = _module()
-    logits = {"a": torch.zeros(2, 4), "b": torch.zeros(6, 4)}
-    logits["a"][0, 1] = 3.0  # "a" has a lower loss on one token
+    logits = {"tok_rgb": torch.zeros(2, 4), "coords": torch.zeros(6, 4)}  # each modality's CE is its kind's
+    logits["tok_rgb"][0, 1] = 3.0  # tok_rgb has a lower loss on one token
     out = {
         k: (v, torch.zeros(len(v), dtype=torch.long), torch.zeros(len(v), dtype=torch.long)) for k, v in logits.items()
     }
     per = {k: torch.nn.functional.cross_entropy(v, torch.zeros(len(v), dtype=torch.long)) for k, v in logits.items()}
-    assert float(m._losses(out)["loss"]) == pytest.approx(float((per["a"] + per["b"]) / 2), rel=1e-5)
+    assert float(m._losses(out)["loss"]) == pytest.approx(float((per["tok_rgb"] + per["coords"]) / 2), rel=1e-5)
     t = _module(loss={"weighting": "token"})
-    tok = (per["a"] * 2 + per["b"] * 6) / 8
+    tok = (per["tok_rgb"] * 2 + per["coords"] * 6) / 8
     assert float(t._losses(out)["loss"]) == pytest.approx(float(tok), rel=1e-5)
     with pytest.raises(ValueError, match="weighting"):
         _module(loss={"weighting": "sample"})

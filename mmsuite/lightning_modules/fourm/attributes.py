@@ -247,7 +247,7 @@ def eval_attribute_task(module, task: dict, batch: dict, batch_idx: int) -> None
     pred_tokens = _generate(module, tokens, task, batch_idx)
     accumulate("token_acc", pred_tokens == tokens[:, off : off + length])
 
-    if module.net.specs[k]["kind"] == "image":
+    if module.net.modalities[k].grid is not None:  # an image-like target: read by the probe
         probe = _probe(module, dm, target)
         pred = probe.predict(pred_tokens)
         real = probe.predict(tokens[:, off : off + length])

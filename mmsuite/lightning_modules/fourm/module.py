@@ -17,7 +17,6 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
 from mmsuite.lightning_modules.fourm.model import FourM
@@ -120,16 +119,8 @@ class FourMModule(L.LightningModule):
         }
 
     def _cross_entropy(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Summed CE. Pose bins optionally get ordinal soft targets: a Gaussian of ``pose_sigma_bins`` over the
-        neighbouring bins (flags stay one-hot), so a near miss costs less than a far one."""
-        if self.pose_sigma <= 0 or self.net.specs[self.net.index(name)]["kind"] != "pose":
-            return F.cross_entropy(logits, target, reduction="sum")
-        bins = self.pose.bins
-        is_bin = target < bins
-        grid = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
-        q = torch.exp(-0.5 * ((grid[None] - target[:, None].float()) / self.pose_sigma) ** 2) * (grid[None] < bins)
-        q = torch.where(is_bin[:, None], q / q.sum(-1, keepdim=True), F.one_hot(target, logits.shape[-1]).float())
-        return -(q * logits.log_softmax(-1)).sum()
+        """Summed CE of modality ``name``, as its kind defines it (poses: optional ordinal soft targets)."""
+        return self.net.modalities[self.net.index(name)].cross_entropy(self, logits, target)
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -190,9 +181,7 @@ class FourMModule(L.LightningModule):
         plan = _plan_to(plan, tokens.device)
         k, _, length = self._modality(target)
         logits = self.net.predict_logits(tokens, plan)[:, :length, : self.net.vocabs[k]]
-        if self.net.specs[k]["kind"] == "pose":
-            return self.pose.pick(logits, self.pose_decode)
-        return logits.argmax(-1)
+        return self.net.modalities[k].pick(self, logits)
 
     def _pose_errors(self, pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per visible joint of ``truth``: pixel error (canvas pixels) and whether it is within 0.1 x the
@@ -237,10 +226,11 @@ class FourMModule(L.LightningModule):
         pred = self.predict(tokens, list(task["inputs"]), target)
         truth = tokens[:, off : off + length]
         self.log(f"{prefix}/{name}/token_acc", (pred == truth).float().mean(), **log)
-        if self.net.specs[k]["kind"] == "image":
-            self._frame_psnr(task, k, pred, truth, tokens)
-        if self.net.specs[k]["kind"] != "pose":
-            return
+        self.net.modalities[k].evaluate(self, task, pred, truth, tokens)  # the target kind's own metrics
+
+    def _pose_task(self, task: dict, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Joint error and PCK@0.1 of a pose prediction, and the error of the task's ``baseline``."""
+        name = task["name"]
         err, pck = self._pose_errors(pred, truth)
         self._accumulate(f"{name}/joint_error_px", err)
         self._accumulate(f"{name}/pck@0.1", pck.float())
@@ -256,14 +246,14 @@ class FourMModule(L.LightningModule):
             raise ValueError(f"task {name!r}: baseline must be 'copy', 'mean_pose' or null, got {baseline!r}")
         self._accumulate(f"{name}/baseline_error_px", b_err)
 
-    def _frame_psnr(self, task: dict, k: int, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
+    def _frame_psnr(self, task: dict, modality, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
         """PSNR (dB, per frame, then the mean) of the decoded predicted frame against the decoded true tokens (the
         shards hold tokens, so the reference is the tokenizer's reconstruction of the true frame), and of the
         ``copy`` baseline (decode ``copy_from``, e.g. the current frame). Needs ``image_tokenizer_ckpt``."""
         tok = self._image_tokenizer()
         if tok is None:
             return
-        h, w = (int(v) for v in self.net.specs[k]["grid"])
+        h, w = modality.grid
         ref = self._decode_frames(tok, truth, h, w)
         self._accumulate(f"{task['name']}/psnr_db", _psnr_per_frame(self._decode_frames(tok, pred, h, w), ref))
         if task.get("baseline") == "copy":
@@ -280,8 +270,9 @@ class FourMModule(L.LightningModule):
         if self._tokenizer is None:
             from mmsuite.tokenizers.image import ImageTokenizer
 
-            k = next(i for i, m in enumerate(self.net.specs) if m["kind"] == "image")
-            grid = int(self.net.specs[k]["grid"][0])
+            grid = next((m.grid[0] for m in self.net.modalities if m.grid is not None), None)
+            if grid is None:
+                return None
             tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_ckpt)
             self._tokenizer = ImageTokenizer.from_checkpoint(
                 self.image_tokenizer_ckpt, image_size=grid * tok.downsample
@@ -347,7 +338,7 @@ class FourMModule(L.LightningModule):
         """From each row's ``generation.given`` modalities alone, generate ``generation.chain`` in order (default:
         pose -> next pose -> next frame) with MaskGIT or ROAR (``scheme``, ``steps``, ``temperature``).
         -> (tokens with the chain filled in, given, chain)."""
-        from mmsuite.lightning_modules.fourm.generate import generate_chain, pose_constraint
+        from mmsuite.lightning_modules.fourm.generate import generate_chain
 
         g = self.generation
         given = list(g.get("given", ["tok_rgb"]))
@@ -359,8 +350,9 @@ class FourMModule(L.LightningModule):
         targets = []
         for name in chain:
             t = {"target": name}
-            if self.net.specs[self.net.index(name)]["kind"] == "pose":
-                t["constrain"] = pose_constraint(self.pose)
+            constrain = self.net.modalities[self.net.index(name)].constraint(self)
+            if constrain is not None:
+                t["constrain"] = constrain
             targets.append(t)
         out, _ = generate_chain(
             self.net,
@@ -449,7 +441,7 @@ class FourMModule(L.LightningModule):
         if tok is None:
             return None
         k, off, length = self._modality("tok_rgb")
-        h, w = (int(v) for v in self.net.specs[k]["grid"])
+        h, w = self.net.modalities[k].grid
         size = h * tok.downsample
         _, noff, _ = self._modality("tok_rgb_next")
         frames = [
