@@ -29,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mmsuite.callbacks.run_state import AtomicCheckpointIO, RunState
-from mmsuite.tokenizers.text import TEXT_TOKENIZERS, prepare_text_tokenizer, text_tokenizer_from_config
+from mmsuite.datamodules.base import prepare_text_tokenizer
+from mmsuite.tokenizers.text import TEXT_TOKENIZERS, text_tokenizer_from_config
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
 
 DONE_MARKER = "DONE"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, settings_hash
+from mmsuite.datamodules.base import ShardDataModule
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -26,6 +26,7 @@ from mmsuite.datamodules.shards import (
     split_shards,
 )
 from mmsuite.sources import toyworld
+from mmsuite.tokenizers.token_space import settings_hash
 
 
 def _clip_members(args) -> tuple[int, dict]:

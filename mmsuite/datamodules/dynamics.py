@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, settings_hash
+from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -46,9 +46,9 @@ from mmsuite.datamodules.shards import (
     split_shards,
 )
 from mmsuite.sources import toyworld
-from mmsuite.tokenizers.token_space import checkpoint_sha256
+from mmsuite.tokenizers.image import PRETRAINED_FRAME_KINDS, load_frame_tokenizer
+from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
-PRETRAINED_KINDS = ("autoencoder_kl",)
 SOURCE_KINDS = ("toyworld", "video")
 
 
@@ -207,7 +207,7 @@ class DynamicsLatentDataModule(ShardDataModule):
     # -- the encoder ----------------------------------------------------------------------------------------
     @property
     def pretrained(self) -> bool:
-        return dict(self.encoder.get("tokenizer") or {}).get("kind") in PRETRAINED_KINDS
+        return dict(self.encoder.get("tokenizer") or {}).get("kind") in PRETRAINED_FRAME_KINDS
 
     def _ckpt(self) -> Path:
         return ensure_tokenizer(self.encoder, "image_tokenizer", self.log_dir, str(self.data_dir), key="data.encoder")
@@ -421,34 +421,3 @@ class DynamicsLatentDataModule(ShardDataModule):
         return AlternatingLoader(
             self._streams["train"], self._streams.get("train_long"), self.long_ratio, self.seed, self
         )
-
-
-def load_frame_tokenizer(encoder: dict, image_size: int, device="cpu", ckpt: str | Path | None = None):
-    """The frozen frame encoder/decoder named by ``encoder``: a diffusers AutoencoderKL from a local folder
-    (``encoder.tokenizer.kind=autoencoder_kl``) or the continuous image tokenizer checkpoint ``encoder.ckpt``."""
-    tok = dict(encoder.get("tokenizer") or {})
-    if tok.get("kind") in PRETRAINED_KINDS:
-        from mmsuite.tokenizers.pretrained_image import image_tokenizer_from_config
-
-        return image_tokenizer_from_config({**tok, "image_size": int(image_size)}, device=device)
-    from mmsuite.tokenizers.image import ImageTokenizer
-
-    path = Path(ckpt or encoder["ckpt"])
-    if not path.exists():
-        raise FileNotFoundError(f"frame encoder checkpoint not found: {path} (data.encoder.ckpt)")
-    enc = ImageTokenizer.from_checkpoint(path, image_size=int(image_size), map_location=device)
-    if enc.net.quantized:
-        raise ValueError(
-            f"{path} is a quantised (FSQ) image tokenizer; the dynamics model needs continuous latents: "
-            "train one with tokenizer=continuous (data.encoder.train_overrides) or use tokenizer=sd_vae"
-        )
-    # the config's tokenizer settings, where it has them, must be the ones the checkpoint was trained with
-    saved = {"latent_bound": enc.net.latent_bound, "latent_noise": float(enc.hyper_parameters.get("latent_noise", 0.0))}
-    wanted = {"latent_bound": tok.get("latent_bound"), "latent_noise": float(tok.get("latent_noise") or 0.0)}
-    for key in saved:
-        if key in tok and wanted[key] != saved[key]:
-            raise ValueError(
-                f"{path} was trained with tokenizer.{key}={saved[key]}, but the config asks for {wanted[key]}: give "
-                "the other tokenizer its own data.encoder.run and pass the setting in data.encoder.train_overrides"
-            )
-    return enc

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, settings_hash
+from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer
 from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards, source_clips
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
@@ -31,7 +31,7 @@ from mmsuite.datamodules.shards import (
 )
 from mmsuite.sources.pairs import successor_indices
 from mmsuite.tokenizers.pose import PoseQuantizer
-from mmsuite.tokenizers.token_space import checkpoint_sha256
+from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
 MODALITY_FIELDS = ("tok_rgb", "coords", "tok_rgb_next", "coords_next")
 

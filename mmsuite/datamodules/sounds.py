@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, settings_hash
+from mmsuite.datamodules.base import ShardDataModule
 from mmsuite.datamodules.shards import WRITER_VERSION, DatasetWriter, ShardError, split_by_item
 from mmsuite.sources import toysound
 from mmsuite.sources.wav import decode_wav, encode_wav
+from mmsuite.tokenizers.token_space import settings_hash
 
 
 def build_toysound(out_dir: Path, sound: dict, n_clips: int, splits: dict, samples_per_shard: int) -> Path:

@@ -3,8 +3,9 @@ decoder and residual vector quantiser) from scratch.
 
 Batches are dicts with ``"audio"``: float ``[B, 1, S]`` in [-1, 1] at the codec's sample rate. The network is
 ``self.net``, an ``encodec.EncodecModel`` built by :meth:`AudioTokenizer.from_config` from the tokenizer
-config (``codec``), so checkpoint keys are ``net.*`` and :func:`audio_tokenizer_from_checkpoint` rebuilds the
-tokenizer with ``torch.load(..., weights_only=True)``. The codebooks and their EMA statistics (``embed``,
+config (``codec``), so checkpoint keys are ``net.*`` and
+:func:`mmsuite.tokenizers.audio.audio_tokenizer_from_checkpoint` rebuilds the tokenizer with
+``torch.load(..., weights_only=True)``. The codebooks and their EMA statistics (``embed``,
 ``embed_avg``, ``cluster_size``, ``inited``) are buffers of ``net``, so they are saved and restored with it.
 
 Losses: waveform L1 + multi-scale STFT (linear + log magnitudes) + commitment. The residual quantisation loop is
@@ -291,18 +292,3 @@ def revive_dead_codes(codebook, samples: torch.Tensor, threshold: float) -> None
     floor = torch.full_like(codebook.cluster_size, threshold)
     codebook.cluster_size.copy_(torch.where(dead, floor, codebook.cluster_size))
     import_encodec().distrib.broadcast_tensors(codebook.buffers())
-
-
-def audio_tokenizer_from_checkpoint(path, token_space=None, device: str | torch.device = "cpu") -> AudioTokenizer:
-    """An :class:`AudioTokenizer` with the trained weights and codebooks of an AudioTokenizerModule checkpoint
-    (``torch.load(weights_only=True)``; the architecture comes from the checkpoint's own ``codec`` config)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        codec = dict(ckpt["hyper_parameters"]["codec"])
-        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    except KeyError as e:
-        raise ValueError(f"{path}: not an AudioTokenizerModule checkpoint (no {e})") from None
-    codec.pop("path", None)
-    tokenizer = AudioTokenizer.from_config(codec, token_space=token_space, device=device)
-    tokenizer.model.load_state_dict(state)
-    return tokenizer

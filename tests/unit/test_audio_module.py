@@ -307,7 +307,8 @@ def test_fit_logs_metrics_audio_and_checkpoint_restores_codebooks(tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from mmsuite.lightning_modules.audio_tokenizer import AudioTokenizerModule, audio_tokenizer_from_checkpoint
+    from mmsuite.lightning_modules.audio_tokenizer import AudioTokenizerModule
+    from mmsuite.tokenizers.audio import audio_tokenizer_from_checkpoint
 
     x = _sounds(8)
     rows = [{"audio": x[i], "caption": f"clip {i}"} for i in range(8)]

@@ -821,7 +821,7 @@ def _tiny_decoder(monkeypatch):
     torch.manual_seed(5)
     net = ImageAutoencoder(levels=None, downsample=2, channels=8, channel_mult=(1, 1), latent_channels=4)
     tok = ImageTokenizer(net, image_size=8)
-    monkeypatch.setattr("mmsuite.datamodules.dynamics.load_frame_tokenizer", lambda *a, **k: tok)
+    monkeypatch.setattr("mmsuite.tokenizers.image.load_frame_tokenizer", lambda *a, **k: tok)
     return tok
 
 

@@ -207,7 +207,7 @@ class DynamicsModule(L.LightningModule):
 
     def decoder(self):
         if self._decoder is None:
-            from mmsuite.datamodules.dynamics import load_frame_tokenizer
+            from mmsuite.tokenizers.image import load_frame_tokenizer
 
             self._decoder = load_frame_tokenizer(self.decoder_cfg, self.image_size, device=self.device)
             for p in self._decoder_params():  # frozen: the pixel loss (loss.decoded) reaches the latents only
