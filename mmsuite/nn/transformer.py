@@ -111,7 +111,7 @@ class Attention(nn.Module):
     Parameters: ``q``, ``kv`` (keys then values), ``proj``, ``q_norm``, ``k_norm``.
     """
 
-    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, qk_norm: bool = False, bias: bool = False):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, bias: bool = False, *, kv_heads: int | None = None):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
         if dim % heads:
@@ -270,7 +270,7 @@ class Block(nn.Module):
         super().__init__()
         if norm not in NORMS or mlp not in ("gelu", "swiglu"):
             raise ValueError(f"norm must be one of {list(NORMS)} and mlp 'gelu' or 'swiglu', got {norm!r}, {mlp!r}")
-        self.norm1, self.attn = NORMS[norm](dim), Attention(dim, heads, kv_heads, qk_norm)
+        self.norm1, self.attn = NORMS[norm](dim), Attention(dim, heads, qk_norm, kv_heads=kv_heads)
         self.norm2 = NORMS[norm](dim)
         if mlp == "gelu":
             self.mlp = MLP(dim, mlp_ratio)

@@ -24,7 +24,7 @@ DIM, HEADS = 32, 4
 
 def _attn(kv_heads=None, qk_norm=True, seed=0) -> Attention:
     torch.manual_seed(seed)
-    a = Attention(DIM, HEADS, kv_heads=kv_heads, qk_norm=qk_norm)
+    a = Attention(DIM, HEADS, qk_norm, kv_heads=kv_heads)
     for p in a.parameters():  # random norms too, so QK-norm's weights matter
         torch.nn.init.normal_(p, std=0.3)
     return a
