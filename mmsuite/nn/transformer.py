@@ -36,8 +36,8 @@ class Packing:
 
     Attention runs on length buckets: samples sorted by their real length and cut into ``groups`` buckets, each
     padded only to its own longest sample (``groups=1``: one bucket padded to the batch maximum). Inside a
-    bucket a sample's real tokens sit first, in order; attention has no causal mask and positions are already
-    in the embeddings, so moving a token within its row changes nothing. Cross-attention lays the context out
+    bucket a sample's real tokens sit first, in order, so a causal mask over the bucket is causal over the real
+    tokens, and RoPE tables travel with their tokens (one row per packed token). Cross-attention lays the context out
     with the queries' buckets (:meth:`layout` of the same samples). Index tensors are built once per packing,
     on the CPU (one device sync per layout, none with ``host``)."""
 
