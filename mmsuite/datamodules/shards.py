@@ -408,26 +408,23 @@ def healthy_shards(shards: list[Shard], on_corrupt: str) -> tuple[list[Shard], l
 def iter_raw_samples(path: str, on_corrupt: str = "raise") -> Iterator[dict]:
     """``{"__key__": key, "__url__": path, "<field>.<ext>": bytes, ...}`` per sample of one tar, in file order.
 
-    The tar goes through webdataset's tar expander and key grouping; a member whose extension is not allowed is
-    refused before its sample is formed. A read error names the shard and the last member read.
+    The tar goes through webdataset's tar expander and key grouping; a sample holding a member whose extension is
+    not allowed is refused before anything decodes it. A read error names the shard and the last sample read.
     """
-    last: list[str] = []
-
-    def allowed(files: Iterable[dict]) -> Iterator[dict]:
-        for f in files:
-            if f:  # {} is the expander's end-of-shard marker
-                last[:] = [f["fname"]]
-                _check_ext(path, f["fname"])
-            yield f
-
+    key = None
     try:
-        with open(path, "rb") as stream:
-            yield from group_by_keys(allowed(tar_file_expander([{"url": str(path), "stream": stream}])))
+        with open(path, "rb", buffering=0) as stream:  # tarfile reads whole records: a second buffer only copies
+            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+                key = sample["__key__"]
+                for name in sample:
+                    if not name.startswith("__"):
+                        _check_ext(path, f"{key}.{name}")
+                yield sample
     except ShardError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         reason = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__  # webdataset appends its stream
-        after = f" after member {last[0]}" if last else ""
+        after = f" after sample {key}" if key else ""
         if on_corrupt == "raise":
             raise ShardError(f"corrupt or truncated shard {path}{after}: {reason}") from None
         warnings.warn(f"skipping the rest of corrupt shard {path}{after}: {reason}", stacklevel=2)
