@@ -184,10 +184,12 @@ class DatasetWriter:
         shards[-1]["count"] += 1
 
     def _roll(self, split: str) -> None:
+        """Start the split's next shard. Rolled here rather than by ``ShardWriter``: the splits are written
+        interleaved, and each finished shard is hashed into the manifest."""
         self._finish(split)
         shards = self._shards[split]
         name = f"{split}-{len(shards):06d}.tar"
-        stream = open(self.tmp_dir / name, "wb")  # noqa: SIM115 (closed in _finish)
+        stream = open(self.tmp_dir / name, "wb")  # closed in _finish / abort
         self._open[split] = (TarWriter(stream, encoder=False, mtime=0), stream)
         shards.append({"name": name, "count": 0})
 
@@ -294,9 +296,8 @@ def check_shard(shard: Shard, checksums: dict | None = None) -> None:
 
 def _check_members(shard: Shard) -> None:
     path, fields = shard.path, set(shard.fields)
-    keys: list[str] = []  # in file order; ``seen`` holds the same for lookups
-    seen: set[str] = set()
-    current: set[str] = set()
+    seen: set[str] = set()  # sample keys
+    last, current = None, set()  # the sample being read and its members
 
     def complete(key: str, members: set[str]) -> None:
         if members != fields:
@@ -317,23 +318,22 @@ def _check_members(shard: Shard) -> None:
                 key, field = base_plus_ext(m.name)  # webdataset's own key/field split
                 if key is None:
                     raise ShardError(f"shard {path}: member {m.name} is not named <key>.<field>.<ext>")
-                if not keys or keys[-1] != key:
-                    if keys:
-                        complete(keys[-1], current)
+                if key != last:
+                    if last is not None:
+                        complete(last, current)
                     if key in seen:
                         raise ShardError(f"shard {path}: the members of sample {key} are not contiguous")
-                    keys.append(key)
                     seen.add(key)
-                    current = set()
+                    last, current = key, set()
                 current.add(field.lower())
     except FileNotFoundError:
         raise ShardError(f"missing shard {path}") from None
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"corrupt or truncated shard {path}: {e}") from None
-    if keys:
-        complete(keys[-1], current)
-    if len(keys) != shard.count:
-        raise ShardError(f"corrupt or truncated shard {path}: {len(keys)} samples, manifest says {shard.count}")
+    if last is not None:
+        complete(last, current)
+    if len(seen) != shard.count:
+        raise ShardError(f"corrupt or truncated shard {path}: {len(seen)} samples, manifest says {shard.count}")
 
 
 def _check_ext(path: str, name: str) -> None:

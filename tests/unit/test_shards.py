@@ -285,7 +285,7 @@ def write_frames(root, n=16, per_shard=4):
 def frame_stream(root, shards=None, **kw):
     args = dict(batch_size=2, items_per_sample=2, seed=0, train=True)
     args.update(kw)
-    expand = lambda s: [int(f[0]) for f in s["frames"]]  # noqa: E731
+    expand = lambda s: [int(f[0]) for f in s["frames"]]
     return ShardStream(shards or split_shards(root, "train"), expand=expand, collate=lambda xs: {"x": xs}, **args)
 
 
