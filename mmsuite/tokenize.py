@@ -36,6 +36,7 @@ from mmsuite.datamodules.shards import (
     DatasetWriter,
     decode_member,
     iter_raw_samples,
+    members_of,
     read_manifest,
     split_shards,
 )
@@ -291,9 +292,7 @@ def tokenize_dataset(
 def _tokenize_sample(raw: dict, tokenizers: dict, field_of: dict, caption_field: str | None, batch_size: int) -> dict:
     def member(name):
         if name not in raw:
-            raise TokenizeError(
-                f"sample {raw['__key__']} has no {name} (it has {sorted(k for k in raw if k != '__key__')})"
-            )
+            raise TokenizeError(f"sample {raw['__key__']} has no {name} (it has {members_of(raw)})")
         return decode_member("." + name.split(".", 1)[1], raw[name])
 
     members = {}

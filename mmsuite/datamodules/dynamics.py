@@ -42,10 +42,10 @@ from mmsuite.datamodules.shards import (
     ShardStream,
     healthy_shards,
     read_manifest,
-    split_by_item,
     split_shards,
 )
 from mmsuite.sources import toyworld
+from mmsuite.sources.splits import split_by_item
 from mmsuite.tokenizers.image import PRETRAINED_FRAME_KINDS, load_frame_tokenizer
 from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
@@ -306,19 +306,17 @@ class DynamicsLatentDataModule(ShardDataModule):
         """``(split, key, frames uint8 [L,S,S,3], actions int64 [L], meta)`` for every clip."""
         if self.source["kind"] == "toyworld":
             cfg = toyworld.ToyWorldConfig(**self.world)
-            assignment = split_by_item(self.n_clips, self.splits, seed=cfg.seed)
-            split_of = {int(i): name for name, idx in assignment.items() for i in idx}
+            split_of = split_by_item(range(self.n_clips), self.splits, seed=cfg.seed)
             for i in tqdm(range(self.n_clips), desc="dynamics latents (toy world)", unit="clip"):
                 clip = toyworld.make_clip(cfg, i)
                 meta = {"clip": i, "action": toyworld.ACTIONS[int(clip.actions[0])], "caption": clip.caption}
                 yield split_of[i], f"clip{i:07d}", clip.frames, clip.actions, meta
             return
         from mmsuite.sources import video
-        from mmsuite.sources.pairs import split_by_item as split_videos
 
         root = Path(self.source["root"])
         videos = video.list_videos(root)
-        split_of = split_videos(videos, self.splits, seed=int(self.world.get("seed", 0)))
+        split_of = split_by_item(videos, self.splits, seed=int(self.world.get("seed", 0)))
         fps = float(self.source.get("fps") or 10.0)
         start, span = float(self.source.get("start_s") or 0.0), self.source.get("span_s")
         for v, name in enumerate(tqdm(videos, desc="dynamics latents (videos)", unit="video")):

@@ -171,7 +171,8 @@ class M4PoseDataModule(ShardDataModule):
                 yield split, {**clip, "visible": clip["visible"].astype(bool)}
             return
         from mmsuite.sources import penn_action
-        from mmsuite.sources.pairs import resize_center_crop_with_pose, split_by_item
+        from mmsuite.sources.pairs import resize_center_crop_with_pose
+        from mmsuite.sources.splits import split_by_item
 
         root = self.source["root"]
         videos = penn_action.list_videos(root)
