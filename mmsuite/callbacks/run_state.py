@@ -195,10 +195,11 @@ def resume_config_differences(saved: dict, now: dict) -> list[tuple[str, Any, An
 
 def _flat(config: dict, paths: dict) -> dict:
     """Dotted key -> value (lists and empty dicts are values); strings under a paths.* folder made relative to it."""
-    roots = sorted(((str(v).rstrip("/"), k) for k, v in paths.items() if isinstance(v, str) and v), reverse=True)
+    roots = [(str(v).rstrip("/"), k) for k, v in paths.items() if isinstance(v, str) and v]
+    roots.sort(key=lambda r: -len(r[0]))  # longest first: run_dir lies under log_dir
 
     def relative(v):
-        for root, name in roots:  # longest first: run_dir lies under log_dir
+        for root, name in roots:
             if isinstance(v, str) and (v == root or v.startswith(root + "/")):
                 return f"${{paths.{name}}}{v[len(root) :]}"
         return v

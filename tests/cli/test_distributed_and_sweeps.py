@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -159,11 +160,12 @@ def test_torchrun_two_nodes_share_one_run_dir_and_sync_validation(tmp_path, shar
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
+    deadline = time.time() + 600  # both nodes together
     try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
+        outs = [p.communicate(timeout=max(1.0, deadline - time.time()))[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -208,7 +208,9 @@ def test_a_live_run_dir_refuses_a_second_run_and_a_killed_runs_leftovers_are_cle
         while time.time() < deadline and first.poll() is None and not last.exists():
             time.sleep(0.1)
         assert first.poll() is None and last.exists(), "the first run did not get going"
-        second = run_cli("train.py", *args, "trainer.max_steps=100000", logs=tmp_path, data=shared_data, check=False)
+        second = run_cli(
+            "train.py", *args, "trainer.max_steps=100000", logs=tmp_path, data=shared_data, check=False, timeout=180
+        )
         err = second.stdout + second.stderr
         assert second.returncode != 0 and "is in use by another run" in err
         assert f"pid {first.pid} on host {socket.gethostname()}" in err and "train.py" in err, err[-2000:]
