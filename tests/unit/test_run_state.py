@@ -304,9 +304,9 @@ def test_fsdp_profile_wraps_the_transformer_blocks():
     strategy = instantiate(cfg.trainer.strategy, _convert_="all")
     assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
     wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
-    from mmsuite.lightning_modules.dynamics.model import Block
-    from mmsuite.nn.transformer import DecoderBlock, EncoderBlock
+    from mmsuite.lightning_modules.dynamics.model import SpaceTimeBlock
+    from mmsuite.nn.transformer import Block, DecoderBlock
 
-    assert {EncoderBlock, DecoderBlock, Block} <= set(wrapped)
+    assert {Block, DecoderBlock} <= set(wrapped) and issubclass(SpaceTimeBlock, tuple(wrapped))
     assert all(issubclass(c, torch.nn.Module) for c in wrapped)
     assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == set(wrapped)
