@@ -32,8 +32,9 @@ def test_ddp_cpu_one_run_dir_disjoint_shards_equal_batches(tmp_path, shared_data
 
 def test_ddp_validation_metrics_equal_the_single_process_ones(tmp_path, shared_data):
     """eval.py of one checkpoint over the whole validation split on 1 and on 2 processes (gloo): the metric objects'
-    reduction over ranks gives the single-process values. The split has an even number of frames, so the two ranks
-    share it with no wrap-around padding (a padded frame would be counted twice)."""
+    reduction over ranks gives the single-process values (PSNR and loss means, the codebook histogram). The split
+    has an even number of frames, so the two ranks share it with no wrap-around padding (a padded frame would count
+    twice). Both in fp32: hardware=cpu picks bf16 autocast on CPUs with native bf16."""
     run_cli(
         "train.py",
         "debug=smoke",
@@ -61,6 +62,7 @@ def test_ddp_validation_metrics_equal_the_single_process_ones(tmp_path, shared_d
             "experiment=image_tokenizer",
             f"ckpt_path={ckpt}",
             f"hardware={hardware}",
+            "trainer.precision=32-true",
             logs=tmp_path,
             data=shared_data,
             timeout=400,
