@@ -306,28 +306,6 @@ class ImageAutoencoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics helpers
-# ---------------------------------------------------------------------------------------------------------
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, max_val: float = 1.0) -> torch.Tensor:
-    """Mean over the batch of per-image PSNR (dB) between float images in ``[0, 1]`` (``[B, ...]``)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(max_val**2 / mse.clamp_min(1e-10))).mean()
-
-
-def codebook_stats(counts: torch.Tensor) -> tuple[float, float]:
-    """From a histogram of code counts -> (fraction of codes used at least once, perplexity exp(H))."""
-    counts = torch.as_tensor(counts).double().flatten()
-    total = counts.sum()
-    if total <= 0:
-        return 0.0, 0.0
-    usage = float((counts > 0).double().mean())
-    p = counts[counts > 0] / total
-    return usage, float(torch.exp(-(p * p.log()).sum()))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Tokenizer wrapper
 # ---------------------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from tests.cli.conftest import ROOT, cli_env, run_cli
 
@@ -33,6 +34,48 @@ def test_ddp_cpu_one_run_dir_disjoint_shards_equal_batches(tmp_path, shared_data
     assert plans[0]["batches_per_epoch"] == plans[1]["batches_per_epoch"] > 0
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 8
     assert proc.stdout.count("[mmsuite] run dir:") == 1  # side effects on rank 0 only
+
+
+def test_ddp_validation_metrics_equal_the_single_process_ones(tmp_path, shared_data):
+    """eval.py of one checkpoint over the whole validation split on 1 and on 2 processes (gloo): the metric objects'
+    reduction over ranks gives the single-process values (PSNR and loss means, the codebook histogram). The split
+    has an even number of frames, so the two ranks share it with no wrap-around padding (a padded frame would count
+    twice). Both in fp32: hardware=cpu picks bf16 autocast on CPUs with native bf16."""
+    run_cli(
+        "train.py",
+        "debug=smoke",
+        "trainer.limit_val_batches=1.0",  # stored in the checkpoint's config: eval.py validates on every frame
+        "callbacks.progress_bar=false",
+        logs=tmp_path,
+        data=shared_data,
+        timeout=400,
+    )
+    run_dir = tmp_path / "image_tokenizer" / "image_tokenizer-smoke"
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    manifests = [json.loads(p.read_text()) for p in shared_data.glob("toyworld-*/manifest.json")]
+    (val_frames,) = {
+        m["splits"]["val"]["samples"] * m["source"]["world"]["frames"]
+        for m in manifests
+        if m["source"]["n_clips"] == data["n_clips"]
+        and m["source"]["world"] == {**m["source"]["world"], **data["world"]}
+    }
+    assert val_frames % 2 == 0 and val_frames > 2 * data["val_batch_size"]  # several batches a rank, no padding
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    got = {}
+    for hardware in ("cpu", "ddp_cpu"):
+        run_cli(
+            "eval.py",
+            "experiment=image_tokenizer",
+            f"ckpt_path={ckpt}",
+            f"hardware={hardware}",
+            "trainer.precision=32-true",
+            logs=tmp_path,
+            data=shared_data,
+            timeout=400,
+        )
+        got[hardware] = json.loads((run_dir / "eval_val.json").read_text())["metrics"]
+    for key in ("val/psnr", "val/loss", "val/codebook_usage", "val/perplexity"):
+        assert got["ddp_cpu"][key] == pytest.approx(got["cpu"][key], rel=1e-5), key
 
 
 def test_multirun_sweep_writes_job_dirs_and_summary(tmp_path, shared_data):

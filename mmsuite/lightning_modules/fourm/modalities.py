@@ -115,6 +115,10 @@ class Modality:
         """The generation hook that restricts each slot's ids (:data:`.generate.Constraint`), or None."""
         return None
 
+    def metric_names(self, task: dict) -> list[str]:
+        """The metrics :meth:`evaluate` adds for ``task``, without the ``{split}/{task name}/`` prefix."""
+        return []
+
     def evaluate(self, module, task: dict, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
         """Accumulate its own metrics of a fixed-input task (``pred`` / ``truth``: local ids ``[B, length]``)."""
 
@@ -145,6 +149,9 @@ class ImageModality(Modality):
 
     def fixed_positions(self, dim: int) -> torch.Tensor:
         return sincos_2d(*self.grid, dim)
+
+    def metric_names(self, task) -> list[str]:
+        return ["psnr_db"] + (["baseline_psnr_db"] if task.get("baseline") == "copy" else [])
 
     def evaluate(self, module, task, pred, truth, tokens) -> None:
         module._frame_psnr(task, self, pred, truth, tokens)
@@ -201,6 +208,9 @@ class PoseModality(Modality):
 
     def constraint(self, module):
         return pose_constraint(module.pose)
+
+    def metric_names(self, task) -> list[str]:
+        return ["joint_error_px", "pck@0.1"] + (["baseline_error_px"] if task.get("baseline") is not None else [])
 
     def evaluate(self, module, task, pred, truth, tokens) -> None:
         module._pose_task(task, pred, truth, tokens)
