@@ -1,8 +1,9 @@
 """Glue between Hydra and Lightning: compose -> instantiate -> run dir -> resume -> fit/validate/test.
 
 Entry points (``train.py``, ``eval.py``, ``prepare.py``, ``generate.py``) are thin Hydra apps over the
-functions here. The run dir is ``${paths.log_dir}/<name>/<run>/`` and is decided by Hydra before any DDP
-process starts (Lightning forwards it to the processes it launches); rank 0 alone writes into it.
+functions here. The run dir is ``${paths.log_dir}/<name>/<run>/``: a pure function of the config, so every
+process agrees on it however it was started (Lightning's own launcher, torchrun, SLURM). Global rank 0 alone
+writes into it, under a lock, and only once the config has built the token space, data module, model and trainer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -25,12 +28,23 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mmsuite.callbacks.run_state import AtomicCheckpointIO, RunState
+from mmsuite.callbacks.run_state import (
+    AtomicCheckpointIO,
+    RunDirLock,
+    RunState,
+    choose_resume_checkpoint,
+    load_mmsuite_checkpoint,
+    remove_stale_temp_files,
+    resume_config_differences,
+    step_checkpoints,
+    write_text_atomic,
+)
 from mmsuite.config import check_settings
-from mmsuite.tokenizers.text import TEXT_TOKENIZERS, prepare_text_tokenizer, text_tokenizer_from_config
+from mmsuite.datamodules.base import prepare_text_tokenizer
+from mmsuite.tokenizers.text import TEXT_TOKENIZERS, text_tokenizer_from_config
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
 
 DONE_MARKER = "DONE"
@@ -39,9 +53,14 @@ DONE_MARKER = "DONE"
 # ---------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------
+# torchrun: RANK (global), GROUP_RANK (node), LOCAL_RANK; SLURM (srun): SLURM_PROCID (global); the processes
+# Lightning launches itself: LOCAL_RANK, NODE_RANK. A node's first process under torchrun has LOCAL_RANK=0.
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "GROUP_RANK", "NODE_RANK", "LOCAL_RANK")
+
+
 def is_rank_zero() -> bool:
-    """True in the launching process; Lightning's DDP children carry LOCAL_RANK/NODE_RANK > 0."""
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    """True in the global rank 0 process, whoever launched it: every rank variable that is set is 0."""
+    return all(int(os.environ.get(name) or 0) == 0 for name in RANK_VARIABLES)
 
 
 def git_revision() -> str:
@@ -67,17 +86,11 @@ def prepare_config(cfg: DictConfig, groups: tuple[str, ...] = ("model", "data"))
     return cfg
 
 
-def print_config(cfg: DictConfig) -> None:
+def print_config(config: dict) -> None:
     from rich.console import Console
     from rich.syntax import Syntax
 
-    Console(stderr=False).print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    Console(stderr=False).print(Syntax(OmegaConf.to_yaml(config), "yaml", theme="ansi_dark"))
 
 
 def build_token_space(cfg: DictConfig) -> TokenSpace:
@@ -119,13 +132,19 @@ OmegaConf.register_new_resolver("add", lambda a, b: int(a) + int(b), replace=Tru
 # ---------------------------------------------------------------------------------------------------
 # run dir, resume, finished marker
 # ---------------------------------------------------------------------------------------------------
+def strategy_name(cfg: DictConfig) -> str:
+    """``trainer.strategy`` as a name: the string itself, or the class a ``_target_`` strategy config builds."""
+    strategy = cfg.trainer.get("strategy", "auto")
+    return strategy.get("_target_", "").rsplit(".", 1)[-1] if isinstance(strategy, DictConfig) else str(strategy)
+
+
 def check_multirun_strategy(cfg: DictConfig) -> None:
     """``-m`` with a script-relaunching strategy would make every child start its own sweep: refuse."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    strategy, devices = str(cfg.trainer.get("strategy", "auto")), cfg.trainer.get("devices", 1)
-    multi = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1) or isinstance(devices, list | str)
-    if strategy.startswith("ddp") and strategy != "ddp_spawn" and multi and str(devices) != "1":
+    strategy, devices = strategy_name(cfg), cfg.trainer.get("devices", 1)
+    relaunches = strategy.lower().startswith(("ddp", "fsdp")) and "spawn" not in strategy.lower()
+    if relaunches and (str(devices) != "1" or int(cfg.trainer.get("num_nodes") or 1) > 1):
         raise SystemExit(
             f"multirun (-m) cannot run a multi-process strategy (trainer.strategy={strategy}, "
             f"trainer.devices={devices}): Lightning would relaunch this script, sweep included, in every process. "
@@ -133,19 +152,39 @@ def check_multirun_strategy(cfg: DictConfig) -> None:
         )
 
 
-def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint to continue from, or None; refuses what ``resume`` forbids."""
+def resolve_resume(cfg: DictConfig, run_dir: Path, config: dict) -> str | None:
+    """The checkpoint to continue from, or None; refuses what ``resume`` forbids and a changed config."""
     mode = cfg.get("resume", "auto")
     if mode not in ("auto", "never", "must"):
         raise ValueError(f"resume must be auto, never or must; got {mode!r}")
-    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
     if mode == "never":
-        if last.exists():
-            raise SystemExit(f"resume=never but {last} exists: choose another run=NAME or delete {run_dir}")
+        existing = [p for p in (last, *step_checkpoints(ckpt_dir)) if p.exists()]
+        if existing:
+            raise SystemExit(f"resume=never but {existing[0]} exists: choose another run=NAME or delete {run_dir}")
         return None
-    if mode == "must" and not last.exists():
-        raise SystemExit(f"resume=must but there is no checkpoint at {last}")
-    return str(last) if last.exists() else None
+    found = choose_resume_checkpoint(ckpt_dir)  # last.ckpt, or the newest good step checkpoint
+    if found is None:
+        if mode == "must":
+            raise SystemExit(f"resume=must but there is no checkpoint at {last}")
+        return None
+    path, extra = found
+    check_resume_config(extra["config"], config, path)
+    return str(path)
+
+
+def check_resume_config(saved: dict, config: dict, ckpt: Path) -> None:
+    """A resumed run keeps the checkpoint's config in everything but ``run_state.RESUME_MAY_CHANGE``."""
+    diffs = resume_config_differences(saved, config)
+    if diffs:
+        lines = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in diffs)
+        raise SystemExit(
+            f"resume refused: this command's config differs from the one that wrote {ckpt}:\n{lines}\n"
+            "A resumed run may change only its hardware, run length, paths and logging "
+            "(mmsuite/callbacks/run_state.py, RESUME_MAY_CHANGE). To continue this run, drop those overrides; "
+            "to train with them, start a new run: run=NEW_NAME (resume=never makes sure nothing is resumed)."
+        )
 
 
 def finished_metrics(run_dir: Path) -> dict | None:
@@ -178,11 +217,22 @@ def check_run_dir_token_space(run_dir: Path, token_space: TokenSpace) -> None:
         )
 
 
-@rank_zero_only
-def write_run_info(cfg: DictConfig, run_dir: Path, token_space: TokenSpace) -> None:
+@contextmanager
+def claim_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run dir's lock in global rank 0 (the other ranks write nothing there); clear stale temp files."""
+    if not is_rank_zero():
+        yield
+        return
+    with RunDirLock(run_dir):
+        for path in remove_stale_temp_files(run_dir):
+            print(f"[mmsuite] removed {path}, left by a writer that was killed")
+        yield
+
+
+def write_run_info(config: dict, run_dir: Path, token_space: TokenSpace) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     token_space.save(run_dir / "token_space.json")
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
     overrides = sorted(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     write_text_atomic(run_dir / "overrides.json", json.dumps(overrides) + "\n")
     with open(run_dir / "commands.log", "a") as f:
@@ -218,21 +268,19 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, token_space: TokenSpace) -> list:
+def build_callbacks(cfg: DictConfig, config: dict, run_dir: Path, token_space: TokenSpace) -> list:
     ccfg = cfg.callbacks
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
-        RunState(
-            OmegaConf.to_container(cfg, resolve=True),
-            token_space.sha256,
-            git_revision(),
-            str(run_dir / "token_space.json"),
-        ),
+        RunState(config, token_space.sha256, git_revision(), str(run_dir / "token_space.json")),
+        # last.ckpt, and the newest keep_step_checkpoints step<N>.ckpt (resume's fallback if last.ckpt is damaged)
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="step{step:07d}",
             auto_insert_metric_name=False,
-            save_top_k=0,
+            monitor="step",
+            mode="max",
+            save_top_k=cfg.keep_step_checkpoints,
             save_last=True,
             every_n_train_steps=cfg.checkpoint_every_n_steps,
             enable_version_counter=False,
@@ -322,54 +370,58 @@ def _train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     set_threads(cfg)
     check_multirun_strategy(cfg)
-    token_space = build_token_space(cfg)
-    check_run_dir_token_space(run_dir, token_space)
-    done = finished_metrics(run_dir)
-    if done is not None and cfg.resume != "never":
-        print(
-            f"[mmsuite] {run_dir} is finished (marker {run_dir / DONE_MARKER}); not training again.\n"
-            f"          final metrics: {json.dumps(done.get('final', {}), sort_keys=True)}\n"
-            "          to train more: raise trainer.max_steps and delete the marker, or pass run=NEW_NAME"
-        )
-        return done
-    check_same_job(cfg, run_dir)
-    ckpt_path = resolve_resume(cfg, run_dir)
-    if is_rank_zero():
-        if cfg.get("print_config"):
-            print_config(cfg)
-        write_run_info(cfg, run_dir, token_space)
-        print(f"[mmsuite] run dir: {run_dir}" + (f" (resuming {ckpt_path})" if ckpt_path else " (new run)"))
 
+    # everything that can reject the settings runs before anything is written into the run dir
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    token_space = build_token_space(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, token_space, run_dir)
     model = build_model(cfg)
-    callbacks = build_callbacks(cfg, run_dir, token_space)
-    loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, callbacks, loggers, run_dir)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    fit_metrics: dict = {}
-    if not trainer.interrupted:  # the final state, with the metrics of the final validation
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-        # a budget that ends between validations: score the final weights (unless Lightning just did: it
-        # validates when a module stops the fit with trainer.should_stop, as the token budget does)
-        state = next(c for c in callbacks if isinstance(c, RunState))
-        if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step:
-            # validate() replaces the metrics: keep the training ones (not the stale validation's) beside its own
-            fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("val/")}
-            trainer.validate(model, datamodule=datamodule, verbose=False)
-    metrics = collect_metrics(trainer, callbacks, fit_metrics)
-    if datamodule.corrupt_shards:
-        metrics["corrupt_shards_skipped"] = datamodule.corrupt_shards
-    if cfg.get("test"):
-        best = metrics["best"].get("best_ckpt")
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics["test"] = test[0] if test else {}
-    if trainer.is_global_zero and not trainer.interrupted:
-        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        write_text_atomic(run_dir / DONE_MARKER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
-        print(f"[mmsuite] finished; metrics in {run_dir / 'metrics.json'}")
-    return metrics
+    with claim_run_dir(run_dir):  # one run at a time in a run dir: a second one stops here, naming the first
+        check_run_dir_token_space(run_dir, token_space)
+        done = finished_metrics(run_dir)
+        if done is not None and cfg.resume != "never":
+            print(
+                f"[mmsuite] {run_dir} is finished (marker {run_dir / DONE_MARKER}); not training again.\n"
+                f"          final metrics: {json.dumps(done.get('final', {}), sort_keys=True)}\n"
+                "          to train more: raise trainer.max_steps and delete the marker, or pass run=NEW_NAME"
+            )
+            return done
+        check_same_job(cfg, run_dir)
+        ckpt_path = resolve_resume(cfg, run_dir, config)
+        if is_rank_zero() and cfg.get("print_config"):
+            print_config(config)
+        callbacks = build_callbacks(cfg, config, run_dir, token_space)
+        loggers = build_loggers(cfg, run_dir)
+        trainer = build_trainer(cfg, callbacks, loggers, run_dir)  # the trainer settings are valid too
+        if is_rank_zero():
+            write_run_info(config, run_dir, token_space)
+            print(f"[mmsuite] run dir: {run_dir}" + (f" (resuming {ckpt_path})" if ckpt_path else " (new run)"))
+
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        fit_metrics: dict = {}
+        if not trainer.interrupted:  # the final state, with the metrics of the final validation
+            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+            # a budget that ends between validations: score the final weights (unless Lightning just did: it
+            # validates when a module stops the fit with trainer.should_stop, as the token budget does)
+            state = next(c for c in callbacks if isinstance(c, RunState))
+            if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step:
+                # validate() replaces the metrics: keep the training ones (not the stale validation's) beside its own
+                fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("val/")}
+                trainer.validate(model, datamodule=datamodule, verbose=False)
+        metrics = collect_metrics(trainer, callbacks, fit_metrics)
+        if datamodule.corrupt_shards:
+            metrics["corrupt_shards_skipped"] = datamodule.corrupt_shards
+        if cfg.get("test"):
+            best = metrics["best"].get("best_ckpt")
+            test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics["test"] = test[0] if test else {}
+        if trainer.is_global_zero and not trainer.interrupted:
+            write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(run_dir / DONE_MARKER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            print(f"[mmsuite] finished; metrics in {run_dir / 'metrics.json'}")
+        return metrics
 
 
 def _close_wandb() -> None:
@@ -387,9 +439,7 @@ def load_checkpoint_config(ckpt_path: str | os.PathLike) -> tuple[dict, dict]:
     path = Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=...)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "mmsuite" not in ckpt:
-        raise RuntimeError(f"{path} was not written by mmsuite (no 'mmsuite' entry)")
+    ckpt = load_mmsuite_checkpoint(path)
     return ckpt["mmsuite"], ckpt
 
 

@@ -29,7 +29,6 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import settings_hash
 from mmsuite.datamodules.shards import (
     MANIFEST,
     SPLITS,
@@ -37,10 +36,11 @@ from mmsuite.datamodules.shards import (
     DatasetWriter,
     decode_member,
     iter_raw_samples,
+    members_of,
     read_manifest,
     split_shards,
 )
-from mmsuite.tokenizers.token_space import TokenSpace, file_sha256
+from mmsuite.tokenizers.token_space import TokenSpace, file_sha256, settings_hash
 
 TOKENIZE_VERSION = 1
 MODALITIES = ("text", "image", "audio")  # the token space's order
@@ -151,7 +151,7 @@ def _load_image(entry: dict):
 
 def _load_audio(entry: dict):
     if "ckpt" in entry:
-        from mmsuite.lightning_modules.audio_tokenizer import audio_tokenizer_from_checkpoint
+        from mmsuite.tokenizers.audio import audio_tokenizer_from_checkpoint
 
         return audio_tokenizer_from_checkpoint(entry["ckpt"])
     from mmsuite.tokenizers.audio import AudioTokenizer
@@ -189,7 +189,7 @@ def build_tokenizers(entries: Mapping[str, dict], source_root: Path) -> tuple[To
         entry = entries["text"]
         if "config" in entry:
             if entry["config"].get("name") == "text_bpe":
-                from mmsuite.tokenizers.text import prepare_text_tokenizer
+                from mmsuite.datamodules.base import prepare_text_tokenizer
 
                 prepare_text_tokenizer(entry["config"], source_root)  # train split only, once per settings
             tokenizers["text"] = text_tokenizer_from_config(entry["config"], space, source_root)
@@ -292,9 +292,7 @@ def tokenize_dataset(
 def _tokenize_sample(raw: dict, tokenizers: dict, field_of: dict, caption_field: str | None, batch_size: int) -> dict:
     def member(name):
         if name not in raw:
-            raise TokenizeError(
-                f"sample {raw['__key__']} has no {name} (it has {sorted(k for k in raw if k != '__key__')})"
-            )
+            raise TokenizeError(f"sample {raw['__key__']} has no {name} (it has {members_of(raw)})")
         return decode_member("." + name.split(".", 1)[1], raw[name])
 
     members = {}

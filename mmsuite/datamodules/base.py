@@ -9,11 +9,11 @@ resumed run continues with exactly the batches the uninterrupted run would have 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +80,23 @@ def ensure_tokenizer(cfg: dict, experiment: str, log_dir: str, data_dir: str, ke
     return ckpt
 
 
-def settings_hash(settings: dict) -> str:
-    """Short stable hash of a settings dict; names cached dataset folders."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def prepare_text_tokenizer(cfg: Mapping, data_root: str | Path) -> Path:
+    """Train the byte-level BPE of a ``text_bpe`` config on the captions of ``data_root``'s TRAIN split, once per
+    settings (:func:`mmsuite.tokenizers.text.train_text_tokenizer`). The captions come from the train shards the
+    manifest lists (``read_texts``), never from val/test, and are read only when there is something to train.
+    Returns the tokenizer.json path."""
+    from tqdm.auto import tqdm
+
+    from mmsuite.datamodules import shards
+    from mmsuite.tokenizers.text import TRAIN_SPLIT, bpe_settings, train_text_tokenizer
+
+    field = bpe_settings(cfg, data_root)["text_field"]
+
+    def texts():
+        total = shards.read_manifest(data_root)["splits"].get(TRAIN_SPLIT, {}).get("samples")
+        yield from tqdm(shards.read_texts(data_root, TRAIN_SPLIT, field), total=total, unit="caption")
+
+    return train_text_tokenizer(cfg, data_root, texts())
 
 
 class _EpochLoader(DataLoader):

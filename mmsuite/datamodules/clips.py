@@ -17,18 +17,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, ShardSettings, settings_hash
+from mmsuite.datamodules.base import ShardDataModule, ShardSettings
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
     decode_sample,
     iter_raw_samples,
     read_manifest,
-    split_by_item,
     split_shards,
 )
 from mmsuite.settings import fail, setting
 from mmsuite.sources import toyworld
+from mmsuite.sources.splits import split_by_item
+from mmsuite.tokenizers.token_space import settings_hash
 
 
 def _clip_members(args) -> tuple[int, dict]:
@@ -49,8 +50,7 @@ def build_toyworld(
 ) -> Path:
     """Render ``n_clips`` toy-world clips and write them as shards, split by clip, with a progress bar."""
     cfg = toyworld.ToyWorldConfig(**world)
-    assignment = split_by_item(n_clips, splits, seed=cfg.seed)
-    split_of = {int(i): name for name, idx in assignment.items() for i in idx}
+    split_of = split_by_item(range(n_clips), splits, seed=cfg.seed)
     info = {
         "source": {"kind": "toyworld", "world": dataclasses.asdict(cfg), "n_clips": n_clips, "splits": dict(splits)},
         "sample_fields": ["frames.npy", "joints.npy", "visible.npy", "actions.npy", "caption.txt", "attributes.json"],

@@ -37,27 +37,21 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import (
-    ShardDataModule,
-    ShardSettings,
-    TokenizerRunSettings,
-    ensure_tokenizer,
-    settings_hash,
-)
+from mmsuite.datamodules.base import ShardDataModule, ShardSettings, TokenizerRunSettings, ensure_tokenizer
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
     ShardStream,
     healthy_shards,
     read_manifest,
-    split_by_item,
     split_shards,
 )
 from mmsuite.settings import as_dict, fail, setting
 from mmsuite.sources import toyworld
-from mmsuite.tokenizers.token_space import checkpoint_sha256
+from mmsuite.sources.splits import split_by_item
+from mmsuite.tokenizers.image import PRETRAINED_FRAME_KINDS, load_frame_tokenizer
+from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
-PRETRAINED_KINDS = ("autoencoder_kl",)
 SOURCE_KINDS = ("toyworld", "video")
 
 
@@ -183,7 +177,7 @@ class EncoderSettings(TokenizerRunSettings):
     tokenizer: Any = setting({})  # = ${tokenizer}: continuous (levels: null) or sd_vae (checked when loaded)
 
     def check(self, key: str) -> None:
-        if dict(self.tokenizer or {}).get("kind") not in PRETRAINED_KINDS:  # a local folder needs no run
+        if dict(self.tokenizer or {}).get("kind") not in PRETRAINED_FRAME_KINDS:  # a local folder needs no run
             super().check(key)
 
 
@@ -251,7 +245,7 @@ class DynamicsLatentDataModule(ShardDataModule):
     # -- the encoder ----------------------------------------------------------------------------------------
     @property
     def pretrained(self) -> bool:
-        return dict(self.encoder.get("tokenizer") or {}).get("kind") in PRETRAINED_KINDS
+        return dict(self.encoder.get("tokenizer") or {}).get("kind") in PRETRAINED_FRAME_KINDS
 
     def _ckpt(self) -> Path:
         return ensure_tokenizer(self.encoder, "image_tokenizer", self.log_dir, str(self.data_dir), key="data.encoder")
@@ -350,19 +344,17 @@ class DynamicsLatentDataModule(ShardDataModule):
         """``(split, key, frames uint8 [L,S,S,3], actions int64 [L], meta)`` for every clip."""
         if self.source["kind"] == "toyworld":
             cfg = toyworld.ToyWorldConfig(**self.world)
-            assignment = split_by_item(self.n_clips, self.splits, seed=cfg.seed)
-            split_of = {int(i): name for name, idx in assignment.items() for i in idx}
+            split_of = split_by_item(range(self.n_clips), self.splits, seed=cfg.seed)
             for i in tqdm(range(self.n_clips), desc="dynamics latents (toy world)", unit="clip"):
                 clip = toyworld.make_clip(cfg, i)
                 meta = {"clip": i, "action": toyworld.ACTIONS[int(clip.actions[0])], "caption": clip.caption}
                 yield split_of[i], f"clip{i:07d}", clip.frames, clip.actions, meta
             return
         from mmsuite.sources import video
-        from mmsuite.sources.pairs import split_by_item as split_videos
 
         root = Path(self.source["root"])
         videos = video.list_videos(root)
-        split_of = split_videos(videos, self.splits, seed=int(self.world.get("seed", 0)))
+        split_of = split_by_item(videos, self.splits, seed=int(self.world.get("seed", 0)))
         fps, start, span = self.source["fps"], self.source["start_s"], self.source["span_s"]
         for v, name in enumerate(tqdm(videos, desc="dynamics latents (videos)", unit="video")):
             frames = video.read_frames(root / name, fps, self.image_size, start, None if span is None else float(span))
@@ -464,34 +456,3 @@ class DynamicsLatentDataModule(ShardDataModule):
         return AlternatingLoader(
             self._streams["train"], self._streams.get("train_long"), self.long_ratio, self.seed, self
         )
-
-
-def load_frame_tokenizer(encoder: dict, image_size: int, device="cpu", ckpt: str | Path | None = None):
-    """The frozen frame encoder/decoder named by ``encoder``: a diffusers AutoencoderKL from a local folder
-    (``encoder.tokenizer.kind=autoencoder_kl``) or the continuous image tokenizer checkpoint ``encoder.ckpt``."""
-    tok = dict(encoder.get("tokenizer") or {})
-    if tok.get("kind") in PRETRAINED_KINDS:
-        from mmsuite.tokenizers.pretrained_image import image_tokenizer_from_config
-
-        return image_tokenizer_from_config({**tok, "image_size": int(image_size)}, device=device)
-    from mmsuite.tokenizers.image import ImageTokenizer
-
-    path = Path(ckpt or encoder["ckpt"])
-    if not path.exists():
-        raise FileNotFoundError(f"frame encoder checkpoint not found: {path} (data.encoder.ckpt)")
-    enc = ImageTokenizer.from_checkpoint(path, image_size=int(image_size), map_location=device)
-    if enc.net.quantized:
-        raise ValueError(
-            f"{path} is a quantised (FSQ) image tokenizer; the dynamics model needs continuous latents: "
-            "train one with tokenizer=continuous (data.encoder.train_overrides) or use tokenizer=sd_vae"
-        )
-    # the config's tokenizer settings, where it has them, must be the ones the checkpoint was trained with
-    saved = {"latent_bound": enc.net.latent_bound, "latent_noise": float(enc.hyper_parameters.get("latent_noise", 0.0))}
-    wanted = {"latent_bound": tok.get("latent_bound"), "latent_noise": float(tok.get("latent_noise") or 0.0)}
-    for key in saved:
-        if key in tok and wanted[key] != saved[key]:
-            raise ValueError(
-                f"{path} was trained with tokenizer.{key}={saved[key]}, but the config asks for {wanted[key]}: give "
-                "the other tokenizer its own data.encoder.run and pass the setting in data.encoder.train_overrides"
-            )
-    return enc

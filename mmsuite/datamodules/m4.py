@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, TokenizerRunSettings, ensure_tokenizer, settings_hash
+from mmsuite.datamodules.base import ShardDataModule, TokenizerRunSettings, ensure_tokenizer
 from mmsuite.datamodules.clips import ClipSettings, ToyWorldDataModule, iter_clip_shards, source_clips
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
@@ -34,7 +34,7 @@ from mmsuite.datamodules.shards import (
 from mmsuite.settings import as_dict, fail, setting
 from mmsuite.sources.pairs import successor_indices
 from mmsuite.tokenizers.pose import PoseQuantizer, PoseSettings
-from mmsuite.tokenizers.token_space import checkpoint_sha256
+from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
 MODALITY_FIELDS = ("tok_rgb", "coords", "tok_rgb_next", "coords_next")
 
@@ -198,7 +198,8 @@ class M4PoseDataModule(ShardDataModule):
                 yield split, {**clip, "visible": clip["visible"].astype(bool)}
             return
         from mmsuite.sources import penn_action
-        from mmsuite.sources.pairs import resize_center_crop_with_pose, split_by_item
+        from mmsuite.sources.pairs import resize_center_crop_with_pose
+        from mmsuite.sources.splits import split_by_item
 
         root = self.source["root"]
         videos = penn_action.list_videos(root)

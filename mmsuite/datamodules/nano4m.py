@@ -18,7 +18,7 @@ the modality layout of :class:`~mmsuite.lightning_modules.fourm.model.FourM`, pl
 
 Tokenizers: the image and audio tokenizers are trained first (``train.py experiment=image_tokenizer`` /
 ``experiment=audio_tokenizer`` in a subprocess, same ``paths``) when their checkpoints are missing; the text BPE
-is trained on the captions of the clips' TRAIN split only (:func:`~mmsuite.tokenizers.text.prepare_text_tokenizer`,
+is trained on the captions of the clips' TRAIN split only (:func:`~mmsuite.datamodules.base.prepare_text_tokenizer`,
 stored beside the clip shards). The data set's name hashes both checkpoints and the BPE settings.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsuite.datamodules.base import ShardDataModule, TokenizerRunSettings, ensure_tokenizer, settings_hash
+from mmsuite.datamodules.base import ShardDataModule, TokenizerRunSettings, ensure_tokenizer, prepare_text_tokenizer
 from mmsuite.datamodules.clips import ClipSettings, ToyWorldDataModule, iter_clip_shards, source_clips
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
@@ -43,7 +43,7 @@ from mmsuite.datamodules.shards import (
 )
 from mmsuite.settings import as_dict, fail, setting
 from mmsuite.sources import toysound, toyworld
-from mmsuite.tokenizers.token_space import checkpoint_sha256
+from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
 FIELDS = ("tok_rgb", "caption", "audio")
 ATTRIBUTES = ("color", "action")  # scored by the evaluation (lightning_modules/fourm/attributes.py)
@@ -144,8 +144,6 @@ class Nano4MDataModule(ShardDataModule):
 
     def _ensure_tokenizers(self) -> None:
         """Train what is missing (image / audio tokenizer runs, the text BPE on the clips' train split)."""
-        from mmsuite.tokenizers.text import prepare_text_tokenizer
-
         ensure_tokenizer(self.image_tokenizer, "image_tokenizer", self.log_dir, str(self.data_dir))
         if "audio" in self.names:
             ensure_tokenizer(self.audio_tokenizer, "audio_tokenizer", self.log_dir, str(self.data_dir))
@@ -250,7 +248,7 @@ class Nano4MDataModule(ShardDataModule):
         return str(self.modality("audio")["range"]).rsplit("_q", 1)[0]
 
     def _audio_tokenizer(self):
-        from mmsuite.lightning_modules.audio_tokenizer import audio_tokenizer_from_checkpoint
+        from mmsuite.tokenizers.audio import audio_tokenizer_from_checkpoint
 
         ckpt = Path(self.audio_tokenizer["ckpt"])
         tok = audio_tokenizer_from_checkpoint(ckpt, token_space=self.token_space)

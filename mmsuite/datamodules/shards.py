@@ -1,8 +1,15 @@
 """WebDataset shards: writing, checking and reading, DDP-safe and resumable.
 
-A dataset folder holds ``{split}-NNNNNN.tar`` shards and ``manifest.json``. Each sample is a group of tar
-members ``<key>.<ext>`` with ``ext`` in :data:`ALLOWED_EXT`; arrays are ``.npy`` saved without pickle and
-loaded with ``allow_pickle=False``. Nothing that can run code is ever written or read.
+A dataset folder holds ``{split}-NNNNNN.tar`` shards and ``manifest.json``. Shards are written with webdataset's
+``TarWriter`` and read with its tar expander and key grouping, so a stock ``webdataset.WebDataset`` reads ours and
+tars that webdataset writes read here. A sample is the group of members ``<key>.<field>.<ext>`` with ``ext`` in
+:data:`ALLOWED_EXT`; members are encoded here (arrays as ``.npy`` without pickle, loaded with
+``allow_pickle=False``) and handed to the writer as bytes, never through its pickle-capable encoders. Nothing that
+can run code is ever written or read.
+
+The manifest lists each split's fields (the member names every sample holds) and each shard's sample count and
+sha256. Before a shard trains anything, :func:`healthy_shards` checks it against that: a complete tar, only allowed
+members, every sample holding exactly the split's fields, the count, and the checksum.
 
 Reading (:class:`ShardStream`) is a deterministic function of ``(seed, epoch, rank, role)``:
 
@@ -22,6 +29,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,38 +38,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-WRITER_VERSION = 1
+from mmsuite.tokenizers.token_space import file_sha256
+
+WRITER_VERSION = 2
 MANIFEST = "manifest.json"
+CHECKSUM_CACHE = "checksum_cache.json"
 ALLOWED_EXT = (".npy", ".json", ".txt", ".png", ".wav", ".flac")
 SPLITS = ("train", "val", "test")
+_SETTLED_NS = 2_000_000_000  # a file unchanged this long has a final mtime: a later write would change it
 
 
 class ShardError(RuntimeError):
     """A shard or dataset folder is missing, truncated, corrupt or not what its manifest says."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# splits
-# ---------------------------------------------------------------------------------------------------
-def split_by_item(n_items: int, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Assign whole source items (clips, videos) to splits: a seeded permutation cut by ``fractions``.
-
-    Splitting by item, never by frame, keeps near-identical frames of one clip out of two splits.
-    """
-    total = sum(fractions.values())
-    if n_items < len(fractions) or abs(total - 1.0) > 1e-6:
-        raise ValueError(f"split fractions {dict(fractions)} must sum to 1 over >= {len(fractions)} items")
-    perm = np.random.default_rng([seed, 0x5B1F]).permutation(n_items)
-    out, start, acc = {}, 0, 0.0
-    names = list(fractions)
-    for i, name in enumerate(names):
-        acc += fractions[name]
-        stop = n_items if i == len(names) - 1 else int(round(acc * n_items))
-        stop = max(stop, start + 1)  # every split gets at least one item
-        out[name] = np.sort(perm[start:stop])
-        start = stop
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,8 +78,27 @@ def encode_member(ext: str, value) -> bytes:
     return bytes(value)
 
 
+def encode_sample(key: str, members: Mapping[str, object]) -> dict:
+    """``{"__key__": key, "<field>.<ext>": bytes}``: what :class:`webdataset.TarWriter` writes verbatim.
+
+    Member names are lower case (webdataset's reader lower-cases them) and never start with ``_`` (the writer
+    would drop them as metadata); ``field`` holds no ``.`` so the key/field split is unambiguous.
+    """
+    if not isinstance(key, str) or not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+    out = {"__key__": key}
+    for name, value in members.items():
+        stem, dot, ext = name.partition(".")
+        if not dot or not stem or "/" in name or stem.startswith("_") or name != name.lower():
+            raise ValueError(f"member name {name!r} must look like '<field>.<ext>' (lower case, not starting with '_')")
+        out[name] = encode_member("." + ext, value)
+    return out
+
+
 def decode_member(ext: str, data: bytes):
     if ext == ".npy":
+        if not data.startswith(b"\x93NUMPY"):  # np.load would try pickle on it, and refuse with a misleading message
+            raise ValueError(f"not a .npy array (it starts with {bytes(data[:8])!r})")
         return np.load(io.BytesIO(data), allow_pickle=False)
     if ext == ".json":
         return json.loads(data)
@@ -98,18 +108,32 @@ def decode_member(ext: str, data: bytes):
         from PIL import Image
 
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return data  # audio stays encoded; the audio reader decodes it
+    if ext in (".wav", ".flac"):
+        return data  # audio stays encoded; the audio reader decodes it
+    raise ValueError(f"member extension {ext!r} is not one of {ALLOWED_EXT}")
 
 
 def decode_sample(raw: Mapping[str, bytes]) -> dict:
-    """``{"frames.npy": b"..."}`` -> ``{"frames": array}``; the key is kept as ``__key__``."""
-    out = {"__key__": raw["__key__"]}
+    """``{"frames.npy": b"..."}`` -> ``{"frames": array}``; the key is kept as ``__key__``, other ``__meta__``
+    entries (webdataset's ``__url__``: the shard) are dropped. A member that does not decode is a
+    :class:`ShardError` naming the shard, the sample and the member."""
+    key = raw["__key__"]
+    out = {"__key__": key}
     for name, data in raw.items():
-        if name == "__key__":
+        if name.startswith("__"):
             continue
-        stem, ext = name.split(".", 1)
-        out[stem] = decode_member("." + ext, data)
+        stem, _, ext = name.partition(".")
+        try:
+            out[stem] = decode_member("." + ext, data)
+        except Exception as e:
+            where = f"shard {raw.get('__url__', '?')}: sample {key}, member {name}"
+            raise ShardError(f"{where}: cannot decode ({e})") from e
     return out
+
+
+def members_of(raw: Mapping) -> list[str]:
+    """The member names of a raw sample (no ``__key__``/``__url__``), for error messages."""
+    return sorted(k for k in raw if not k.startswith("__"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,7 +145,9 @@ class DatasetWriter:
     >>> with DatasetWriter(out_dir, samples_per_shard=64, info={...}) as w:
     ...     w.write("train", "clip000001", {"frames.npy": frames, "caption.txt": "a red figure"})
 
-    A crash leaves no half-written dataset behind: the final folder appears only after ``close``.
+    Every sample of a split holds the same members (the split's ``fields`` in the manifest). Tar headers are
+    fixed (mtime 0), so a shard's bytes and sha256 depend on its samples only. A crash leaves no half-written
+    dataset behind: the final folder appears only after ``close``.
     """
 
     def __init__(
@@ -138,43 +164,54 @@ class DatasetWriter:
         self.samples_per_shard = samples_per_shard
         self.info = dict(info or {})
         self.token_space = token_space
-        self._open: dict[str, tarfile.TarFile] = {}
+        self._open: dict[str, tuple[TarWriter, io.BufferedWriter]] = {}
         self._shards: dict[str, list[dict]] = {}
+        self._fields: dict[str, list[str]] = {}
 
     def write(self, split: str, key: str, members: Mapping[str, object]) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+        sample = encode_sample(key, members)  # everything is checked before a byte is written
+        fields = self._fields.setdefault(split, sorted(members))
+        if sorted(members) != fields:
+            raise ValueError(
+                f"sample {key} of split {split} has members {sorted(members)}, but the split's samples hold {fields}"
+            )
         shards = self._shards.setdefault(split, [])
         if not shards or shards[-1]["count"] >= self.samples_per_shard:
             self._roll(split)
-        tar = self._open[split]
-        for name in sorted(members):
-            stem, dot, ext = name.partition(".")
-            if not dot or not stem:
-                raise ValueError(f"member name {name!r} must look like '<field>.<ext>'")
-            data = encode_member("." + ext, members[name])
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
+        self._open[split][0].write(sample)
         shards[-1]["count"] += 1
 
     def _roll(self, split: str) -> None:
-        if split in self._open:
-            self._open[split].close()
+        """Start the split's next shard. Rolled here rather than by ``ShardWriter``: the splits are written
+        interleaved, and each finished shard is hashed into the manifest."""
+        self._finish(split)
         shards = self._shards[split]
         name = f"{split}-{len(shards):06d}.tar"
-        self._open[split] = tarfile.open(self.tmp_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        stream = open(self.tmp_dir / name, "wb")  # closed in _finish / abort
+        self._open[split] = (TarWriter(stream, encoder=False, mtime=0), stream)
         shards.append({"name": name, "count": 0})
 
+    def _finish(self, split: str) -> None:
+        """Close the split's open shard and record its sha256."""
+        if split not in self._open:
+            return
+        writer, stream = self._open.pop(split)
+        writer.close()
+        stream.close()
+        shard = self._shards[split][-1]
+        shard["sha256"] = file_sha256(self.tmp_dir / shard["name"])
+
     def close(self) -> Path:
-        for tar in self._open.values():
-            tar.close()
-        self._open.clear()
+        for split in list(self._open):
+            self._finish(split)
         manifest = {
             "writer_version": WRITER_VERSION,
-            "splits": {s: {"shards": sh, "samples": sum(x["count"] for x in sh)} for s, sh in self._shards.items()},
+            "splits": {
+                s: {"shards": sh, "samples": sum(x["count"] for x in sh), "fields": self._fields[s]}
+                for s, sh in self._shards.items()
+            },
             "token_space": None if self.token_space is None else self.token_space.to_dict(),
             "token_space_sha256": None if self.token_space is None else self.token_space.sha256,
             **self.info,
@@ -191,8 +228,10 @@ class DatasetWriter:
         return self.out_dir
 
     def abort(self) -> None:
-        for tar in self._open.values():
-            tar.close()
+        for writer, stream in self._open.values():
+            writer.close()
+            stream.close()
+        self._open.clear()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self):
@@ -210,8 +249,12 @@ class DatasetWriter:
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Shard:
+    """One shard as its manifest describes it: path, sample count, sha256 and its split's fields."""
+
     path: str
     count: int
+    sha256: str
+    fields: tuple[str, ...]
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -231,69 +274,160 @@ def split_shards(root: str | os.PathLike, split: str, manifest: Mapping | None =
     manifest = manifest or read_manifest(root)
     if split not in manifest["splits"]:
         raise ShardError(f"{Path(root) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
-    return [Shard(str(Path(root) / s["name"]), int(s["count"])) for s in manifest["splits"][split]["shards"]]
-
-
-def check_shard(shard: Shard) -> None:
-    """Walk the tar headers: the file must be a complete tar holding exactly ``shard.count`` samples."""
+    entry = manifest["splits"][split]
     try:
-        with tarfile.open(shard.path, "r:") as tar:
-            keys = []
+        fields = tuple(entry["fields"])
+        return [Shard(str(Path(root) / s["name"]), int(s["count"]), s["sha256"], fields) for s in entry["shards"]]
+    except KeyError as e:
+        raise ShardError(f"{Path(root) / MANIFEST}: split {split!r} lacks {e}; rebuild the data set") from None
+
+
+def check_shard(shard: Shard, checksums: dict | None = None) -> None:
+    """Everything a shard must be before it trains anything; a :class:`ShardError` naming the shard otherwise.
+
+    The tar headers (no data is read): a complete tar; only members with an allowed extension; each sample's
+    members, grouped like webdataset's reader groups them, exactly the split's fields; ``shard.count`` samples.
+    Then the file's sha256 against the manifest's. ``checksums`` (see :func:`healthy_shards`) maps shard names
+    to a ``[size, mtime_ns, sha256]`` already verified, so unchanged files are not hashed again.
+    """
+    _check_members(shard)
+    _check_sha256(shard, checksums)
+
+
+def _check_members(shard: Shard) -> None:
+    path, fields = shard.path, set(shard.fields)
+    seen: set[str] = set()  # sample keys
+    last, current = None, set()  # the sample being read and its members
+
+    def complete(key: str, members: set[str]) -> None:
+        if members != fields:
+            lacks = ", ".join(f"{key}.{f}" for f in sorted(fields - members))
+            extra = ", ".join(f"{key}.{f}" for f in sorted(members - fields))
+            what = f"lacks member {lacks}" if lacks else f"has member {extra} that other samples lack"
+            raise ShardError(f"incomplete sample in shard {path}: {what} (the split's fields: {sorted(fields)})")
+
+    try:
+        size = os.path.getsize(path)
+        with tarfile.open(path, "r:") as tar:
             for m in tar:
-                key = m.name.split(".", 1)[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                if m.offset_data + m.size > os.path.getsize(shard.path):
-                    raise ShardError(f"truncated shard {shard.path}: member {m.name} runs past the end")
+                if m.offset_data + m.size > size:
+                    raise ShardError(f"truncated shard {path}: member {m.name} runs past the end")
+                if not m.isreg():
+                    continue
+                _check_ext(path, m.name)
+                key, field = base_plus_ext(m.name)  # webdataset's own key/field split
+                if key is None:
+                    raise ShardError(f"shard {path}: member {m.name} is not named <key>.<field>.<ext>")
+                if key != last:
+                    if last is not None:
+                        complete(last, current)
+                    if key in seen:
+                        raise ShardError(f"shard {path}: the members of sample {key} are not contiguous")
+                    seen.add(key)
+                    last, current = key, set()
+                current.add(field.lower())
     except FileNotFoundError:
-        raise ShardError(f"missing shard {shard.path}") from None
+        raise ShardError(f"missing shard {path}") from None
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardError(f"corrupt or truncated shard {shard.path}: {e}") from None
-    if len(keys) != shard.count:
-        raise ShardError(f"corrupt or truncated shard {shard.path}: {len(keys)} samples, manifest says {shard.count}")
+        raise ShardError(f"corrupt or truncated shard {path}: {e}") from None
+    if last is not None:
+        complete(last, current)
+    if len(seen) != shard.count:
+        raise ShardError(f"corrupt or truncated shard {path}: {len(seen)} samples, manifest says {shard.count}")
+
+
+def _check_ext(path: str, name: str) -> None:
+    if "." not in name or "." + name.rsplit(".", 1)[-1] not in ALLOWED_EXT:
+        raise ShardError(f"shard {path}: member {name} has a forbidden extension (allowed: {ALLOWED_EXT})")
+
+
+def _check_sha256(shard: Shard, checksums: dict | None) -> None:
+    stat = os.stat(shard.path)
+    name, known = Path(shard.path).name, [stat.st_size, stat.st_mtime_ns, shard.sha256]
+    if checksums is not None and checksums.get(name) == known:
+        return
+    digest = file_sha256(shard.path)
+    if digest != shard.sha256:
+        raise ShardError(
+            f"shard {shard.path}: sha256 {digest} differs from the manifest's {shard.sha256}; the file changed "
+            "after it was written (rebuild the data set)"
+        )
+    if checksums is not None and time.time_ns() - stat.st_mtime_ns > _SETTLED_NS:
+        checksums[name] = known
+
+
+def _load_checksums(folder: Path) -> dict:
+    try:
+        found = json.loads((folder / CHECKSUM_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _save_checksums(folder: Path, checksums: dict) -> None:
+    """Atomic (temp file + rename), so concurrent ranks never read half a file; a read-only folder keeps none."""
+    tmp = folder / f".{CHECKSUM_CACHE}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(checksums, sort_keys=True) + "\n")
+        os.replace(tmp, folder / CHECKSUM_CACHE)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def healthy_shards(shards: list[Shard], on_corrupt: str) -> tuple[list[Shard], list[str]]:
-    """Check every shard; ``raise`` stops at the first bad one, ``skip`` drops it and reports it."""
+    """Check every shard (:func:`check_shard`); ``raise`` stops at the first bad one, ``skip`` drops it and
+    reports it.
+
+    Verified checksums are remembered in ``checksum_cache.json`` beside the manifest, keyed by the file's size
+    and mtime: it lives with the data, so every later process (a resume, eval, each DDP rank) skips rehashing
+    unchanged shards, where a per-process cache would rehash the whole data set at every start.
+    """
     if on_corrupt not in ("raise", "skip"):
         raise ValueError(f"data.on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
     good, bad = [], []
+    caches: dict[Path, tuple[dict, dict]] = {}  # dataset folder -> (checksums as read, as updated)
     for s in shards:
+        folder = Path(s.path).parent
+        if folder not in caches:
+            found = _load_checksums(folder)
+            caches[folder] = (found, dict(found))
         try:
-            check_shard(s)
+            check_shard(s, caches[folder][1])
             good.append(s)
         except ShardError as e:
             if on_corrupt == "raise":
                 raise
             warnings.warn(f"skipping {e}", stacklevel=2)
             bad.append(s.path)
+    for folder, (found, checksums) in caches.items():
+        if checksums != found:
+            _save_checksums(folder, checksums)
     return good, bad
 
 
 def iter_raw_samples(path: str, on_corrupt: str = "raise") -> Iterator[dict]:
-    """Yield ``{"__key__": key, "<field>.<ext>": bytes, ...}`` groups from one tar, in file order."""
-    current: dict | None = None
+    """``{"__key__": key, "__url__": path, "<field>.<ext>": bytes, ...}`` per sample of one tar, in file order.
+
+    The tar goes through webdataset's tar expander and key grouping; a sample holding a member whose extension is
+    not allowed is refused before anything decodes it. A read error names the shard and the last sample read.
+    """
+    key = None
     try:
-        with tarfile.open(path, "r|") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, name = m.name.partition(".")
-                if "." + name.rsplit(".", 1)[-1] not in ALLOWED_EXT:
-                    raise ShardError(f"shard {path}: member {m.name} has a forbidden extension")
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key}
-                current[name] = tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
+        with open(path, "rb", buffering=0) as stream:  # tarfile reads whole records: a second buffer only copies
+            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+                key = sample["__key__"]
+                for name in sample:
+                    if not name.startswith("__"):
+                        _check_ext(path, f"{key}.{name}")
+                yield sample
+    except ShardError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        reason = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__  # webdataset appends its stream
+        after = f" after sample {key}" if key else ""
         if on_corrupt == "raise":
-            raise ShardError(f"corrupt or truncated shard {path}: {e}") from None
-        warnings.warn(f"skipping the rest of corrupt shard {path}: {e}", stacklevel=2)
-        return
-    if current is not None:
-        yield current
+            raise ShardError(f"corrupt or truncated shard {path}{after}: {reason}") from None
+        warnings.warn(f"skipping the rest of corrupt shard {path}{after}: {reason}", stacklevel=2)
 
 
 def read_texts(root: str | os.PathLike, split: str, member: str) -> Iterator[str]:
@@ -307,8 +441,8 @@ def read_texts(root: str | os.PathLike, split: str, member: str) -> Iterator[str
     for shard in split_shards(root, split):
         for raw in iter_raw_samples(shard.path):
             if member not in raw:
-                have = sorted(k for k in raw if k != "__key__")
-                raise ShardError(f"shard {shard.path}: sample {raw['__key__']} has no {member} (it has {have})")
+                where = f"shard {shard.path}: sample {raw['__key__']}"
+                raise ShardError(f"{where} has no {member} (it has {members_of(raw)})")
             yield decode_member(".txt", raw[member])
 
 
@@ -404,6 +538,17 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"ShardStream built for {self.num_roles} workers but runs under {n_slots}")
         yield from (self._train_batches(slot) if self.train else self._eval_batches(slot))
 
+    def _items(self, raw: dict) -> list:
+        """``expand`` of the decoded sample; any failure is a :class:`ShardError` naming the shard and the key."""
+        sample = decode_sample(raw)
+        try:
+            return self.expand(sample)
+        except Exception as e:
+            raise ShardError(
+                f"shard {raw['__url__']}: sample {raw['__key__']} (members {members_of(raw)}) does not expand: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
     # -- training -------------------------------------------------------------------------------
     def _train_batches(self, slot: int) -> Iterator[dict]:
         W, k, B = self.num_roles, self.skip_batches, self.batch_size
@@ -425,10 +570,11 @@ class ShardStream(IterableDataset):
             entry[1] -= 1
             if n_items >= first * B:
                 if entry[0] is None:
-                    entry[0] = self.expand(decode_sample(raw))
+                    entry[0] = self._items(raw)
                     if len(entry[0]) != self.items_per_sample:
                         raise ShardError(
-                            f"sample {key} expands to {len(entry[0])} items, expected {self.items_per_sample}"
+                            f"shard {raw['__url__']}: sample {key} expands to {len(entry[0])} items, "
+                            f"expected {self.items_per_sample}"
                         )
                 batch.append(entry[0][j])
             if entry[1] == 0:
@@ -450,7 +596,7 @@ class ShardStream(IterableDataset):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _eval_batches(self, slot: int) -> Iterator[dict]:
-        items = (it for raw in _chain_raw(self.shards, self.on_corrupt) for it in self.expand(decode_sample(raw)))
+        items = (it for raw in _chain_raw(self.shards, self.on_corrupt) for it in self._items(raw))
         mine = self._rank_share(items)
         batch, index = [], 0
         for item in mine:

@@ -16,18 +16,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, ShardSettings, settings_hash
-from mmsuite.datamodules.shards import WRITER_VERSION, DatasetWriter, ShardError, split_by_item
+from mmsuite.datamodules.base import ShardDataModule, ShardSettings
+from mmsuite.datamodules.shards import WRITER_VERSION, DatasetWriter, ShardError
 from mmsuite.settings import fail, setting
 from mmsuite.sources import toysound
+from mmsuite.sources.splits import split_by_item
 from mmsuite.sources.wav import decode_wav, encode_wav
+from mmsuite.tokenizers.token_space import settings_hash
 
 
 def build_toysound(out_dir: Path, sound: dict, n_clips: int, splits: dict, samples_per_shard: int) -> Path:
     """Generate ``n_clips`` toy sounds and write them as shards, split by clip, with a progress bar."""
     cfg = toysound.ToySoundConfig(**sound)
-    assignment = split_by_item(n_clips, splits, seed=cfg.seed)
-    split_of = {int(i): name for name, idx in assignment.items() for i in idx}
+    split_of = split_by_item(range(n_clips), splits, seed=cfg.seed)
     info = {
         "source": {
             "kind": "toysound",

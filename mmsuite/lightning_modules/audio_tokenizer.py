@@ -3,8 +3,9 @@ decoder and residual vector quantiser) from scratch.
 
 Batches are dicts with ``"audio"``: float ``[B, 1, S]`` in [-1, 1] at the codec's sample rate. The network is
 ``self.net``, an ``encodec.EncodecModel`` built by :meth:`AudioTokenizer.from_config` from the tokenizer
-config (``codec``), so checkpoint keys are ``net.*`` and :func:`audio_tokenizer_from_checkpoint` rebuilds the
-tokenizer with ``torch.load(..., weights_only=True)``. The codebooks and their EMA statistics (``embed``,
+config (``codec``), so checkpoint keys are ``net.*`` and
+:func:`mmsuite.tokenizers.audio.audio_tokenizer_from_checkpoint` rebuilds the tokenizer with
+``torch.load(..., weights_only=True)``. The codebooks and their EMA statistics (``embed``,
 ``embed_avg``, ``cluster_size``, ``inited``) are buffers of ``net``, so they are saved and restored with it.
 
 Losses: waveform L1 + multi-scale STFT (linear + log magnitudes) + commitment. The residual quantisation loop is
@@ -38,9 +39,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
 
 from mmsuite.callbacks.samples import log_audio
-from mmsuite.nn.audio import MelDistance, MultiScaleSTFTLoss, code_histogram, codebook_usage, si_snr
+from mmsuite.nn.audio import MelDistance, MultiScaleSTFTLoss
+from mmsuite.nn.metrics import CodebookUsage
 from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
 from mmsuite.sources.wav import write_wav
@@ -113,6 +117,9 @@ class AudioTokenizerSettings:
             )
 
 
+_EVAL_LOSSES = ("loss", "l1", "mse", "stft", "commitment")
+
+
 class AudioTokenizerModule(L.LightningModule):
     Settings = AudioTokenizerSettings
 
@@ -134,7 +141,12 @@ class AudioTokenizerModule(L.LightningModule):
         self.stft_loss = MultiScaleSTFTLoss(self.sample_rate, **as_dict(s.stft))
         self.mel_distance = MelDistance(self.sample_rate)
         self.n_sample_audio = s.n_sample_audio
-        self._code_counts: torch.Tensor | None = None
+        # evaluation metrics (validation and test in turn): batch means weighted by batch size, per-clip SI-SNR and
+        # mel distance averaged over clips, the usage of every codebook
+        self.eval_losses = torch.nn.ModuleDict({key: MeanMetric() for key in _EVAL_LOSSES})
+        self.eval_si_snr = ScaleInvariantSignalNoiseRatio()
+        self.eval_mel = MeanMetric()
+        self.eval_codes = CodebookUsage(self.n_q, self.bins)
 
     # -- the network ----------------------------------------------------------------------------------
     def quantize(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,14 +212,15 @@ class AudioTokenizerModule(L.LightningModule):
         recon = recon.float()
         out = self._losses(recon, x, commit)
         bs = x.shape[0]
-        log = dict(batch_size=bs, sync_dist=True, add_dataloader_idx=False)
-        self.log(f"{prefix}/loss", out["loss"], **log)
-        for key in ("l1", "mse", "stft", "commitment"):
-            self.log(f"{prefix}/{key}", out[key], **log)
-        self.log(f"{prefix}/si_snr", si_snr(recon, x).mean(), prog_bar=True, **log)
-        self.log(f"{prefix}/mel_distance", self.mel_distance(recon, x).mean(), **log)
-        counts = code_histogram(codes, self.bins)
-        self._code_counts = counts if self._code_counts is None else self._code_counts + counts
+        log = dict(on_step=False, on_epoch=True, add_dataloader_idx=False)
+        for key, metric in self.eval_losses.items():
+            metric.update(out[key], weight=bs)
+            self.log(f"{prefix}/{key}", metric, **log)
+        self.eval_si_snr.update(recon.double(), x.double())  # in float64, so long clips lose no precision
+        self.log(f"{prefix}/si_snr", self.eval_si_snr, prog_bar=True, **log)
+        self.eval_mel.update(self.mel_distance(recon, x))
+        self.log(f"{prefix}/mel_distance", self.eval_mel, **log)
+        self.eval_codes.update(codes)
         if (
             batch_idx == 0
             and dataloader_idx == 0
@@ -222,27 +235,20 @@ class AudioTokenizerModule(L.LightningModule):
         return out["loss"]
 
     def _log_code_stats(self, prefix: str) -> None:
-        counts, self._code_counts = self._code_counts, None
-        if counts is None:
+        """Each codebook's usage over the epoch, all ranks merged (every rank computes and logs it)."""
+        if self.eval_codes.update_count == 0:
             return
-        if self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        usage = codebook_usage(counts.cpu())
-        self.log(f"{prefix}/codebook_usage_min", float(usage.min()), rank_zero_only=True)
+        usage = self.eval_codes.compute()["usage"].reshape(-1)  # torchmetrics squeezes a single codebook to 0-d
+        self.eval_codes.reset()
+        self.log(f"{prefix}/codebook_usage_min", float(usage.min()))
         for k, u in enumerate(usage.tolist()):
-            self.log(f"{prefix}/codebook_usage_q{k}", u, rank_zero_only=True)
-
-    def on_validation_epoch_start(self) -> None:
-        self._code_counts = None
+            self.log(f"{prefix}/codebook_usage_q{k}", u)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self._eval_step(batch, batch_idx, "val", dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_code_stats("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._code_counts = None
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self._eval_step(batch, batch_idx, "test", dataloader_idx)
@@ -325,18 +331,3 @@ def revive_dead_codes(codebook, samples: torch.Tensor, threshold: float) -> None
     floor = torch.full_like(codebook.cluster_size, threshold)
     codebook.cluster_size.copy_(torch.where(dead, floor, codebook.cluster_size))
     import_encodec().distrib.broadcast_tensors(codebook.buffers())
-
-
-def audio_tokenizer_from_checkpoint(path, token_space=None, device: str | torch.device = "cpu") -> AudioTokenizer:
-    """An :class:`AudioTokenizer` with the trained weights and codebooks of an AudioTokenizerModule checkpoint
-    (``torch.load(weights_only=True)``; the architecture comes from the checkpoint's own ``codec`` config)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        codec = dict(ckpt["hyper_parameters"]["codec"])
-        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    except KeyError as e:
-        raise ValueError(f"{path}: not an AudioTokenizerModule checkpoint (no {e})") from None
-    codec.pop("path", None)
-    tokenizer = AudioTokenizer.from_config(codec, token_space=token_space, device=device)
-    tokenizer.model.load_state_dict(state)
-    return tokenizer

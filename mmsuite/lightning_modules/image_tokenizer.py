@@ -12,11 +12,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from mmsuite.callbacks.samples import log_image_grid
+from mmsuite.nn.metrics import CodebookUsage, psnr
 from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
-from mmsuite.tokenizers.image import AutoencoderSettings, codebook_stats, psnr
+from mmsuite.tokenizers.image import AutoencoderSettings
 
 
 @dataclass
@@ -68,7 +70,11 @@ class ImageTokenizerModule(L.LightningModule):
         self.w_l1, self.w_mse = s.loss.l1, s.loss.mse
         self.n_sample_images = s.n_sample_images
         self.latent_noise = s.latent_noise
-        self._code_counts: torch.Tensor | None = None
+        # evaluation metrics (validation and test in turn): means over images, and code usage with a quantiser
+        self.eval_loss = MeanMetric()
+        self.eval_psnr = MeanMetric()  # of per-image PSNR
+        k = self.net.codebook_size
+        self.eval_codes = CodebookUsage(1, k) if k else None
 
     # -- helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -101,10 +107,6 @@ class ImageTokenizerModule(L.LightningModule):
         return out["loss"]
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def _reset_counts(self) -> None:
-        k = self.net.codebook_size
-        self._code_counts = torch.zeros(k, dtype=torch.long, device=self.device) if k else None
-
     def _eval_step(self, batch, batch_idx: int, prefix: str, dataloader_idx: int = 0):
         x = self._images(batch)
         recon, idx = self.net(x)
@@ -113,14 +115,13 @@ class ImageTokenizerModule(L.LightningModule):
         bs = x.shape[0]
         recon01 = (recon.clamp(-1, 1) + 1) / 2
         x01 = (x + 1) / 2
-        self.log(f"{prefix}/loss", out["loss"], batch_size=bs, sync_dist=True, add_dataloader_idx=False)
-        self.log(
-            f"{prefix}/psnr", psnr(recon01, x01), prog_bar=True, batch_size=bs, sync_dist=True, add_dataloader_idx=False
-        )
+        self.eval_loss.update(out["loss"], weight=bs)
+        self.eval_psnr.update(psnr(recon01, x01))
+        log = dict(on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self.log(f"{prefix}/loss", self.eval_loss, **log)
+        self.log(f"{prefix}/psnr", self.eval_psnr, prog_bar=True, **log)
         if idx is not None:
-            if self._code_counts is None or self._code_counts.device != idx.device:
-                self._reset_counts()
-            self._code_counts += torch.bincount(idx.flatten(), minlength=self._code_counts.numel())
+            self.eval_codes.update(idx.flatten(1)[:, None])
         if (
             batch_idx == 0
             and dataloader_idx == 0
@@ -135,26 +136,19 @@ class ImageTokenizerModule(L.LightningModule):
         return out["loss"]
 
     def _log_code_stats(self, prefix: str) -> None:
-        counts = self._code_counts
-        if counts is None:
+        """Codebook usage and perplexity over the epoch, all ranks merged (every rank computes and logs them)."""
+        if self.eval_codes is None or self.eval_codes.update_count == 0:
             return
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum") if self.trainer.world_size > 1 else counts
-        usage, perplexity = codebook_stats(counts.cpu())
-        self.log(f"{prefix}/codebook_usage", usage, rank_zero_only=True)
-        self.log(f"{prefix}/perplexity", perplexity, rank_zero_only=True)
-        self._code_counts = None
-
-    def on_validation_epoch_start(self) -> None:
-        self._reset_counts()
+        stats = self.eval_codes.compute()
+        self.eval_codes.reset()
+        self.log(f"{prefix}/codebook_usage", float(stats["usage"]))  # one codebook: torchmetrics squeezes it to 0-d
+        self.log(f"{prefix}/perplexity", float(stats["perplexity"]))
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self._eval_step(batch, batch_idx, "val", dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_code_stats("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._reset_counts()
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self._eval_step(batch, batch_idx, "test", dataloader_idx)

@@ -1,9 +1,6 @@
-"""Audio losses and metrics in plain torch (no torchaudio): SI-SNR, mel filterbank, multi-scale STFT loss,
-mel distance, per-codebook usage.
+"""Audio losses and metrics in plain torch (no torchaudio): mel filterbank, multi-scale STFT loss, mel distance.
+(SI-SNR is torchmetrics' ``ScaleInvariantSignalNoiseRatio``; codebook usage is :mod:`mmsuite.nn.metrics`.)
 
-* SI-SNR (scale-invariant signal-to-noise ratio, dB): both signals are made zero-mean, the estimate is split
-  into its projection on the reference, ``s = (<e, r> / <r, r>) r``, and the rest, ``n = e - s``;
-  ``SI-SNR = 10 log10(|s|^2 / |n|^2)``. Scaling the estimate does not change it; a copy scores very high.
 * Multi-scale STFT loss: for each FFT size, L1 between linear magnitudes plus L1 between log magnitudes
   (clamped at ``eps``, so silence gives no exploding gradient), averaged over the sizes. With ``n_mels``,
   magnitudes are first projected on a mel filterbank.
@@ -17,19 +14,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-
-def si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """SI-SNR in dB over the last axis: ``[..., S]`` x ``[..., S]`` -> ``[...]`` (one value per clip)."""
-    if estimate.shape != reference.shape:
-        raise ValueError(f"si_snr: shapes differ, {tuple(estimate.shape)} vs {tuple(reference.shape)}")
-    est = estimate.double() - estimate.double().mean(dim=-1, keepdim=True)
-    ref = reference.double() - reference.double().mean(dim=-1, keepdim=True)
-    scale = (est * ref).sum(dim=-1, keepdim=True) / (ref.pow(2).sum(dim=-1, keepdim=True) + eps)
-    target = scale * ref
-    noise = est - target
-    ratio = (target.pow(2).sum(dim=-1) + eps) / (noise.pow(2).sum(dim=-1) + eps)
-    return (10.0 * torch.log10(ratio)).to(estimate.dtype)
 
 
 def hz_to_mel(f):
@@ -135,19 +119,3 @@ class MelDistance(torch.nn.Module):
         a = self.spec(estimate).clamp(min=1e-5).log10()
         b = self.spec(reference).clamp(min=1e-5).log10()
         return (a - b).abs().reshape(batch, -1).mean(dim=1)
-
-
-def codebook_usage(counts: torch.Tensor) -> torch.Tensor:
-    """Code histograms ``[n_q, bins]`` -> the fraction of each codebook's codes used at least once ``[n_q]``."""
-    counts = torch.as_tensor(counts)
-    if counts.ndim != 2:
-        raise ValueError(f"codebook_usage expects counts [n_q, bins], got shape {tuple(counts.shape)}")
-    return (counts > 0).double().mean(dim=1)
-
-
-def code_histogram(codes: torch.Tensor, bins: int) -> torch.Tensor:
-    """Codes ``[B, n_q, T]`` -> counts ``[n_q, bins]`` (long)."""
-    n_q = codes.shape[1]
-    offsets = torch.arange(n_q, device=codes.device)[None, :, None] * bins
-    flat = (codes.long() + offsets).flatten()
-    return torch.bincount(flat, minlength=n_q * bins).view(n_q, bins)

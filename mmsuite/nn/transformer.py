@@ -1,9 +1,10 @@
-"""Transformer building blocks shared by the families: SDPA attention with key-padding masks, MLP, pre-LN
-encoder and decoder blocks, and fixed sin-cos position tables.
+"""Transformer building blocks shared by every family: one SDPA attention (key-padding and causal masks, packing,
+grouped key/value heads, RoPE, a key/value cache), GELU MLP and SwiGLU, a pre-norm self-attention block (LayerNorm
+or RMSNorm), the 4M decoder block, RoPE tables and fixed sin-cos position tables.
 
 Masks follow one convention everywhere: a boolean ``key_valid`` ``[B, Nk]`` with True = this key may be
 attended to (the opposite of 4M's "True = ignore" masks). A query row whose keys are all invalid would make
-softmax return NaN; :func:`_safe_keys` lets such rows see their first key instead, so fully padded samples
+softmax return NaN; :func:`_safe_rows` lets such rows see their first key instead, so fully padded samples
 give finite (and unused) outputs.
 
 Packed tokens: a batch of variable-length samples padded to ``[B, N]`` wastes the per-token work (norms,
@@ -21,12 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _safe_keys(key_valid: torch.Tensor) -> torch.Tensor:
-    """``key_valid`` with the first key switched on in rows that have no valid key (no NaN from softmax)."""
-    empty = ~key_valid.any(dim=1, keepdim=True)
-    first = torch.zeros_like(key_valid)
-    first[:, 0] = True
-    return key_valid | (empty & first)
+def _safe_rows(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask (last dim: keys) with the first key switched on in rows that have no allowed key,
+    so softmax never returns NaN (such rows are padding; their outputs are finite and unused)."""
+    empty = ~mask.any(dim=-1, keepdim=True)
+    first = torch.zeros_like(mask)
+    first[..., 0] = True
+    return mask | (empty & first)
 
 
 class Packing:
@@ -34,8 +36,8 @@ class Packing:
 
     Attention runs on length buckets: samples sorted by their real length and cut into ``groups`` buckets, each
     padded only to its own longest sample (``groups=1``: one bucket padded to the batch maximum). Inside a
-    bucket a sample's real tokens sit first, in order; attention has no causal mask and positions are already
-    in the embeddings, so moving a token within its row changes nothing. Cross-attention lays the context out
+    bucket a sample's real tokens sit first, in order, so a causal mask over the bucket is causal over the real
+    tokens, and RoPE tables travel with their tokens (one row per packed token). Cross-attention lays the context out
     with the queries' buckets (:meth:`layout` of the same samples). Index tensors are built once per packing,
     on the CPU (one device sync per layout, none with ``host``)."""
 
@@ -75,19 +77,50 @@ class Packing:
         return self._layouts[key]
 
 
+def rope_tables(length: int, head_dim: int, base: float = 10_000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[length, head_dim]`` for rotary embeddings over positions 0..length-1 (rotate-half layout)."""
+    return rope_tables_at(torch.arange(length, device=device, dtype=torch.float32), head_dim, base)
+
+
+def rope_tables_at(positions: torch.Tensor, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[..., head_dim]`` for rotary embeddings at ``positions [...]`` (any shape, e.g. per packed
+    token); :func:`rope_tables` is this at 0, 1, ..., length - 1."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[..., L, head_dim]`` by position (tables ``[L, head_dim]``, or any shape that broadcasts,
+    e.g. ``[B, 1, L, head_dim]`` for per-sample positions); computed in float32."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention over ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs).
 
-    Self-attention when ``context`` is None, cross-attention otherwise. Optional QK-norm (RMSNorm per head).
+    Self-attention when ``context`` is None, cross-attention otherwise. Options, in any combination that makes
+    sense: QK-norm (RMSNorm per head), grouped key/value heads (``kv_heads`` < ``heads``), rotary positions
+    (``rope`` = cos/sin tables, self-attention), a causal mask (self-attention), key-padding masks (``key_valid``),
+    packed tokens (:class:`Packing`) and a key/value cache for incremental decoding (:meth:`forward_cached`).
+    Parameters: ``q``, ``kv`` (keys then values), ``proj``, ``q_norm``, ``k_norm``.
     """
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool = False, bias: bool = False):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, bias: bool = False, *, kv_heads: int | None = None):
         super().__init__()
+        kv_heads = heads if kv_heads is None else int(kv_heads)
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.q = nn.Linear(dim, dim, bias=bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=bias)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -99,38 +132,90 @@ class Attention(nn.Module):
         key_valid: torch.Tensor | None = None,
         pack: Packing | None = None,
         context_pack: Packing | None = None,
+        causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Padded: ``x [B, N, D]`` (``context [B, Nk, D]``). Packed (``pack`` given): ``x [T, D]`` and
-        ``context [Tk, D]`` (``context_pack``; self-attention uses ``pack``); ``key_valid`` then comes from the
-        packing. Returns the layout of ``x``."""
+        """Padded: ``x [B, N, D]`` (``context [B, Nk, D]``), ``key_valid [B, Nk]``, ``rope`` tables ``[N, head_dim]``
+        (or broadcastable to ``[B, heads, N, head_dim]``). Packed (``pack`` given): ``x [T, D]`` and ``context
+        [Tk, D]`` (``context_pack``; self-attention uses ``pack``), ``key_valid`` then comes from the packing and
+        ``rope`` holds one row per packed token, ``[T, head_dim]``. ``causal``: position ``i`` sees keys ``<= i`` (in
+        packed mode: the real tokens up to it, in order). Returns the layout of ``x``."""
+        if context is not None and (causal or rope is not None):
+            raise ValueError("causal masks and RoPE are for self-attention (context must be None)")
         ctx = x if context is None else context
         q, kv = self.q(x), self.kv(ctx)
         if pack is None:
-            return self.proj(self._attend(q, kv, key_valid))
+            return self.proj(self._attend(q, kv, key_valid, causal, rope))
         # packed: the projections ran on real tokens only; attend bucket by bucket (Packing)
         context_pack = pack if context is None else context_pack
         if context_pack is None:
             raise ValueError("packed cross-attention needs the context's packing")
         q0, kv0 = F.pad(q, (0, 0, 0, 1)), F.pad(kv, (0, 0, 0, 1))  # row T: zeros for the padding
+        rope0 = None if rope is None else tuple(F.pad(t, (0, 0, 0, 1)) for t in rope)
         out = q.new_empty(q.shape)
         for samples in pack.groups:
             q_rows, q_ok = pack.layout(samples)
             k_rows, k_ok = context_pack.layout(samples)
-            o = self._attend(q0[q_rows], kv0[k_rows], k_ok)
+            rot = None if rope0 is None else (rope0[0][q_rows][:, None], rope0[1][q_rows][:, None])
+            o = self._attend(q0[q_rows], kv0[k_rows], k_ok, causal, rot)
             out[q_rows[q_ok]] = o[q_ok]
         return self.proj(out)
 
-    def _attend(self, q: torch.Tensor, kv: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
-        """SDPA of ``q [b, n, D]`` over ``kv [b, m, 2D]`` -> ``[b, n, D]``."""
-        b, n, d = q.shape
+    def _heads(self, q: torch.Tensor, kv: torch.Tensor):
+        """``q [b, n, D]``, ``kv [b, m, 2·kv_heads·head_dim]`` -> per-head ``q, k, v`` ``[b, heads, ·, head_dim]``
+        with QK-norm applied."""
+        b, n, _ = q.shape
         q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k, v = kv.view(b, kv.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        mask = None if key_valid is None else _safe_keys(key_valid)[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
+        k, v = kv.view(b, kv.shape[1], 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _sdpa(self, q, k, v, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """SDPA over per-head tensors -> ``[b, n, heads·head_dim]``."""
+        b, _, n, _ = q.shape
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
+        )
+        return out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+
+    def _attend(self, q, kv, key_valid=None, causal: bool = False, rope=None) -> torch.Tensor:
+        """SDPA of ``q [b, n, D]`` over ``kv [b, m, ·]`` -> ``[b, n, D]``."""
+        q, k, v = self._heads(q, kv)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if key_valid is None:
+            return self._sdpa(q, k, v, causal=causal)
+        mask = key_valid[:, None, None, :]
+        if causal:
+            n, m = q.shape[2], k.shape[2]
+            mask = mask & torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+        return self._sdpa(q, k, v, _safe_rows(mask))
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Causal self-attention of ``n`` new positions ``x [b, n, D]`` to ``past`` keys/values (``[b, kv_heads, P,
+        head_dim]``, RoPE already applied) and to themselves; ``rope`` holds the new positions' tables (None: no
+        RoPE). Returns ``(out, (k, v))`` with the new positions' keys/values, for the caller to append once they are
+        final. Equal to :meth:`forward` with ``causal=True`` over all ``P + n`` positions, restricted to the new
+        ones (tested)."""
+        q, k, v = self._heads(self.q(x), self.kv(x))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
+        n = x.shape[1]
+        p = keys.shape[2] - n
+        mask = None
+        if n > 1:  # new position i sees every past position and new positions <= i
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(diagonal=p)
+        return self.proj(self._sdpa(q, keys, values, mask)), (k, v)
 
 
 class MLP(nn.Module):
+    """``fc2(GELU(fc1(x)))``, hidden width ``ratio·dim``."""
+
     def __init__(self, dim: int, ratio: float = 4.0, bias: bool = False):
         super().__init__()
         hidden = int(dim * ratio)
@@ -140,19 +225,72 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class EncoderBlock(nn.Module):
-    """Pre-LN: ``x += SA(LN(x)); x += MLP(LN(x))``."""
+def swiglu_hidden(dim: int, ratio: float = 4.0, multiple: int = 64) -> int:
+    """SwiGLU hidden width for the parameter count of a ``ratio·dim`` GELU MLP: ``ratio·dim·2/3``, rounded up to
+    a multiple of ``multiple`` (LLaMA's convention)."""
+    return -(-int(ratio * dim * 2 / 3) // multiple) * multiple
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+
+class SwiGLU(nn.Module):
+    """``down(SiLU(gate) · up)`` with ``gate, up`` from one projection ``gate_up``."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm)
-        self.norm2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_ratio)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(
-        self, x: torch.Tensor, key_valid: torch.Tensor | None = None, pack: Packing | None = None
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_valid=key_valid, pack=pack)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+NORMS = {"layer": nn.LayerNorm, "rms": nn.RMSNorm}
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention layer: ``x += Attn(norm1(x)); x += MLP(norm2(x))``.
+
+    ``norm``: ``layer`` (LayerNorm) or ``rms`` (RMSNorm); ``mlp``: ``gelu`` (:class:`MLP`, ``mlp_ratio``) or
+    ``swiglu`` (:class:`SwiGLU`, hidden :func:`swiglu_hidden` of ``mlp_ratio`` unless ``mlp_hidden`` is given).
+    :meth:`forward` passes the attention options (``key_valid``, ``pack``, ``causal``, ``rope``) through; a layer
+    that lays its tokens out differently for attention overrides :meth:`mix`."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        *,
+        kv_heads: int | None = None,
+        norm: str = "layer",
+        mlp: str = "gelu",
+        mlp_hidden: int | None = None,
+    ):
+        super().__init__()
+        if norm not in NORMS or mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"norm must be one of {list(NORMS)} and mlp 'gelu' or 'swiglu', got {norm!r}, {mlp!r}")
+        self.norm1, self.attn = NORMS[norm](dim), Attention(dim, heads, qk_norm, kv_heads=kv_heads)
+        self.norm2 = NORMS[norm](dim)
+        if mlp == "gelu":
+            self.mlp = MLP(dim, mlp_ratio)
+        else:
+            self.mlp = SwiGLU(dim, mlp_hidden or swiglu_hidden(dim, mlp_ratio))
+
+    def mix(self, h: torch.Tensor, **attn) -> torch.Tensor:
+        """The token-mixing step on normed inputs ``h``: attention."""
+        return self.attn(h, **attn)
+
+    def forward(self, x: torch.Tensor, **attn) -> torch.Tensor:
+        x = x + self.mix(self.norm1(x), **attn)
         return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x: torch.Tensor, rope, past):
+        """:meth:`forward` (causal) for new positions ``x [b, n, D]`` after the cached ones ``past``; returns ``(x,
+        (k, v))`` with this layer's new keys/values (:meth:`Attention.forward_cached`)."""
+        h, kv = self.attn.forward_cached(self.norm1(x), rope, past)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), kv
 
 
 class DecoderBlock(nn.Module):
@@ -160,8 +298,8 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm)
-        self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm)
+        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm=qk_norm)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm=qk_norm)
         self.norm_ctx = nn.LayerNorm(dim)
         self.norm3, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_ratio)
 

@@ -1,4 +1,4 @@
-"""Frame/pose pairs from videos: aligned crop of image and joints, successor-frame choice, split by video.
+"""Frame/pose pairs from videos: aligned crop of image and joints, successor-frame choice.
 
 Joints follow the toy world's pixel convention: ``(x, y) = (column, row)``, pixel centres at integer + 0.5,
 a joint is inside an ``S``-pixel side iff ``0 <= c < S``. In that convention a PIL resize from ``W`` to ``W'``
@@ -6,9 +6,6 @@ columns maps ``x`` to ``x * W' / W`` exactly, so the joints get the same transfo
 """
 
 from __future__ import annotations
-
-import hashlib
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -77,46 +74,3 @@ def successor_indices(frames: np.ndarray, threshold: float, max_gap: int) -> np.
             hit = t[mad >= threshold]
             result[hit] = hit + gap
     return result
-
-
-def split_by_item(item_ids: Sequence[str], fractions: Mapping[str, float], seed: int) -> dict[str, str]:
-    """Assign every distinct item id (a video, a clip: never a frame) to one split.
-
-    The ids are ranked by ``sha256(f"{seed}:{id}")`` and cut into consecutive blocks whose sizes follow
-    ``fractions`` (largest remainder; each split with a positive fraction gets at least one item when there
-    are enough items). The result depends only on the set of ids, the fractions and ``seed``: not on the order
-    of the ids, duplicates, or Python's hash seed. Pairs inherit the split of their source item.
-    """
-    if isinstance(item_ids, str):
-        raise TypeError("item_ids must be a sequence of strings, not one string")
-    item_ids = list(item_ids)
-    bad = [i for i in item_ids if not isinstance(i, str)]
-    if bad:
-        raise TypeError(f"item ids must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
-    ids = sorted(set(item_ids))
-    names = [str(k) for k in fractions]
-    values = np.array([float(fractions[k]) for k in fractions], np.float64)
-    if not names or not np.all(np.isfinite(values)) or np.any(values < 0) or abs(values.sum() - 1.0) > 1e-6:
-        raise ValueError(f"fractions must be non-negative and sum to 1, got {dict(fractions)}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-
-    n = len(ids)
-    exact = values * n
-    counts = np.floor(exact).astype(np.int64)
-    order = np.argsort(-(exact - counts), kind="stable")  # largest remainders first
-    counts[order[: n - counts.sum()]] += 1
-    for k in np.flatnonzero((values > 0) & (counts == 0)):  # keep small splits non-empty when possible
-        donor = int(np.argmax(counts))
-        if counts[donor] > 1:
-            counts[donor] -= 1
-            counts[k] += 1
-
-    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{int(seed)}:{i}".encode()).digest())
-    out: dict[str, str] = {}
-    start = 0
-    for name, count in zip(names, counts):
-        for item in ranked[start : start + count]:
-            out[item] = name
-        start += count
-    return out

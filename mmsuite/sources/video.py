@@ -47,7 +47,7 @@ def read_frames(
     A frame is kept when its timestamp reaches the next sampling time ``start_s + k/fps``; videos slower than
     ``fps`` therefore repeat no frame and give fewer frames. Decoding errors name the file.
     """
-    from mmsuite.tokenizers.pretrained_image import resize_center_crop
+    from mmsuite.sources.images import resize_center_crop
 
     if not fps > 0:
         raise ValueError(f"data.source.fps must be positive, got {fps!r}")

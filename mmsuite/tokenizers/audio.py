@@ -826,3 +826,19 @@ class AudioTokenizer:
             f"AudioTokenizer({self.model.name}, {self.sample_rate} Hz x{self.channels}, {self.bandwidth} kbps = "
             f"{self.n_q} x {self.bins} codes at {self.frame_rate} Hz, ranges {self.range_names[0]}..)"
         )
+
+
+def audio_tokenizer_from_checkpoint(path, token_space=None, device: str | torch.device = "cpu") -> AudioTokenizer:
+    """An :class:`AudioTokenizer` with the trained weights and codebooks of a checkpoint of ``train.py
+    experiment=audio_tokenizer`` (``torch.load(weights_only=True)``): the model's weights are the ``net.*`` entries of
+    its state dict and the architecture is its own ``hyper_parameters.codec`` config."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        codec = dict(ckpt["hyper_parameters"]["codec"])
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    except KeyError as e:
+        raise ValueError(f"{path}: not an AudioTokenizerModule checkpoint (no {e})") from None
+    codec.pop("path", None)
+    tokenizer = AudioTokenizer.from_config(codec, token_space=token_space, device=device)
+    tokenizer.model.load_state_dict(state)
+    return tokenizer

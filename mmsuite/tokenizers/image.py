@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -328,28 +329,6 @@ class ImageAutoencoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics helpers
-# ---------------------------------------------------------------------------------------------------------
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, max_val: float = 1.0) -> torch.Tensor:
-    """Mean over the batch of per-image PSNR (dB) between float images in ``[0, 1]`` (``[B, ...]``)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(max_val**2 / mse.clamp_min(1e-10))).mean()
-
-
-def codebook_stats(counts: torch.Tensor) -> tuple[float, float]:
-    """From a histogram of code counts -> (fraction of codes used at least once, perplexity exp(H))."""
-    counts = torch.as_tensor(counts).double().flatten()
-    total = counts.sum()
-    if total <= 0:
-        return 0.0, 0.0
-    usage = float((counts > 0).double().mean())
-    p = counts[counts > 0] / total
-    return usage, float(torch.exp(-(p * p.log()).sum()))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Tokenizer wrapper
 # ---------------------------------------------------------------------------------------------------------
 
@@ -521,3 +500,37 @@ class ImageTokenizer:
         if latents.ndim != 4 or latents.shape[1] != self.net.latent_channels:
             raise ValueError(f"latents must be [B, {self.net.latent_channels}, h, w], got shape {tuple(latents.shape)}")
         return self.net.decode(latents.float().to(self.device))
+
+
+PRETRAINED_FRAME_KINDS = ("autoencoder_kl",)  # pretrained continuous tokenizers a frame encoder may be
+
+
+def load_frame_tokenizer(encoder: Mapping, image_size: int, device="cpu", ckpt: str | Path | None = None):
+    """The frozen frame encoder/decoder of the dynamics family, named by ``encoder`` (``data.encoder``): a diffusers
+    AutoencoderKL from a local folder (``encoder.tokenizer.kind=autoencoder_kl``) or the continuous image tokenizer
+    checkpoint ``ckpt`` (default ``encoder.ckpt``), whose tokenizer settings must match the config's.
+    ``encode_latents(uint8 [N, S, S, 3])`` / ``decode_latents`` at ``image_size``."""
+    tok = dict(encoder.get("tokenizer") or {})
+    if tok.get("kind") in PRETRAINED_FRAME_KINDS:
+        from mmsuite.tokenizers.pretrained_image import image_tokenizer_from_config
+
+        return image_tokenizer_from_config({**tok, "image_size": int(image_size)}, device=device)
+    path = Path(ckpt or encoder["ckpt"])
+    if not path.exists():
+        raise FileNotFoundError(f"frame encoder checkpoint not found: {path} (data.encoder.ckpt)")
+    enc = ImageTokenizer.from_checkpoint(path, image_size=int(image_size), map_location=device)
+    if enc.net.quantized:
+        raise ValueError(
+            f"{path} is a quantised (FSQ) image tokenizer; the dynamics model needs continuous latents: "
+            "train one with tokenizer=continuous (data.encoder.train_overrides) or use tokenizer=sd_vae"
+        )
+    # the config's tokenizer settings, where it has them, must be the ones the checkpoint was trained with
+    saved = {"latent_bound": enc.net.latent_bound, "latent_noise": float(enc.hyper_parameters.get("latent_noise", 0.0))}
+    wanted = {"latent_bound": tok.get("latent_bound"), "latent_noise": float(tok.get("latent_noise") or 0.0)}
+    for key in saved:
+        if key in tok and wanted[key] != saved[key]:
+            raise ValueError(
+                f"{path} was trained with tokenizer.{key}={saved[key]}, but the config asks for {wanted[key]}: give "
+                "the other tokenizer its own data.encoder.run and pass the setting in data.encoder.train_overrides"
+            )
+    return enc

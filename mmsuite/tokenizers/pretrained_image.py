@@ -6,9 +6,9 @@ Each adapter gives the user-facing interface of :class:`mmsuite.tokenizers.image
 ``decode_latents``, and ``grid``, ``tokens_per_image``, ``codebook_size``, ``downsample``, ``image_size``.
 
 Unlike ``ImageTokenizer`` the input may have any size: every image is resized on its shorter side to
-``image_size`` and centre-cropped to ``image_size x image_size`` (:func:`resize_center_crop`), so that every
-image gives exactly ``(image_size // downsample) ** 2`` tokens; the code grid the model returns is checked
-against that.
+``image_size`` and centre-cropped to ``image_size x image_size``
+(:func:`mmsuite.sources.images.resize_center_crop`), so that every image gives exactly
+``(image_size // downsample) ** 2`` tokens; the code grid the model returns is checked against that.
 
 ``kind`` (one :func:`image_tokenizer_from_config` entry point):
 
@@ -42,68 +42,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from mmsuite.sources.images import resize_center_crop
 from mmsuite.tokenizers.token_space import TokenSpace
 
 KINDS = ("vqmodel", "cosmos_jit", "autoencoder_kl")
 COSMOS_DI_LEVELS = (8, 8, 8, 5, 5, 5)  # 64,000 codes
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# ---------------------------------------------------------------------------------------------------------
-# Preprocessing
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _target_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if len(hw) != 2 or any(int(s) != s or s < 1 for s in hw):
-        raise ValueError(f"image size must be a positive int or [height, width], got {size!r}")
-    return int(hw[0]), int(hw[1])
-
-
-def _resize_center_crop_float(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
-    """Float ``[B, C, H, W]`` -> ``[B, C, th, tw]``: scale (bilinear, antialiased) so the image covers the target,
-    i.e. the shorter side becomes ``size`` for a square target, then crop the centre. Exact sizes pass unchanged."""
-    th, tw = _target_hw(size)
-    h, w = x.shape[-2:]
-    if (h, w) == (th, tw):
-        return x
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    return x[..., top : top + th, left : left + tw]
-
-
-def resize_center_crop(images, size: int | Sequence[int]):
-    """Resize on the shorter side to ``size`` and centre-crop to ``size x size`` (or to ``[h, w]``).
-
-    ``images``: uint8 ``[B, H, W, 3]`` or ``[H, W, 3]`` (numpy or torch; returned as the same type and dtype,
-    rounded), or a float tensor ``[B, 3, H, W]`` (returned as float). Images already at the size are returned
-    unchanged.
-    """
-    was_numpy = isinstance(images, np.ndarray)
-    x = torch.from_numpy(np.ascontiguousarray(images)) if was_numpy else images
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
-    if x.is_floating_point():
-        if x.ndim != 4:
-            raise ValueError(f"float images must be [B, 3, H, W], got shape {tuple(x.shape)}")
-        out = _resize_center_crop_float(x, size)
-        return out.numpy() if was_numpy else out
-    if x.dtype != torch.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
-        raise ValueError(
-            f"images must be uint8 [B, H, W, 3] / [H, W, 3] or float [B, 3, H, W], got {x.dtype} {tuple(x.shape)}"
-        )
-    single = x.ndim == 3
-    bchw = (x[None] if single else x).permute(0, 3, 1, 2)
-    out = _resize_center_crop_float(bchw.float(), size)
-    out = out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    out = out[0] if single else out
-    return out.numpy() if was_numpy else out
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +164,7 @@ class PretrainedImageTokenizer:
             x = x.float()
         else:
             raise TypeError(f"images must be uint8 or float, got dtype {x.dtype}")
-        return _resize_center_crop_float(x, self.image_size).clamp(0.0, 1.0)
+        return resize_center_crop(x, self.image_size).clamp(0.0, 1.0)
 
     def _check_grid(self, got: Sequence[int], what: str) -> None:
         if tuple(got) != self.grid:

@@ -14,8 +14,9 @@ token space's named specials (:meth:`TokenSpace.special`), added by id, never fo
 the text. By default even a pretrained tokenizer's own special strings (``<|im_end|>``, ...) appearing in the
 input are encoded as plain text (``literal_specials=True``), so a caption cannot inject a control token.
 
-From a config (``conf/tokenizer/text_bpe.yaml``, ``hf_text.yaml``): :func:`prepare_text_tokenizer` trains the
-BPE once per data set and settings on the train split's captions (``prepare.py tokenizer=text_bpe``), and
+From a config (``conf/tokenizer/text_bpe.yaml``, ``hf_text.yaml``): :func:`train_text_tokenizer` trains the
+BPE once per data set and settings on the train split's captions, which its caller reads from the shards
+(``mmsuite.datamodules.base.prepare_text_tokenizer``, run by ``prepare.py tokenizer=text_bpe``), and
 :func:`text_tokenizer_from_config` loads either kind, checked against the config and the token space.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mmsuite.tokenizers.token_space import TokenRange, TokenSpace, file_sha256
+from mmsuite.tokenizers.token_space import TokenRange, TokenSpace, file_sha256, settings_hash
 
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_SUFFIX = ".settings.json"  # tokenizer.json -> tokenizer.settings.json: what it was trained with
@@ -266,8 +267,6 @@ def text_bpe_path(cfg: Mapping, data_root: str | os.PathLike) -> Path:
     if cfg.get("path"):
         path = Path(cfg["path"])
         return path if path.suffix == ".json" else path / TOKENIZER_FILE
-    from mmsuite.datamodules.base import settings_hash
-
     return Path(data_root) / f"text_bpe-{settings_hash(bpe_settings(cfg, data_root))}" / TOKENIZER_FILE
 
 
@@ -315,19 +314,15 @@ def check_trained_bpe(path: str | os.PathLike, settings: Mapping) -> dict:
     return record
 
 
-def prepare_text_tokenizer(cfg: Mapping, data_root: str | os.PathLike) -> Path:
-    """Train the byte-level BPE of a ``text_bpe`` config on the captions of ``data_root``'s train split, once.
+def train_text_tokenizer(cfg: Mapping, data_root: str | os.PathLike, texts: Iterable[str]) -> Path:
+    """Train the byte-level BPE of a ``text_bpe`` config on ``texts``, the captions of ``data_root``'s train split
+    (the caller reads them: :func:`mmsuite.datamodules.base.prepare_text_tokenizer`), once per settings.
 
-    Captions come from the train shards listed in the data set's manifest (:func:`read_texts`), never from
-    val/test. ``tokenizer.settings.json`` (settings, sha256, sizes) and then ``tokenizer.json`` are written
-    atomically, so an interrupted run never leaves a tokenizer.json without its record. An existing
-    tokenizer with the same settings is reused; one with other settings stops with the difference.
-    Returns the tokenizer.json path.
+    ``texts`` is only iterated when training. ``tokenizer.settings.json`` (settings, sha256, sizes) and then
+    ``tokenizer.json`` are written atomically, so an interrupted run never leaves a tokenizer.json without its
+    record. An existing tokenizer with the same settings is reused; one with other settings stops with the
+    difference. Returns the tokenizer.json path.
     """
-    from tqdm.auto import tqdm
-
-    from mmsuite.datamodules.shards import read_manifest, read_texts
-
     data_root = Path(data_root)
     settings = bpe_settings(cfg, data_root)
     path = text_bpe_path(cfg, data_root)
@@ -336,15 +331,14 @@ def prepare_text_tokenizer(cfg: Mapping, data_root: str | os.PathLike) -> Path:
         print(f"[mmsuite] text tokenizer {path} exists with these settings ({record['trained_vocab_size']} tokens)")
         return path
 
-    total = read_manifest(data_root)["splits"].get(TRAIN_SPLIT, {}).get("samples")
     print(
         f"[mmsuite] training a byte-level BPE (vocab_size {settings['vocab_size']}, min_frequency "
         f"{settings['min_frequency']}) on the {TRAIN_SPLIT} captions ({settings['text_field']}) of {data_root}"
     )
     seen = {"texts": 0}
 
-    def texts():
-        for text in tqdm(read_texts(data_root, TRAIN_SPLIT, settings["text_field"]), total=total, unit="caption"):
+    def counted():
+        for text in texts:
             seen["texts"] += 1
             yield text
 
@@ -352,7 +346,7 @@ def prepare_text_tokenizer(cfg: Mapping, data_root: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     record_tmp = record_path.with_name(f".{record_path.name}.tmp-{os.getpid()}")
     try:
-        train_bpe(texts(), settings["vocab_size"], tmp, min_frequency=settings["min_frequency"])  # makes the folder
+        train_bpe(counted(), settings["vocab_size"], tmp, min_frequency=settings["min_frequency"])  # makes the folder
         if seen["texts"] == 0:
             raise ValueError(f"{data_root}: the {TRAIN_SPLIT} split holds no {settings['text_field']} to train on")
         record = {

@@ -262,6 +262,12 @@ class TokenSpace:
         return f"TokenSpace({inner}; sha256={self.sha256[:12]})"
 
 
+def settings_hash(settings: Mapping) -> str:
+    """Short stable hash of a settings dict (keys sorted, non-JSON values as ``str``): names cached folders (data
+    sets, trained text tokenizers, token shards) after everything that decides their contents."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks: the identity of checkpoints and tokenizer files."""
     digest = hashlib.sha256()

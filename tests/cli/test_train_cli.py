@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -222,3 +223,78 @@ def test_wandb_offline(tmp_path, shared_data):
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert offline and list(offline[0].glob("*.wandb"))
+
+
+def test_a_live_run_dir_refuses_a_second_run_and_a_killed_runs_leftovers_are_cleared(tmp_path, shared_data):
+    args = ["debug=smoke", "run=live", "checkpoint_every_n_steps=2", "callbacks.progress_bar=false"]
+    cmd = [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path}", f"paths.data_dir={shared_data}", *args]
+    run_dir = tmp_path / "image_tokenizer" / "live"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = subprocess.Popen(
+        [*cmd, "trainer.max_steps=100000"], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None and not last.exists():
+            time.sleep(0.1)
+        assert first.poll() is None and last.exists(), "the first run did not get going"
+        second = run_cli(
+            "train.py", *args, "trainer.max_steps=100000", logs=tmp_path, data=shared_data, check=False, timeout=180
+        )
+        err = second.stdout + second.stderr
+        assert second.returncode != 0 and "is in use by another run" in err
+        assert f"pid {first.pid} on host {socket.gethostname()}" in err and "train.py" in err, err[-2000:]
+        assert first.poll() is None, "the refused run disturbed the first one"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert len((run_dir / "commands.log").read_text().splitlines()) == 1  # the refused run wrote nothing
+    step = torch.load(last, weights_only=True)["global_step"]
+    torn = run_dir / "checkpoints" / f".last.ckpt.tmp-{first.pid}"  # as a kill in the middle of a save leaves it
+    torn.write_bytes(b"the first half of a checkpoint")
+
+    end = (step // 4 + 1) * 4  # a few more steps, up to the next validation (optimized_metric needs one)
+    third = run_cli("train.py", *args, f"trainer.max_steps={end}", logs=tmp_path, data=shared_data)
+    assert "taking over" in third.stderr and f"pid {first.pid}" in third.stderr
+    assert f"removed {torn}" in third.stdout and not torn.exists()
+    assert (run_dir / "DONE").exists() and (run_dir / "run.lock").read_text() == ""
+
+
+def test_a_config_error_writes_nothing_into_the_run_dir(tmp_path, shared_data):
+    bad = run_cli(
+        "train.py", "debug=smoke", "tokenizer=diffusers_vq", "print_config=false", logs=tmp_path, data=shared_data,
+        check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    run_dir = tmp_path / "image_tokenizer" / "image_tokenizer-smoke"
+    assert not run_dir.exists() or not any(run_dir.iterdir()), sorted(run_dir.iterdir())
+    # so the corrected command starts cleanly instead of meeting the failed one's token space
+    run_cli("train.py", "debug=smoke", "trainer.max_steps=4", logs=tmp_path, data=shared_data)
+    assert (run_dir / "DONE").exists()
+
+
+def test_resume_refuses_a_changed_config_and_falls_back_from_a_damaged_last_ckpt(tmp_path, shared_data):
+    args = ["debug=smoke", "callbacks.progress_bar=false"]
+    run_cli("train.py", *args, logs=tmp_path, data=shared_data)  # 8 steps, checkpoints at 4 and 8
+    run_dir = tmp_path / "image_tokenizer" / "image_tokenizer-smoke"
+    ckpts = run_dir / "checkpoints"
+    (run_dir / "DONE").unlink()  # as if it had been killed after its last save
+
+    changed = run_cli("train.py", *args, "model.optim.lr=0.01", logs=tmp_path, data=shared_data, check=False)
+    err = changed.stdout + changed.stderr
+    assert changed.returncode != 0 and "resume refused" in err
+    assert "model.optim.lr: 0.002 in the checkpoint, 0.01 now" in err and "run=NEW_NAME" in err
+    assert len((run_dir / "commands.log").read_text().splitlines()) == 1
+
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000008.ckpt"]  # keep_step_checkpoints=1
+    last = ckpts / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # damaged: truncated
+    resumed = run_cli(
+        "train.py", *args, "trainer.max_steps=10", "hardware.threads=1", "print_config=false",  # may change
+        logs=tmp_path, data=shared_data,
+    )  # fmt: skip
+    assert f"{last} cannot be loaded; resuming from {ckpts / 'step0000008.ckpt'}" in resumed.stderr
+    assert f"(resuming {ckpts / 'step0000008.ckpt'})" in resumed.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 10
+    assert torch.load(last, weights_only=True)["global_step"] == 10

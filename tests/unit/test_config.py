@@ -180,3 +180,18 @@ def test_modules_save_plain_containers_as_hyperparameters():
     hp = dict(module.hparams)
     assert plain(hp) and hp["net"]["channels"] == 8 and hp["net"]["patch_size"] == 4  # defaults filled in
     assert ImageTokenizerModule(**hp).hparams == module.hparams  # the stored settings rebuild the module
+
+
+def test_every_key_a_resumed_run_may_change_is_in_the_config_tree():
+    """RESUME_MAY_CHANGE names keys of the composed configs (a pattern that matches nothing, e.g. after a key is
+    renamed or a table removed, would let the resume check compare what it should not, or nothing at all)."""
+    from fnmatch import fnmatch
+
+    from mmsuite.callbacks.run_state import RESUME_MAY_CHANGE, _flat
+
+    keys: set[str] = set()
+    for experiment in EXPERIMENTS:
+        config = OmegaConf.to_container(_compose(f"experiment={experiment}"), resolve=True)
+        keys |= set(_flat(config, config["paths"]))
+    unmatched = [p for p in RESUME_MAY_CHANGE if not any(fnmatch(k, p) for k in keys)]
+    assert not unmatched, f"RESUME_MAY_CHANGE patterns that match no key of any experiment: {unmatched}"

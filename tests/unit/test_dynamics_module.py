@@ -241,6 +241,29 @@ def test_prefix_share_turns_that_share_of_interleave_rows_into_prefix_rows():
         _module(noise={"pattern": "iid", "prefix_share": 0.5})
 
 
+def test_eval_metrics_are_per_horizon_means_over_every_clip_and_only_what_ran_is_logged(monkeypatch):
+    m = _module(rollout={"horizon": 4, "steps": [4, 64]})
+    logged = {}
+    monkeypatch.setattr(m, "log", lambda key, value, **kw: logged.__setitem__(key, value))
+    copy = torch.tensor([[10.0, 20.0, 30.0, 40.0], [20.0, 30.0, 40.0, 50.0]])  # [clips, horizon]
+    for clip in (0, 1):  # two batches of one clip
+        m._update("copy_last/psnr", copy[clip : clip + 1])
+        for steps, gain in ((4, 1.0), (64, 3.0)):
+            m._update(f"rollout_k{steps}/psnr", copy[clip : clip + 1] + gain)
+            m._update(f"rollout_k{steps}/seconds", torch.tensor(1.0 + clip))
+            m._update(f"rollout_k{steps}/frames", torch.tensor(4.0))
+    m._log_eval("val")
+    assert [logged[f"val/copy_last/psnr_h{i}"] for i in range(1, 5)] == pytest.approx([15.0, 25.0, 35.0, 45.0])
+    assert logged["val/copy_last/psnr_h1_4"] == pytest.approx(30.0) == logged["val/copy_last/psnr_mean"]
+    assert logged["val/rollout_k4/gain_over_copy_h1_4"] == pytest.approx(1.0)
+    assert logged["val/rollout_k4/frames_per_s"] == pytest.approx(8.0 / 3.0)  # all frames over all seconds
+    assert logged["val/k4_vs_k64/psnr_gap_h1_4"] == pytest.approx(2.0)
+    assert not any("denoise" in key or "latent_mse" in key for key in logged)  # not run: not logged
+    logged.clear()
+    m._log_eval("val")  # reset after logging: an epoch without a rollout logs none of it
+    assert logged == {}
+
+
 def test_bad_settings_raise():
     with pytest.raises(ValueError, match="noise.pattern"):
         _module(noise={"pattern": "ramp"})
@@ -838,7 +861,7 @@ def _tiny_decoder(monkeypatch):
         levels=None, downsample=2, channels=8, channel_mult=[1, 1], num_res_blocks=1, latent_channels=4, patch_size=1
     ).build()
     tok = ImageTokenizer(net, image_size=8)
-    monkeypatch.setattr("mmsuite.datamodules.dynamics.load_frame_tokenizer", lambda *a, **k: tok)
+    monkeypatch.setattr("mmsuite.tokenizers.image.load_frame_tokenizer", lambda *a, **k: tok)
     return tok
 
 

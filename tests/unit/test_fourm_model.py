@@ -113,15 +113,15 @@ def test_positions_image_grid_shared_by_current_and_next_frame_pose_by_joint_and
 
 def test_loss_weighting_modality_mean_vs_token_mean():
     m = _module()
-    logits = {"a": torch.zeros(2, 4), "b": torch.zeros(6, 4)}
-    logits["a"][0, 1] = 3.0  # "a" has a lower loss on one token
+    logits = {"tok_rgb": torch.zeros(2, 4), "coords": torch.zeros(6, 4)}  # each modality's CE is its kind's
+    logits["tok_rgb"][0, 1] = 3.0  # tok_rgb has a lower loss on one token
     out = {
         k: (v, torch.zeros(len(v), dtype=torch.long), torch.zeros(len(v), dtype=torch.long)) for k, v in logits.items()
     }
     per = {k: torch.nn.functional.cross_entropy(v, torch.zeros(len(v), dtype=torch.long)) for k, v in logits.items()}
-    assert float(m._losses(out)["loss"]) == pytest.approx(float((per["a"] + per["b"]) / 2), rel=1e-5)
+    assert float(m._losses(out)["loss"]) == pytest.approx(float((per["tok_rgb"] + per["coords"]) / 2), rel=1e-5)
     t = _module(loss={"weighting": "token"})
-    tok = (per["a"] * 2 + per["b"] * 6) / 8
+    tok = (per["tok_rgb"] * 2 + per["coords"] * 6) / 8
     assert float(t._losses(out)["loss"]) == pytest.approx(float(tok), rel=1e-5)
     with pytest.raises(ValueError, match="weighting"):
         _module(loss={"weighting": "sample"})
@@ -181,6 +181,39 @@ def test_pose_errors_and_pck_against_known_offsets():
     assert bool(pck.all())  # 5.7 px <= 0.1 x 60 px
     far = torch.from_numpy(quant.encode(xy + np.float32(20.0), vis))
     assert not bool(m._pose_errors(far, truth)[1].any())
+
+
+def test_eval_metrics_are_epoch_means_and_metrics_without_values_are_left_out(monkeypatch):
+    tasks = [
+        {
+            "name": "next_frame",
+            "inputs": ["tok_rgb"],
+            "target": "tok_rgb_next",
+            "baseline": "copy",
+            "copy_from": "tok_rgb",
+        },
+        {"name": "next_pose", "inputs": ["coords"], "target": "coords_next", "baseline": "copy", "copy_from": "coords"},
+    ]
+    m = _module(tasks=tasks)
+    logged = {}
+    monkeypatch.setattr(m, "log", lambda key, value, **kw: logged.__setitem__(key, value))
+    m._accumulate("next_pose/joint_error_px", torch.tensor([1.0, 2.0, 3.0]))  # two batches of joints
+    m._accumulate("next_pose/joint_error_px", torch.tensor([10.0]))
+    m._accumulate("next_pose/baseline_error_px", torch.tensor([4.0, 4.0, 4.0, 8.0]))
+    m.eval_means["loss"].update(2.0, weight=4)
+    m.eval_means["loss_coords"].update(0.0, weight=0.0)  # no coords targets in any batch
+    m._log_means("val")
+    assert logged["val/next_pose/joint_error_px"] == pytest.approx(4.0)  # over every joint, not 6 (batch means)
+    assert logged["val/next_pose/error_ratio"] == pytest.approx(4.0 / 5.0)  # a ratio of epoch means
+    assert logged["val/loss"] == pytest.approx(2.0)
+    # declared but without values: a modality without targets, the frame PSNR without an image tokenizer
+    assert "val/loss_coords" not in logged and "val/next_frame/psnr_db" not in logged
+    assert "val/next_frame/psnr_gain_db" not in logged
+    logged.clear()
+    m._log_means("val")  # the metrics were reset: the next epoch starts empty
+    assert logged == {}
+    with pytest.raises(ValueError, match="target must be 'caption' or an image modality, got 'coords'"):
+        _module(tasks=[{"name": "bad", "kind": "attributes", "inputs": ["tok_rgb"], "target": "coords"}])
 
 
 def test_fixed_plan_tasks_use_every_token():

@@ -1,4 +1,4 @@
-"""Penn Action reader (on a fake folder), aligned crop with pose, successor frames, split by item."""
+"""Penn Action reader (on a fake folder), aligned crop with pose, successor frames."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.io
 
 from mmsuite.sources import penn_action as pa
-from mmsuite.sources.pairs import resize_center_crop_with_pose, split_by_item, successor_indices
+from mmsuite.sources.pairs import resize_center_crop_with_pose, successor_indices
 from mmsuite.sources.toyworld import JOINTS
 
 
@@ -185,46 +185,3 @@ def test_successor_mean_is_over_all_pixels_and_channels():
         successor_indices(frames, threshold=1.0, max_gap=0)
     with pytest.raises(ValueError, match="uint8"):
         successor_indices(frames.astype(np.float32), threshold=1.0, max_gap=1)
-
-
-# -- split by item ------------------------------------------------------------------------------------
-
-
-def test_split_by_item_is_deterministic_disjoint_and_proportional():
-    ids = [f"{i:04d}" for i in range(1, 1001)]
-    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
-    split = split_by_item(ids, fractions, seed=7)
-    assert set(split) == set(ids) and set(split.values()) == set(fractions)
-    counts = {s: sum(v == s for v in split.values()) for s in fractions}
-    assert counts == {"train": 800, "val": 100, "test": 100}
-    shuffled = list(np.random.default_rng(0).permutation(ids)) + ids[:10]  # order and duplicates do not matter
-    assert split_by_item([str(i) for i in shuffled], fractions, seed=7) == split
-    other = split_by_item(ids, fractions, seed=8)
-    assert sum(split[i] != other[i] for i in ids) > 100
-
-
-def test_split_by_item_is_stable_across_processes():
-    # sha256-based, so a fixed value; Python's randomised str hash would change it from run to run
-    split = split_by_item(["a", "b", "c", "d", "e"], {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
-    assert sorted(split.values()) == ["test", "train", "train", "train", "val"]
-    assert split == split_by_item(["e", "d", "c", "b", "a"], {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
-
-
-def test_split_keeps_small_splits_non_empty_and_validates():
-    split = split_by_item([f"v{i}" for i in range(6)], {"train": 0.8, "val": 0.1, "test": 0.1}, seed=1)
-    assert sorted(split.values()).count("train") == 4 and set(split.values()) == {"train", "val", "test"}
-    with pytest.raises(ValueError, match="sum to 1"):
-        split_by_item(["a"], {"train": 0.8, "val": 0.1}, seed=0)
-    with pytest.raises(TypeError, match="must be strings"):
-        split_by_item(["a", 3], {"train": 1.0}, seed=0)
-
-
-def test_pairs_of_frames_follow_their_video():
-    # frame pairs keyed by (video, t): their split is the video's, so no video spans two splits
-    videos = [f"{i:04d}" for i in range(40)]
-    split = split_by_item(videos, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
-    pairs = [(v, t) for v in videos for t in range(5)]
-    by_video: dict[str, set] = {}
-    for v, _ in pairs:
-        by_video.setdefault(v, set()).add(split[v])
-    assert all(len(s) == 1 for s in by_video.values())

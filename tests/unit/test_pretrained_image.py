@@ -11,12 +11,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from mmsuite.sources.images import resize_center_crop
 from mmsuite.tokenizers.pretrained_image import (
     CosmosDiscreteTokenizer,
     DiffusersKLTokenizer,
     DiffusersVQTokenizer,
     image_tokenizer_from_config,
-    resize_center_crop,
 )
 from mmsuite.tokenizers.token_space import TokenSpace
 

@@ -10,11 +10,11 @@ import pytest
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
+from mmsuite.datamodules.base import prepare_text_tokenizer
 from mmsuite.datamodules.shards import DatasetWriter, ShardError
 from mmsuite.tokenizers.text import (
     TextTokenizer,
     load_hf_tokenizer,
-    prepare_text_tokenizer,
     settings_path,
     text_bpe_path,
     text_tokenizer_from_config,

@@ -110,7 +110,8 @@ def test_errors_name_the_key_and_file(source, tmp_path):
 def test_audio_and_text_token_shards_from_toy_sound(tmp_path):
     """The audio path: toy sound + a tiny saved audio tokenizer checkpoint + a BPE -> frame-major audio ids."""
     from mmsuite.datamodules.sounds import build_toysound
-    from mmsuite.lightning_modules.audio_tokenizer import AudioTokenizerModule, audio_tokenizer_from_checkpoint
+    from mmsuite.lightning_modules.audio_tokenizer import AudioTokenizerModule
+    from mmsuite.tokenizers.audio import audio_tokenizer_from_checkpoint
 
     sr = 8000
     codec = dict(

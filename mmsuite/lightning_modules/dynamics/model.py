@@ -16,8 +16,8 @@ Tokens of one frame (``S = 2 + registers + N`` slots, each with a learned slot e
 
 Layers: pre-RMSNorm, one attention and one SwiGLU MLP each. Layer ``l`` attends over **time** when
 ``(l + 1) % temporal_every == 0`` (causal, per token slot, RoPE over the frame index; shape ``[B·S, T, D]``) and
-within **its frame** otherwise (all S slots of one frame; shape ``[B·T, S, D]``). Both go through
-``F.scaled_dot_product_attention`` with QK-norm (RMSNorm per head) and optional grouped-query heads. Frame ``t``
+within **its frame** otherwise (all S slots of one frame; shape ``[B·T, S, D]``). Both go through the suite's one
+SDPA attention (:class:`mmsuite.nn.transformer.Attention`) with QK-norm and optional grouped-query heads. Frame ``t``
 therefore never sees frames after ``t``. The output head (RMSNorm + linear on the patch slots) starts at zero.
 
 ``prior``: what the head's output is added to. ``none``: nothing, so the untrained model predicts ẑ0 = 0.
@@ -63,7 +63,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
@@ -77,6 +76,8 @@ from mmsuite.lightning_modules.dynamics.conventions import (
     linear_clean_estimate,
     num_levels,
 )
+from mmsuite.nn import transformer
+from mmsuite.nn.transformer import rope_tables, swiglu_hidden
 from mmsuite.settings import as_dict, setting
 
 PRIORS = ("none", "previous")
@@ -86,90 +87,25 @@ def _pair(x) -> tuple[int, int]:
     return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
-def rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin ``[length, head_dim]`` for rotary embeddings over positions 0..length-1 (rotate-half layout)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[..., L, head_dim]`` by position (tables ``[L, head_dim]``)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over SDPA with QK-norm, optional RoPE and causal mask, and grouped KV heads."""
-
-    def __init__(self, dim: int, heads: int, kv_heads: int):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
-
-    def forward(self, x: torch.Tensor, causal: bool = False, rope=None) -> torch.Tensor:
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.kv_heads != self.heads)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-    def forward_cached(self, x: torch.Tensor, rope, past: tuple[torch.Tensor, torch.Tensor] | None):
-        """Causal attention of ``n`` new positions to ``past`` keys/values (``[b, kv_heads, P, head_dim]``, RoPE
-        already applied) and to themselves; ``rope`` holds the new positions' tables. Returns ``(out, (k, v))``
-        with the new positions' keys/values, for the caller to append once they are final."""
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
-        p = keys.shape[2] - n
-        mask = None
-        if n > 1:  # new position i sees every past position and new positions <= i
-            mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(diagonal=p)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d)), (k, v)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    """``x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))``, attention over space (within a frame) or causal time."""
+class SpaceTimeBlock(transformer.Block):
+    """Pre-RMSNorm layer with QK-norm attention and a SwiGLU MLP (:class:`mmsuite.nn.transformer.Block`) whose
+    attention runs over space (all slots of one frame) or, for a ``temporal`` layer, over causal time (each slot
+    against the same slot in this and earlier frames, RoPE over the frame index)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, mlp_hidden: int, temporal: bool):
-        super().__init__()
+        super().__init__(dim, heads, qk_norm=True, kv_heads=kv_heads, norm="rms", mlp="swiglu", mlp_hidden=mlp_hidden)
         self.temporal = temporal
-        self.norm1, self.attn = nn.RMSNorm(dim), Attention(dim, heads, kv_heads)
-        self.norm2, self.mlp = nn.RMSNorm(dim), SwiGLU(dim, mlp_hidden)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        b, t, s, d = x.shape
-        h = self.norm1(x)
+        """``x [B, T, S, D]``; ``rope``: the frame positions' tables ``[T, head_dim]``."""
+        return super().forward(x, rope=rope)
+
+    def mix(self, h: torch.Tensor, rope) -> torch.Tensor:
+        b, t, s, d = h.shape
         if self.temporal:  # each token slot attends to the same slot in this and earlier frames
             h = h.transpose(1, 2).reshape(b * s, t, d)
-            h = self.attn(h, causal=True, rope=rope).view(b, s, t, d).transpose(1, 2)
-        else:  # all slots of one frame attend to each other
-            h = self.attn(h.reshape(b * t, s, d)).view(b, t, s, d)
-        x = x + h
-        return x + self.mlp(self.norm2(x))
+            return self.attn(h, causal=True, rope=rope).view(b, s, t, d).transpose(1, 2)
+        return self.attn(h.reshape(b * t, s, d)).view(b, t, s, d)  # all slots of one frame attend to each other
 
     def forward_cached(self, x: torch.Tensor, rope, past):
         """:meth:`forward` for new frames ``x`` ``[B, t, S, D]`` after cached ones; returns ``(x, kv)`` with this
@@ -319,9 +255,9 @@ class DynamicsTransformer(nn.Module):
         self.step_embed = nn.Embedding(num_levels(self.k_max), dim - dim // 2)
         self.action_base = nn.Parameter(torch.zeros(dim))
         self.action_embed = nn.Embedding(self.num_actions, dim) if self.num_actions else None
-        hidden = -(-int(mlp_ratio * dim * 2 / 3) // 64) * 64
+        hidden = swiglu_hidden(dim, mlp_ratio)
         self.blocks = nn.ModuleList(
-            Block(dim, heads, kv_heads, hidden, temporal=(i + 1) % temporal_every == 0) for i in range(depth)
+            SpaceTimeBlock(dim, heads, kv_heads, hidden, temporal=(i + 1) % temporal_every == 0) for i in range(depth)
         )
         self.norm_out = nn.RMSNorm(dim)
         self.head = nn.Linear(dim, self.patch_dim)

@@ -65,10 +65,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.wrappers import MultioutputWrapper
 
 from mmsuite.lightning_modules.dynamics import conventions as C
 from mmsuite.lightning_modules.dynamics.model import DynamicsNetSettings, DynamicsTransformer
 from mmsuite.lightning_modules.dynamics.sampling import VELOCITY_MODES, rollout
+from mmsuite.nn.metrics import psnr
 from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
 
@@ -195,12 +198,6 @@ class DynamicsSettings:
             fail(f"{key}.rollout.tau_ctx", str(e))
 
 
-def frame_psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) per frame of uint8 images ``[..., H, W, 3]`` -> ``[...]`` (pixels scaled to [0, 1])."""
-    mse = (a.float() / 255 - b.float() / 255).pow(2).flatten(-3).mean(-1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
 class DynamicsModule(L.LightningModule):
     Settings = DynamicsSettings
 
@@ -240,7 +237,21 @@ class DynamicsModule(L.LightningModule):
         self.register_buffer("latent_std", torch.ones(channels))
         self._decoder = None
         self._lengths: list[tuple[int, str, int, int]] = []
-        self._eval: dict = {}
+        self.eval_loss = MeanMetric()
+        self.eval_metrics = torch.nn.ModuleDict(self._eval_metrics())
+
+    def _eval_metrics(self) -> dict:
+        """Validation/test metrics, means (or sums) over every evaluated clip of every rank: the denoising probe's PSNR
+        per step size, and per horizon step (``[B, horizon]`` updates) the rollout's and copy-last's pixel PSNR, pixel
+        MSE and latent MSE, with each sampler's seconds and frames."""
+        horizon = int(self.rollout_cfg["horizon"])
+        per_step = lambda: MultioutputWrapper(MeanMetric(), horizon, output_dim=1, remove_nans=False)  # noqa: E731
+        out = {f"denoise/psnr_k{2**lvl}": MeanMetric() for lvl in range(C.num_levels(self.k_max))}
+        for name in ["copy_last", *(f"rollout_k{s}" for s in self.rollout_cfg["steps"])]:
+            out |= {f"{name}/{key}": per_step() for key in ("psnr", "mse", "latent_mse")}
+        for s in self.rollout_cfg["steps"]:
+            out |= {f"rollout_k{s}/seconds": SumMetric(), f"rollout_k{s}/frames": SumMetric()}
+        return out
 
     # -- data statistics and the frozen decoder ---------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -257,7 +268,7 @@ class DynamicsModule(L.LightningModule):
 
     def decoder(self):
         if self._decoder is None:
-            from mmsuite.datamodules.dynamics import load_frame_tokenizer
+            from mmsuite.tokenizers.image import load_frame_tokenizer
 
             self._decoder = load_frame_tokenizer(self.decoder_cfg, self.image_size, device=self.device)
             for p in self._decoder_params():  # frozen: the pixel loss (loss.decoded) reaches the latents only
@@ -517,18 +528,6 @@ class DynamicsModule(L.LightningModule):
         max_steps = self.trainer.max_steps
         return when == "final" and max_steps is not None and max_steps > 0 and self.global_step >= max_steps
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval = {}
-
-    def on_test_epoch_start(self) -> None:
-        self._eval = {}
-
-    def _add(self, key: str, values: torch.Tensor) -> None:
-        """Accumulate per-sample values ``[N, ...]`` as (sum over samples, count)."""
-        values = values.detach().double().cpu()
-        s, n = self._eval.get(key, (0.0, 0))
-        self._eval[key] = (s + values.sum(0), n + values.shape[0])
-
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         z0 = batch["latents"]
         actions = self._actions(batch)
@@ -540,7 +539,8 @@ class DynamicsModule(L.LightningModule):
         tau = C.tau_value(tau_idx, self.k_max)
         x_hat = self.eval_net(C.noise(z0, tau, eps), tau_idx, level, actions)
         loss = (C.ramp_weight(tau) * C.per_frame_mse(x_hat, z0, 2)).mean()
-        self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True, prog_bar=True)
+        self.eval_loss.update(loss, weight=b)
+        self.log(f"{prefix}/loss", self.eval_loss, on_step=False, on_epoch=True, prog_bar=True)
         if batch_idx < self.probe_batches:
             self._denoise_probe(z0, actions, g)
         if batch_idx < int(self.rollout_cfg["batches"]) and self._rollout_now():
@@ -556,7 +556,7 @@ class DynamicsModule(L.LightningModule):
             idx = torch.full((b, t), C.probe_tau_index(lvl, self.k_max), dtype=torch.long, device=z0.device)
             levels = torch.full_like(idx, lvl)
             x_hat = self.eval_net(C.noise(z0, C.tau_value(idx, self.k_max), eps), idx, levels, actions)
-            self._add(f"denoise/psnr_k{2**lvl}", frame_psnr(self.decode(x_hat), truth).flatten()[:, None])
+            self._update(f"denoise/psnr_k{2**lvl}", psnr(self.decode(x_hat), truth, data_range=255))
 
     def _rollout_eval(self, z0, actions, g, batch_idx: int, prefix: str) -> None:
         cfg = self.rollout_cfg
@@ -570,11 +570,11 @@ class DynamicsModule(L.LightningModule):
         truth = self.decode(z0[:, : c + h])  # [B, c+h, H, W, 3]
         target = truth[:, c:]
         copy = truth[:, c - 1 : c].expand_as(target) if c > 0 else torch.full_like(target, 128)
-        self._add("copy_last/psnr", frame_psnr(copy, target))
-        self._add("copy_last/mse", (copy.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
+        self._update("copy_last/psnr", psnr(copy, target, data_range=255))
+        self._update("copy_last/mse", (copy.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
         if c > 0:
             last = z0[:, c - 1 : c].float().expand(-1, h, *z0.shape[2:])
-            self._add("copy_last/latent_mse", C.per_frame_mse(last, z0[:, c : c + h].float(), 2))
+            self._update("copy_last/latent_mse", C.per_frame_mse(last, z0[:, c : c + h].float(), 2))
         acts = None if actions is None else actions[:, : c + h]
         videos = {"truth": truth}
         for steps in cfg["steps"]:
@@ -599,11 +599,11 @@ class DynamicsModule(L.LightningModule):
             seconds = time.perf_counter() - start
             frames = self.decode(pred)
             name = f"rollout_k{steps}"
-            self._add(f"{name}/psnr", frame_psnr(frames, target))
-            self._add(f"{name}/mse", (frames.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
-            self._add(f"{name}/latent_mse", C.per_frame_mse(pred, z0[:, c : c + h].float(), 2))
-            self._add(f"{name}/seconds", torch.tensor([[seconds]]))
-            self._add(f"{name}/frames", torch.tensor([[float(b * h)]]))
+            self._update(f"{name}/psnr", psnr(frames, target, data_range=255))
+            self._update(f"{name}/mse", (frames.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
+            self._update(f"{name}/latent_mse", C.per_frame_mse(pred, z0[:, c : c + h].float(), 2))
+            self._update(f"{name}/seconds", torch.tensor(seconds))
+            self._update(f"{name}/frames", torch.tensor(float(b * h)))
             videos[name] = torch.cat([truth[:, :c], frames], dim=1)
         videos["copy_last"] = torch.cat([truth[:, :c], copy], dim=1)
         if batch_idx == 0 and int(cfg["gifs"]) > 0 and self.trainer.is_global_zero:
@@ -617,18 +617,25 @@ class DynamicsModule(L.LightningModule):
         for i in range(strip.shape[0]):
             log_gif(self.trainer, f"{tag}/{i}", strip[i], fps=4, step=self.global_step)
 
+    def _update(self, key: str, values: torch.Tensor) -> None:
+        """Add values (decoded-frame metrics come from the CPU) to the metric ``key`` on the module's device."""
+        self.eval_metrics[key].update(values.to(self.device))
+
     def _log_eval(self, prefix: str) -> None:
-        acc = self._eval
-        if self.trainer.world_size > 1:  # sums and counts over ranks (every rank ran the same batches count)
-            for key, (s, n) in list(acc.items()):
-                pair = torch.cat([torch.as_tensor(s, dtype=torch.float64).flatten(), torch.tensor([float(n)])])
-                pair = self.trainer.strategy.reduce(pair.to(self.device), reduce_op="sum").cpu()
-                acc[key] = (pair[:-1].reshape(torch.as_tensor(s).shape), int(pair[-1]))
-        means = {k: (torch.as_tensor(s) / max(n, 1)).flatten() for k, (s, n) in acc.items()}
+        """The epoch's metrics over all ranks (every rank computes and logs them), per horizon step ``_h{i}``, over
+        steps 1-4 (``_h1_4``) and over the horizon (``_mean``), with frames/s, gains over copy-last and the gap
+        between the fastest and slowest sampler. The rollout's metrics are there only if it ran this epoch (alike
+        on every rank: each runs the same number of batches)."""
+        values = {}
+        for key, metric in self.eval_metrics.items():
+            updated = metric.metrics[0] if isinstance(metric, MultioutputWrapper) else metric
+            if updated.update_count:
+                values[key] = metric.compute().double()
+                metric.reset()
         out: dict[str, float] = {}
-        for key, v in means.items():
+        for key, v in values.items():
             if key.startswith("denoise/"):
-                out[key] = float(v[0])
+                out[key] = float(v)
             elif key.endswith("/psnr") or key.endswith("/mse") or key.endswith("/latent_mse"):
                 for i, x in enumerate(v.tolist()):
                     out[f"{key}_h{i + 1}"] = x
@@ -636,8 +643,8 @@ class DynamicsModule(L.LightningModule):
                 out[f"{key}_mean"] = float(v.mean())
         for steps in self.rollout_cfg["steps"]:
             name = f"rollout_k{steps}"
-            if f"{name}/seconds" in acc:
-                secs, frames = float(acc[f"{name}/seconds"][0].sum()), float(acc[f"{name}/frames"][0].sum())
+            if f"{name}/seconds" in values:
+                secs, frames = float(values[f"{name}/seconds"]), float(values[f"{name}/frames"])
                 out[f"{name}/frames_per_s"] = frames / max(secs, 1e-9)
                 out[f"{name}/seconds"] = secs
                 if "copy_last/psnr_h1_4" in out:
@@ -650,8 +657,7 @@ class DynamicsModule(L.LightningModule):
             out[f"{pair}/speedup"] = out[f"rollout_k{slow}/seconds"] / max(out[f"rollout_k{fast}/seconds"], 1e-9)
         for key, value in out.items():
             if np.isfinite(value):
-                self.log(f"{prefix}/{key}", value, rank_zero_only=True)
-        self._eval = {}
+                self.log(f"{prefix}/{key}", value)
 
     def validation_step(self, batch, batch_idx):
         return self._eval_step(batch, batch_idx, "val")

@@ -233,35 +233,49 @@ def decode_captions(dm, local: torch.Tensor) -> list[str]:
     return [text.decode([start + i for i in row if i < n]) for row in local.cpu().tolist()]
 
 
+def attribute_metric_names(task: dict, image_target: bool) -> list[str]:
+    """The metrics :func:`eval_attribute_task` reports for ``task`` (under ``{task name}/``); ``image_target``: its
+    target modality is image-like (has a grid), so the attribute probe reads it."""
+    if image_target:
+        names = ["token_acc", *(f"probe_real_{a}_acc" for a in ATTRIBUTES)]
+    elif task["target"] == "caption":
+        names = ["token_acc", "exact_caption"]
+    else:
+        raise ValueError(
+            f"attributes task {task['name']!r}: target must be 'caption' or an image modality, got {task['target']!r}"
+        )
+    names += [f"{a}_{key}" for a in ATTRIBUTES for key in ("acc", "majority_acc", "chance")]
+    return [*names, "both_acc"]
+
+
 def eval_attribute_task(module, task: dict, batch: dict, batch_idx: int) -> None:
-    """Generate ``task['target']`` from ``task['inputs']`` and accumulate the attribute metrics (module docstring)
-    into ``module._accumulate`` (logged as ``val/<task name>/...`` or ``test/...`` at the end of the epoch)."""
+    """Generate ``task['target']`` from ``task['inputs']`` and add the attribute metrics (module docstring,
+    :func:`attribute_metric_names`) to the module's epoch means (``module._accumulate``; logged as
+    ``val/<task name>/...`` or ``test/...`` at the end of the epoch)."""
     dm = _datamodule(module)
     tokens, name, target = batch["tokens"], task["name"], task["target"]
 
-    def accumulate(key: str, values: torch.Tensor) -> None:  # on the module's device: DDP reduces the sums there
-        module._accumulate(f"{name}/{key}", values.float().to(tokens.device))
+    def accumulate(key: str, values: torch.Tensor) -> None:
+        module._accumulate(f"{name}/{key}", values.float())
 
     k, off, length = module._modality(target)
     truth = {a: batch[f"attr_{a}"].cpu() for a in ATTRIBUTES}
     pred_tokens = _generate(module, tokens, task, batch_idx)
     accumulate("token_acc", pred_tokens == tokens[:, off : off + length])
 
-    if module.net.specs[k]["kind"] == "image":
+    if module.net.modalities[k].grid is not None:  # an image-like target: read by the probe
         probe = _probe(module, dm, target)
         pred = probe.predict(pred_tokens)
         real = probe.predict(tokens[:, off : off + length])
         for a in ATTRIBUTES:
             accumulate(f"probe_real_{a}_acc", real[a] == truth[a])
-    elif target == "caption":
+    else:  # the caption (attribute_metric_names admitted no other target when the module was built)
         texts = decode_captions(dm, pred_tokens)
         true_texts = decode_captions(dm, tokens[:, off : off + length])
         accumulate("exact_caption", torch.tensor([t == u for t, u in zip(texts, true_texts)]))
         values = dm.attribute_values
         said = [caption_attributes(t, values["color"], values["action"]) for t in texts]
         pred = {a: torch.tensor([values[a].index(s[a]) if s[a] else -1 for s in said]) for a in ATTRIBUTES}
-    else:
-        raise ValueError(f"attributes task {name!r}: target must be 'caption' or an image modality, got {target!r}")
 
     for a in ATTRIBUTES:
         counts = dm.attribute_counts[a]

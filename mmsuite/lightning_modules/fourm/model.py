@@ -16,6 +16,8 @@ positions are encoder inputs and which are decoder targets.
   pose logits by 0.3 % of their spread, and frame -> pose sat on the mean pose);
 * a learned modality embedding; positions: fixed 2-D sin-cos over the token grid for images (the current and
   next frame share it), learned joint + axis (x, y, visibility) embeddings for poses, 1-D sin-cos for sequences;
+  what each kind of modality needs (tables, positions, initialisation) comes from its entry in the registry
+  (:mod:`~mmsuite.lightning_modules.fourm.modalities`), never from branches on the kind here;
 * the encoder sees only the visible tokens (padded to the batch maximum), the decoder's queries are
   ``query token + modality + position`` of the targets, with self-attention among the targets and
   cross-attention to the encoder output (projected, plus the inputs' modality and position embeddings, as 4M);
@@ -31,49 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsuite.nn.transformer import DecoderBlock, EncoderBlock, Packing, sincos_1d, sincos_2d, sincos_at
+from mmsuite.lightning_modules.fourm import modalities as registry
+from mmsuite.lightning_modules.fourm.modalities import FactorisedEmbedding
+from mmsuite.nn.transformer import Block, DecoderBlock, Packing
 from mmsuite.settings import as_dict, setting
-
-KINDS = ("image", "pose", "seq")
-POSE_COMPONENTS = 3  # x, y, visibility per joint
-POSE_FLAGS = 3  # a pose vocabulary is its bins followed by <invisible> <visible> <na> (tokenizers/pose.py)
-
-
-class FactorisedEmbedding(nn.Module):
-    """Embedding of FSQ codes: the sum of one small table per FSQ channel, indexed by that channel's digit of
-    the code, plus a per-code residual table that starts at zero.
-
-    An FSQ code is a mixed-radix number (``code = sum_i digit_i * prod(levels[:i])``, as the image tokenizer's
-    ``FSQ.codes_to_indices``), and codes with equal digits describe similar patches. A plain table of 4096 rows
-    learns each code on its own, from ~1/4096 of the data; here each of the 8-row digit tables learns from all
-    of it, so similar codes start alike. Tied logits then score a code as the sum of its digits' scores (and
-    the residual). Duck-types :class:`torch.nn.Embedding`: ``weight`` is the full ``[codes, dim]`` table."""
-
-    def __init__(self, levels: Sequence[int], dim: int):
-        super().__init__()
-        self.levels = [int(v) for v in levels]
-        if not self.levels or any(v < 2 for v in self.levels):
-            raise ValueError(f"FSQ levels must be integers >= 2, got {list(levels)}")
-        self.num_embeddings = int(torch.tensor(self.levels).prod())
-        basis = torch.cumprod(torch.tensor([1] + self.levels[:-1]), 0)
-        codes = torch.arange(self.num_embeddings)
-        digits = (codes[:, None] // basis[None]) % torch.tensor(self.levels)[None]
-        self.register_buffer("digits", digits, persistent=False)  # [codes, channels]
-        self.register_buffer("starts", torch.cumsum(torch.tensor([0] + self.levels[:-1]), 0), persistent=False)
-        self.digit_emb = nn.Embedding(sum(self.levels), dim)
-        self.residual = nn.Embedding(self.num_embeddings, dim)
-
-    def reset_parameters(self) -> None:
-        # the sum over channels has unit scale, like every other embedding of the model
-        nn.init.normal_(self.digit_emb.weight, std=len(self.levels) ** -0.5)
-        nn.init.zeros_(self.residual.weight)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.forward(torch.arange(self.num_embeddings, device=self.digits.device))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.digit_emb(self.digits[ids] + self.starts).sum(-2) + self.residual(ids)
 
 
 @dataclass
@@ -125,19 +88,10 @@ class FourM(nn.Module):
         self.specs = [dict(m) for m in modalities]
         if not self.specs:
             raise ValueError("FourM needs at least one modality")
-        names = [m["name"] for m in self.specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"modality names must be unique, got {names}")
-        for m in self.specs:
-            if m.get("kind") not in KINDS:
-                raise ValueError(f"modality {m['name']!r}: kind must be one of {KINDS}, got {m.get('kind')!r}")
-            if m["kind"] == "image" and int(m["grid"][0]) * int(m["grid"][1]) != int(m["length"]):
-                raise ValueError(f"modality {m['name']!r}: grid {list(m['grid'])} does not hold length {m['length']}")
-            if m["kind"] == "pose" and int(m["length"]) % POSE_COMPONENTS:
-                raise ValueError(f"modality {m['name']!r}: a pose has 3 tokens per joint, length {m['length']}")
-        self.names = names
-        self.lengths = [int(m["length"]) for m in self.specs]
-        self.vocabs = [int(m["vocab"]) for m in self.specs]
+        self.modalities = registry.build(self.specs)  # one per entry, in order (modalities.py)
+        self.names = [m.name for m in self.modalities]
+        self.lengths = [m.length for m in self.modalities]
+        self.vocabs = [m.vocab for m in self.modalities]
         self.dim = dim
         self.packed = bool(packed)  # per-token work on real tokens only (nn.transformer.Packing)
         self.attention_groups = int(attention_groups)  # packed: attention on this many length buckets
@@ -145,51 +99,37 @@ class FourM(nn.Module):
         if image_embedding not in ("factorised", "table"):
             raise ValueError(f"image_embedding must be 'factorised' (FSQ digits) or 'table', got {image_embedding!r}")
         tables: dict[str, nn.Module] = {}
-        for m, v in zip(self.specs, self.vocabs):
-            other = m.get("share_with")
+        for m in self.modalities:
+            other = m.share_with
             if other is None:
-                levels = m.get("levels")
-                if m["kind"] == "image" and image_embedding == "factorised" and levels:
-                    tables[m["name"]] = FactorisedEmbedding(levels, dim)
-                    if tables[m["name"]].num_embeddings != v:
-                        raise ValueError(
-                            f"modality {m['name']!r}: FSQ levels {list(levels)} make "
-                            f"{tables[m['name']].num_embeddings} codes, but its vocab is {v}"
-                        )
-                else:
-                    tables[m["name"]] = nn.Embedding(v, dim)
+                tables[m.name] = m.embedding(dim, image_embedding)
                 continue
             if other not in tables:
-                raise ValueError(f"modality {m['name']!r}: share_with {other!r} must name an earlier modality")
-            if tables[other].num_embeddings != v:
-                raise ValueError(f"modality {m['name']!r} shares {other!r}'s table but their vocab sizes differ")
-            tables[m["name"]] = tables[other]
-        self.tok_emb = nn.ModuleList(tables[n] for n in names)
+                raise ValueError(f"modality {m.name!r}: share_with {other!r} must name an earlier modality")
+            if tables[other].num_embeddings != m.vocab:
+                raise ValueError(f"modality {m.name!r} shares {other!r}'s table but their vocab sizes differ")
+            tables[m.name] = tables[other]
+        self.tok_emb = nn.ModuleList(tables[n] for n in self.names)
         self.tie_heads = bool(tie_heads)
         self.heads = nn.ModuleList(
             nn.Identity() if self.tie_heads else nn.Linear(dim, v, bias=False) for v in self.vocabs
         )
         self.mod_emb = nn.Embedding(len(self.specs), dim)
         self.query = nn.Parameter(torch.zeros(dim))
-        n_joints = max([L // POSE_COMPONENTS for m, L in zip(self.specs, self.lengths) if m["kind"] == "pose"] or [1])
+        slots = [m.pose_slots() for m in self.modalities]
+        n_joints = max([int(s[0].max()) + 1 for s in slots if s is not None] or [1])
         self.joint_emb = nn.Embedding(n_joints, dim)
-        self.component_emb = nn.Embedding(POSE_COMPONENTS, dim)
+        self.component_emb = nn.Embedding(registry.POSE_COMPONENTS, dim)
 
-        # per concatenated position: modality id, fixed sin-cos position, pose joint / component ids
+        # per concatenated position: modality id, fixed position embedding, pose joint / component ids
         seg, fixed, joint, comp, is_pose = [], [], [], [], []
-        for k, (m, L) in enumerate(zip(self.specs, self.lengths)):
-            seg.append(torch.full((L,), k))
-            if m["kind"] == "image":
-                fixed.append(sincos_2d(int(m["grid"][0]), int(m["grid"][1]), dim))
-            elif m["kind"] == "seq":
-                fixed.append(sincos_1d(L, dim))
-            else:
-                fixed.append(torch.zeros(L, dim))
-            idx = torch.arange(L)
-            pose = m["kind"] == "pose"
-            joint.append(idx // POSE_COMPONENTS if pose else torch.zeros(L, dtype=torch.long))
-            comp.append(idx % POSE_COMPONENTS if pose else torch.zeros(L, dtype=torch.long))
-            is_pose.append(torch.full((L,), pose))
+        for k, (m, s) in enumerate(zip(self.modalities, slots)):
+            seg.append(torch.full((m.length,), k))
+            fixed.append(m.fixed_positions(dim))
+            zeros = torch.zeros(m.length, dtype=torch.long)
+            joint.append(zeros if s is None else s[0])
+            comp.append(zeros if s is None else s[1])
+            is_pose.append(torch.full((m.length,), s is not None))
         self.register_buffer("segment", torch.cat(seg), persistent=False)
         self.segment_host = torch.cat(seg)  # a CPU copy that .to(device) leaves alone
         self.register_buffer("fixed_pos", torch.cat(fixed), persistent=False)
@@ -198,7 +138,7 @@ class FourM(nn.Module):
         self.register_buffer("is_pose", torch.cat(is_pose), persistent=False)
         self.offsets = [sum(self.lengths[:k]) for k in range(len(self.lengths))]
 
-        self.encoder = nn.ModuleList(EncoderBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(encoder_depth))
+        self.encoder = nn.ModuleList(Block(dim, heads, mlp_ratio, qk_norm) for _ in range(encoder_depth))
         self.encoder_norm = nn.LayerNorm(dim)
         self.context_proj = nn.Linear(dim, dim)
         self.decoder = nn.ModuleList(DecoderBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(decoder_depth))
@@ -213,23 +153,11 @@ class FourM(nn.Module):
         nn.init.normal_(self.query, std=1.0)
         if pose_bin_frame not in ("value", "image"):
             raise ValueError(f"pose_bin_frame must be 'value' or 'image', got {pose_bin_frame!r}")
-        if pose_ordinal_init > 0:  # bins start as sin-cos of their value: neighbouring bins start alike
-            grid = next((int(m["grid"][1]) for m in self.specs if m["kind"] == "image"), None)
-            with torch.no_grad():
-                for k, m in enumerate(self.specs):
-                    if m["kind"] != "pose" or m.get("share_with"):
-                        continue
-                    n_bins = self.vocabs[k] - POSE_FLAGS
-                    if pose_bin_frame == "image" and grid is not None and dim % 4 == 0:
-                        # the bin's canvas coordinate in image-grid cells, as the frame's 2-D sin-cos encodes a
-                        # cell (rows in the first half of the channels, columns in the second): a bin serves
-                        # x and y slots, so it takes the same features in both halves
-                        u = (torch.arange(n_bins, dtype=torch.float64) + 0.5) / n_bins * grid - 0.5
-                        half = sincos_at(u, dim // 2)
-                        table = torch.cat([half, half], dim=1)
-                    else:
-                        table = sincos_1d(n_bins, dim)
-                    self.tok_emb[k].weight[:n_bins] = table * pose_ordinal_init
+        # structured starts of the modalities' own tables (pose bins: sin-cos of their value, pose_ordinal_init)
+        grid = next((m.grid[1] for m in self.modalities if m.grid is not None), None)
+        for m, table in zip(self.modalities, self.tok_emb):
+            if not m.share_with:
+                m.init_embedding(table, dim, float(pose_ordinal_init), pose_bin_frame, grid)
 
     def _init(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):

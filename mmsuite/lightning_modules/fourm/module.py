@@ -20,19 +20,20 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
+from mmsuite.lightning_modules.fourm.attributes import attribute_metric_names, eval_attribute_task
 from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
 from mmsuite.lightning_modules.fourm.model import FourMNetSettings
+from mmsuite.nn.metrics import psnr
 from mmsuite.nn.schedule import AdamWSettings, TokenSchedule, warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
 from mmsuite.tokenizers.pose import PoseSettings
 
 
-def _psnr_per_frame(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-frame PSNR (dB) of uint8 frames ``[B, H, W, 3]``."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
+def _slot(name: str) -> str:
+    """The ``eval_means`` key of a metric name (module keys cannot hold a ".")."""
+    return name.replace(".", ",")
 
 
 def _plan_to(plan, device):
@@ -141,7 +142,10 @@ class FourMModule(L.LightningModule):
         self.seed = s.seed
         self.generation = s.generation
         self.image_tokenizer_ckpt = s.image_tokenizer_ckpt
-        self._sums: dict[str, torch.Tensor] = {}
+        # every evaluation metric is an epoch mean over all ranks, declared here so that each rank holds the same set;
+        # the loss terms and token accuracies are batch means (of every modality, with targets in the batch or not)
+        self._batch_keys = ["loss", *(f"{kind}_{m}" for m in self.names for kind in ("loss", "acc"))]
+        self.eval_means = torch.nn.ModuleDict({_slot(k): MeanMetric() for k in self._eval_metric_names()})
         self._tokenizer = None  # the image tokenizer, loaded on first use (not part of the module's state)
         self._grid_tokens = None  # the first val batch's tokens, for the epoch's sample grid
         self.tokens_seen = 0  # real (non-padding) input + target tokens trained on; drives the schedule
@@ -169,16 +173,8 @@ class FourMModule(L.LightningModule):
         }
 
     def _cross_entropy(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Summed CE. Pose bins optionally get ordinal soft targets: a Gaussian of ``pose_sigma_bins`` over the
-        neighbouring bins (flags stay one-hot), so a near miss costs less than a far one."""
-        if self.pose_sigma <= 0 or self.net.specs[self.net.index(name)]["kind"] != "pose":
-            return F.cross_entropy(logits, target, reduction="sum")
-        bins = self.pose.bins
-        is_bin = target < bins
-        grid = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
-        q = torch.exp(-0.5 * ((grid[None] - target[:, None].float()) / self.pose_sigma) ** 2) * (grid[None] < bins)
-        q = torch.where(is_bin[:, None], q / q.sum(-1, keepdim=True), F.one_hot(target, logits.shape[-1]).float())
-        return -(q * logits.log_softmax(-1)).sum()
+        """Summed CE of modality ``name``, as its kind defines it (poses: optional ordinal soft targets)."""
+        return self.net.modalities[self.net.index(name)].cross_entropy(self, logits, target)
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -236,9 +232,7 @@ class FourMModule(L.LightningModule):
         plan = _plan_to(plan, tokens.device)
         k, _, length = self._modality(target)
         logits = self.net.predict_logits(tokens, plan)[:, :length, : self.net.vocabs[k]]
-        if self.net.specs[k]["kind"] == "pose":
-            return self.pose.pick(logits, self.pose_decode)
-        return logits.argmax(-1)
+        return self.net.modalities[k].pick(self, logits)
 
     def _pose_errors(self, pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per visible joint of ``truth``: pixel error (canvas pixels) and whether it is within 0.1 x the
@@ -253,40 +247,50 @@ class FourMModule(L.LightningModule):
         size = (hi - lo).amax(-1).clamp_min(1.0)[:, None]
         return err[mask], (err <= 0.1 * size)[mask]
 
+    def _eval_metric_names(self) -> list[str]:
+        """Every metric the evaluation reports (before the derived ratios and gains), without the split prefix."""
+        names = list(self._batch_keys)
+        for task in self.tasks:
+            name, modality = task["name"], self.net.modalities[self.net.index(task["target"])]
+            if task.get("kind") == "attributes":
+                names += [f"{name}/{key}" for key in attribute_metric_names(task, modality.grid is not None)]
+                continue
+            names += [f"{name}/token_acc", *(f"{name}/{key}" for key in modality.metric_names(task))]
+        return names
+
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(batch, batch_idx, "val")
+        self._eval_step(batch, batch_idx)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(batch, batch_idx, "test")
+        self._eval_step(batch, batch_idx)
 
-    def _eval_step(self, batch, batch_idx: int, prefix: str) -> None:
+    def _eval_step(self, batch, batch_idx: int) -> None:
         tokens = batch["tokens"]
         bs = tokens.shape[0]
-        log = dict(batch_size=bs, sync_dist=True, add_dataloader_idx=False)
         plan = _plan_to(self.masking(bs, self._rng(1, batch_idx)), tokens.device)
         out = self._losses(self.net(tokens, plan))
-        self.log(f"{prefix}/loss", out["loss"], prog_bar=True, **log)
-        for key, value in out.items():
-            if key != "loss":
-                self.log(f"{prefix}/{key}", value, **log)
+        # batch means weighted by the batch size; a modality without targets in this batch adds weight 0, so every
+        # metric is updated in every batch on every rank
+        for key in self._batch_keys:
+            value = out.get(key)
+            self.eval_means[_slot(key)].update(0.0 if value is None else value, weight=0.0 if value is None else bs)
         for task in self.tasks:
             if task["kind"] == "attributes":  # nano4m: caption <-> image attribute accuracy
-                from mmsuite.lightning_modules.fourm.attributes import eval_attribute_task
-
                 eval_attribute_task(self, task, batch, batch_idx)
                 continue
-            self._eval_task(task, tokens, prefix, log)
+            self._eval_task(task, tokens)
 
-    def _eval_task(self, task: dict, tokens: torch.Tensor, prefix: str, log: dict) -> None:
+    def _eval_task(self, task: dict, tokens: torch.Tensor) -> None:
         name, target = task["name"], task["target"]
         k, off, length = self._modality(target)
         pred = self.predict(tokens, list(task["inputs"]), target)
         truth = tokens[:, off : off + length]
-        self.log(f"{prefix}/{name}/token_acc", (pred == truth).float().mean(), **log)
-        if self.net.specs[k]["kind"] == "image":
-            self._frame_psnr(task, k, pred, truth, tokens)
-        if self.net.specs[k]["kind"] != "pose":
-            return
+        self._accumulate(f"{name}/token_acc", (pred == truth).float())
+        self.net.modalities[k].evaluate(self, task, pred, truth, tokens)  # the target kind's own metrics
+
+    def _pose_task(self, task: dict, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Joint error and PCK@0.1 of a pose prediction, and the error of the task's ``baseline``."""
+        name = task["name"]
         err, pck = self._pose_errors(pred, truth)
         self._accumulate(f"{name}/joint_error_px", err)
         self._accumulate(f"{name}/pck@0.1", pck.float())
@@ -302,20 +306,20 @@ class FourMModule(L.LightningModule):
             raise ValueError(f"task {name!r}: baseline must be 'copy', 'mean_pose' or null, got {baseline!r}")
         self._accumulate(f"{name}/baseline_error_px", b_err)
 
-    def _frame_psnr(self, task: dict, k: int, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
+    def _frame_psnr(self, task: dict, modality, pred: torch.Tensor, truth: torch.Tensor, tokens: torch.Tensor) -> None:
         """PSNR (dB, per frame, then the mean) of the decoded predicted frame against the decoded true tokens (the
         shards hold tokens, so the reference is the tokenizer's reconstruction of the true frame), and of the
         ``copy`` baseline (decode ``copy_from``, e.g. the current frame). Needs ``image_tokenizer_ckpt``."""
         tok = self._image_tokenizer()
         if tok is None:
             return
-        h, w = (int(v) for v in self.net.specs[k]["grid"])
+        h, w = modality.grid
         ref = self._decode_frames(tok, truth, h, w)
-        self._accumulate(f"{task['name']}/psnr_db", _psnr_per_frame(self._decode_frames(tok, pred, h, w), ref))
+        self._accumulate(f"{task['name']}/psnr_db", psnr(self._decode_frames(tok, pred, h, w), ref, data_range=255))
         if task["baseline"] == "copy":
             _, off, length = self._modality(task["copy_from"])
             copy = self._decode_frames(tok, tokens[:, off : off + length], h, w)
-            self._accumulate(f"{task['name']}/baseline_psnr_db", _psnr_per_frame(copy, ref))
+            self._accumulate(f"{task['name']}/baseline_psnr_db", psnr(copy, ref, data_range=255))
 
     def _image_tokenizer(self):
         """The image tokenizer of ``image_tokenizer_ckpt`` (loaded once, kept off the module's state), or None."""
@@ -326,8 +330,9 @@ class FourMModule(L.LightningModule):
         if self._tokenizer is None:
             from mmsuite.tokenizers.image import ImageTokenizer
 
-            k = next(i for i, m in enumerate(self.net.specs) if m["kind"] == "image")
-            grid = int(self.net.specs[k]["grid"][0])
+            grid = next((m.grid[0] for m in self.net.modalities if m.grid is not None), None)
+            if grid is None:
+                return None
             tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_ckpt)
             self._tokenizer = ImageTokenizer.from_checkpoint(
                 self.image_tokenizer_ckpt, image_size=grid * tok.downsample
@@ -340,31 +345,30 @@ class FourMModule(L.LightningModule):
         with torch.no_grad():
             return tok.decode(ids.reshape(-1, h, w).cpu())
 
-    # sums over the whole evaluation epoch, so ratios are ratios of means (not means of per-batch ratios)
     def _accumulate(self, key: str, values: torch.Tensor) -> None:
-        acc = self._sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=values.device))
-        acc += torch.stack([values.double().sum(), torch.tensor(values.numel(), dtype=torch.float64)])
-
-    def on_validation_epoch_start(self) -> None:
-        self._sums = {}
-
-    def on_test_epoch_start(self) -> None:
-        self._sums = {}
+        """Add per-item values (every joint, frame, token, clip, ...) to the epoch mean ``key``: ratios are then
+        ratios of means over the epoch, not means of per-batch ratios."""
+        self.eval_means[_slot(key)].update(values.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
-        self._log_sums("val")
+        self._log_means("val")
         self._log_sample_grid()
 
     def on_test_epoch_end(self) -> None:
-        self._log_sums("test")
+        self._log_means("test")
 
-    def _log_sums(self, prefix: str) -> None:
+    def _log_means(self, prefix: str) -> None:
+        """The epoch means over all ranks (every rank computes and logs them; a metric without values, e.g. the
+        PSNR without an image tokenizer, is left out), the PSNR gains and the error ratios."""
         means = {}
-        for key, acc in sorted(self._sums.items()):
-            if self.trainer.world_size > 1:
-                acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
-            if acc[1] > 0:
-                means[key] = float(acc[0] / acc[1])
+        for key in self._eval_metric_names():
+            metric = self.eval_means[_slot(key)]
+            if metric.update_count == 0:  # updated in every batch or in none, on every rank alike
+                continue
+            value = float(metric.compute())
+            metric.reset()
+            if key == "loss" or not np.isnan(value):  # NaN: no rank had a value (MeanMetric drops NaN values)
+                means[key] = value
         for key, value in list(means.items()):
             if key.endswith("/baseline_psnr_db"):
                 task = key.removesuffix("/baseline_psnr_db")
@@ -375,8 +379,7 @@ class FourMModule(L.LightningModule):
                 if f"{task}/joint_error_px" in means and value > 0:
                     means[f"{task}/error_ratio"] = means[f"{task}/joint_error_px"] / value
         for key, value in means.items():
-            self.log(f"{prefix}/{key}", value, rank_zero_only=True)
-        self._sums = {}
+            self.log(f"{prefix}/{key}", value, prog_bar=key == "loss")
 
     def _mean_pose_tokens(self, batch_size: int, device) -> torch.Tensor:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -393,7 +396,7 @@ class FourMModule(L.LightningModule):
         """From each row's ``generation.given`` modalities alone, generate ``generation.chain`` in order (default:
         pose -> next pose -> next frame) with MaskGIT or ROAR (``scheme``, ``steps``, ``temperature``).
         -> (tokens with the chain filled in, given, chain)."""
-        from mmsuite.lightning_modules.fourm.generate import generate_chain, pose_constraint
+        from mmsuite.lightning_modules.fourm.generate import generate_chain
 
         g = self.generation
         given = list(g.given)
@@ -405,8 +408,9 @@ class FourMModule(L.LightningModule):
         targets = []
         for name in chain:
             t = {"target": name}
-            if self.net.specs[self.net.index(name)]["kind"] == "pose":
-                t["constrain"] = pose_constraint(self.pose)
+            constrain = self.net.modalities[self.net.index(name)].constraint(self)
+            if constrain is not None:
+                t["constrain"] = constrain
             targets.append(t)
         out, _ = generate_chain(
             self.net,
@@ -495,7 +499,7 @@ class FourMModule(L.LightningModule):
         if tok is None:
             return None
         k, off, length = self._modality("tok_rgb")
-        h, w = (int(v) for v in self.net.specs[k]["grid"])
+        h, w = self.net.modalities[k].grid
         size = h * tok.downsample
         _, noff, _ = self._modality("tok_rgb_next")
         frames = [
