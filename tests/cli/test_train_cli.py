@@ -127,6 +127,16 @@ def test_generate_writes_reconstructions(smoke_run, shared_data, tmp_path):
     assert list((tmp_path / "gen").glob("*.png"))
 
 
+def test_eval_and_generate_take_a_debug_preset(smoke_run, shared_data):
+    """debug=smoke points eval.py and generate.py at the smoke run's checkpoint, as it points train.py at its run."""
+    logs, run_dir, _ = smoke_run
+    proc = run_cli("eval.py", "experiment=image_tokenizer", "debug=smoke", logs=logs, data=shared_data)
+    assert str(run_dir / "checkpoints" / "last.ckpt") in proc.stdout
+    assert "val/psnr" in json.loads((run_dir / "eval_val.json").read_text())["metrics"]
+    run_cli("generate.py", "experiment=image_tokenizer", "debug=smoke", "n_samples=2", logs=logs, data=shared_data)
+    assert list((run_dir / "generate").glob("*.png"))
+
+
 def test_token_space_mismatch_stops_with_both_hashes(smoke_run, shared_data):
     logs, run_dir, _ = smoke_run
     proc = run_cli(
