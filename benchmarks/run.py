@@ -4,12 +4,13 @@ Each benchmark measures its own ratio in one process where it can (e.g. Lightnin
 same model and batches), so that figures taken on a busy or different machine still compare.
 
     python -m benchmarks.run [--only toyworld,shards,...,m4,dynamics,dynamics_gpu16gb] [--quick] [--threads N]
-                             [--results DIR]
+
+The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
+``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so. ``--results DIR``
+writes the JSONs and the table to DIR instead of results/.
 
 A bench that measures an experiment's model or tokenizer takes it from the config that ``train.py`` would run
 (:func:`compose`: Hydra's defaults list, interpolations and the settings schemas), never from a YAML file read alone.
-The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
-``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so.
 """
 
 from __future__ import annotations
