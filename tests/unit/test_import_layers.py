@@ -4,6 +4,7 @@ Layers, top to bottom (a module may import its own layer and any layer below it,
 
     entry points (train.py, eval.py, prepare.py, generate.py, benchmarks/)
     mmsuite.run                -> mmsuite.tokenize (run calls tokenize for prepare.py tokenize.*)
+    mmsuite.console            (warning filters and train.log; used by the entry points and run)
     mmsuite.tokenize
     mmsuite.lightning_modules
     mmsuite.callbacks
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "mmsuite"
 LAYERS = (
     "mmsuite.run",
+    "mmsuite.console",
     "mmsuite.tokenize",
     "mmsuite.lightning_modules",
     "mmsuite.callbacks",
