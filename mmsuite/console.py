@@ -27,6 +27,21 @@ KNOWN_WARNINGS = (
         "our shard streams deal whole shards to ranks and loader workers themselves, so each worker's length is exact",
     ),
     (
+        r"Checkpoint directory .* exists and is not empty",
+        UserWarning,
+        "a run dir is reused on purpose: rerunning a command resumes the run into its own checkpoints/ folder",
+    ),
+    (
+        r"You're resuming from a checkpoint that ended before the epoch ended",
+        UserWarning,
+        "the DataModule saves and restores its stream position itself (state_dict), which Lightning cannot see",
+    ),
+    (
+        r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
+        UserWarning,
+        "eval.py restores a checkpoint to score its weights; the training callbacks' bookkeeping plays no part there",
+    ),
+    (
         r"Precision .* is not supported by the model summary",
         UserWarning,
         "the model summary (trainer.enable_model_summary=true) only estimates the size in MB for bf16/fp16 runs",

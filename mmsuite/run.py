@@ -497,7 +497,7 @@ def evaluate(cfg: DictConfig) -> dict:
         _convert_="all",
     )
     run = trainer.validate if cfg.split == "val" else trainer.test
-    results = run(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)[0]
+    results = run(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True, verbose=False)[0]
     out = {
         "ckpt_path": str(cfg.ckpt_path),
         "split": cfg.split,
