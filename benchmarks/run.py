@@ -122,13 +122,12 @@ def bench_shards(quick: bool) -> dict:
 def _default_tokenizer_net():
     from omegaconf import OmegaConf
 
-    from mmsuite.tokenizers.image import ImageAutoencoder
+    from mmsuite.settings import as_dict
+    from mmsuite.tokenizers.image import AutoencoderSettings
 
-    net = OmegaConf.load(CONF / "model" / "image_tokenizer.yaml").net
     tok = OmegaConf.load(CONF / "tokenizer" / "fsq_toy.yaml")
-    kwargs = OmegaConf.to_container(net, resolve=False)
-    kwargs.update(levels=list(tok.levels), downsample=int(tok.downsample))
-    return ImageAutoencoder(**kwargs), kwargs
+    settings = AutoencoderSettings(levels=list(tok.levels), downsample=int(tok.downsample))  # the model's defaults
+    return settings.build(), as_dict(settings)
 
 
 def bench_tokenizer(quick: bool) -> dict:

@@ -45,6 +45,7 @@ from mmsuite.callbacks.run_state import (
     write_text_atomic,
 )
 from mmsuite.callbacks.summary import RunSummary
+from mmsuite.config import check_settings
 from mmsuite.console import ConsoleLog
 from mmsuite.datamodules.base import prepare_text_tokenizer
 from mmsuite.tokenizers.text import TEXT_TOKENIZERS, text_tokenizer_from_config
@@ -82,10 +83,10 @@ def git_revision() -> str:
         return "unknown"
 
 
-def prepare_config(cfg: DictConfig) -> DictConfig:
-    """Apply the experiment's ``smoke:`` block under debug presets that ask for it; drop helper keys."""
-    if cfg.get("apply_smoke") and cfg.get("smoke"):
-        cfg = OmegaConf.merge(cfg, cfg.smoke)
+def prepare_config(cfg: DictConfig, groups: tuple[str, ...] = ("model", "data")) -> DictConfig:
+    """Check the settings of ``groups`` (:func:`mmsuite.config.check_settings`) before anything is built or
+    written: an unknown key, a wrong type or an invalid value stops the run with the key's full name."""
+    check_settings(cfg, groups)
     return cfg
 
 
@@ -515,7 +516,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def prepare(cfg: DictConfig) -> Path:
     """Build the experiment's data set; with a text tokenizer config, train (text_bpe) and check it too."""
-    cfg = prepare_config(cfg)
+    cfg = prepare_config(cfg, groups=("data",))  # the model is not built (tokenizer= may swap its tokenizer)
     set_threads(cfg)
     token_space = build_token_space(cfg)
     datamodule = build_datamodule(cfg, token_space, None)
@@ -576,6 +577,14 @@ class SweepSummary(HydraCallback):
         storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
         if isinstance(storage, str) and storage.startswith("sqlite:///"):  # the study's folder must exist
             Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        """A job stopped before it wrote its run dir (a settings error) still gets its row: its overrides."""
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        saved = Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "overrides.json"
+        if saved.parent.is_dir() and not saved.exists():
+            write_text_atomic(saved, json.dumps(sorted(job_return.overrides)) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -146,9 +146,8 @@ def choose_resume_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
 # else in the resolved config must equal the checkpoint's, or the resumed run would silently be another run.
 # Dotted keys, fnmatch patterns ("*" also crosses dots); values under a paths.* folder compare relative to it.
 RESUME_MAY_CHANGE = (
-    # where it runs: the profile and what it picks (a per_hardware value compares where it lands, e.g. data.batch_size)
+    # where it runs: the profile (what its exp_hw file sets compares where it lands, e.g. data.batch_size)
     "hardware.*",
-    "per_hardware.*",
     "trainer.accelerator",
     "trainer.devices",
     "trainer.num_nodes",

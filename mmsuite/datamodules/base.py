@@ -14,6 +14,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -21,22 +22,43 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmsuite.datamodules.shards import ShardStream, healthy_shards, read_manifest, split_shards
+from mmsuite.settings import fail, parse, setting
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@dataclass
+class TokenizerRunSettings:
+    """A tokenizer checkpoint a data set is built with, trained first by ``train.py experiment=<its experiment>
+    run=<run>`` when missing (:func:`ensure_tokenizer`)."""
+
+    run: str | None = None  # the tokenizer run's name under logs/<experiment>/ (trains it when missing)
+    ckpt: str | None = None  # its checkpoint (the data configs point it at ${paths.log_dir}/<experiment>/<run>/...)
+    train_if_missing: bool = True
+    train_overrides: list[str] = setting([])  # extra overrides for that training run (e.g. [debug=smoke])
+
+    def check(self, key: str) -> None:
+        if self.ckpt is None:
+            fail(f"{key}.ckpt", "is required: the tokenizer's checkpoint")
+        if self.train_if_missing and self.run is None:
+            fail(
+                f"{key}.run", "is required to train the tokenizer when its checkpoint is missing (or train_if_missing)"
+            )
+
+
 def ensure_tokenizer(cfg: dict, experiment: str, log_dir: str, data_dir: str, key: str = "") -> Path:
-    """The checkpoint ``cfg['ckpt']`` of a tokenizer run; trained first by ``train.py experiment=<experiment>
-    run=<cfg['run']>`` (subprocess, the same ``paths``, plus ``cfg['train_overrides']``) when missing and
-    ``cfg['train_if_missing']``. The run manager's resume and finished marker apply, so a finished run is never
-    retrained. ``key`` names the config block in errors (e.g. ``data.image_tokenizer``)."""
+    """The checkpoint ``cfg['ckpt']`` of a tokenizer run (:class:`TokenizerRunSettings` as a dict); trained first
+    by ``train.py experiment=<experiment> run=<cfg['run']>`` (subprocess, the same ``paths``, plus
+    ``cfg['train_overrides']``) when missing and ``cfg['train_if_missing']``. The run manager's resume and finished
+    marker apply, so a finished run is never retrained. ``key`` names the config block in errors (e.g.
+    ``data.image_tokenizer``)."""
     ckpt = Path(cfg["ckpt"])
     if ckpt.exists():
         return ckpt
     what = experiment.replace("_", " ")
     where = f" ({key}.ckpt)" if key else ""
-    if not cfg.get("train_if_missing", True):
+    if not cfg["train_if_missing"]:
         raise FileNotFoundError(
             f"{what} checkpoint not found: {ckpt}{where}; train it with `python train.py experiment={experiment}` "
             f"or set {key + '.' if key else ''}train_if_missing=true"
@@ -49,7 +71,7 @@ def ensure_tokenizer(cfg: dict, experiment: str, log_dir: str, data_dir: str, ke
         f"paths.log_dir={log_dir}",
         f"paths.data_dir={data_dir}",
         "print_config=false",
-        *[str(o) for o in cfg.get("train_overrides", [])],
+        *[str(o) for o in cfg["train_overrides"]],
     ]
     print(f"[mmsuite] {what} missing ({ckpt}); training it first:\n  {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
@@ -99,35 +121,42 @@ class _EpochLoader(DataLoader):
         return super().__iter__()
 
 
-class ShardDataModule(L.LightningDataModule):
-    """Base for every family's DataModule; see the module docstring."""
+@dataclass
+class ShardSettings:
+    """The settings every DataModule has (``data`` of every data config); each family's settings class extends it
+    and states its own defaults."""
 
+    data_dir: str = setting()  # = ${paths.data_dir}: data sets live in <data_dir>/<dataset name>/
+    batch_size: int = setting(ge=1)  # per process
+    val_batch_size: int | None = setting(None, ge=1)  # null: batch_size
+    num_workers: int = setting(0, ge=0)  # DataLoader workers per process (= ${hardware.num_workers})
+    shuffle_buffer: int = setting(256, ge=0)  # training samples in the shuffle buffer
+    samples_per_shard: int = setting(64, ge=1)  # when building the data set
+    seed: int = setting(0, ge=0)  # = ${seed}: the training streams are a function of (seed, epoch, rank, worker)
+    on_corrupt: str = setting("raise", choices=["raise", "skip"])  # a bad shard stops the run | is skipped and listed
+    plan_dir: str | None = None  # where data_plan_rank<r>.json goes (= the run dir; null: not written)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Base for every family's DataModule; see the module docstring. ``settings``: the fields of the class's
+    ``Settings`` (checked by :func:`mmsuite.settings.parse`, errors name ``data.<key>``)."""
+
+    Settings = ShardSettings
     items_per_sample: int = 1
 
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        shuffle_buffer: int = 256,
-        samples_per_shard: int = 64,
-        seed: int = 0,
-        on_corrupt: str = "raise",
-        token_space: TokenSpace | None = None,
-        plan_dir: str | None = None,
-    ):
+    def __init__(self, token_space: TokenSpace | None = None, **settings):
         super().__init__()
-        self.data_dir = Path(data_dir)
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.samples_per_shard = samples_per_shard
-        self.seed = seed
-        self.on_corrupt = on_corrupt
+        s = self.settings = parse(type(self).Settings, settings, "data")
+        self.data_dir = Path(s.data_dir)
+        self.batch_size = s.batch_size
+        self.val_batch_size = s.val_batch_size or s.batch_size
+        self.num_workers = s.num_workers
+        self.shuffle_buffer = s.shuffle_buffer
+        self.samples_per_shard = s.samples_per_shard
+        self.seed = s.seed
+        self.on_corrupt = s.on_corrupt
         self.token_space = token_space
-        self.plan_dir = plan_dir
+        self.plan_dir = s.plan_dir
         self.corrupt_shards: list[str] = []
         self._streams: dict[str, ShardStream] = {}
         self._position = (0, 0)  # (epoch, next batch index) of the training stream

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule
+from mmsuite.datamodules.base import ShardDataModule, ShardSettings
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -24,6 +26,7 @@ from mmsuite.datamodules.shards import (
     read_manifest,
     split_shards,
 )
+from mmsuite.settings import fail, setting
 from mmsuite.sources import toyworld
 from mmsuite.sources.splits import split_by_item
 from mmsuite.tokenizers.token_space import settings_hash
@@ -72,16 +75,40 @@ class _Serial:
         return False
 
 
+@dataclass
+class ClipSettings(ShardSettings):
+    """What every data set made from toy-world clips states: the world, the number of clips and the split."""
+
+    # the toy world's settings (mmsuite.sources.toyworld.ToyWorldConfig); the data configs state the ones they change
+    # or interpolate (image_size, frames, seed), and the data set's name hashes them as stated
+    world: dict[str, Any] = setting({})
+    n_clips: int = setting(1200, ge=1)
+    splits: dict[str, float] = setting({"train": 0.8, "val": 0.1, "test": 0.1}, ge=0.0)  # by clip, never by frame
+
+    def check(self, key: str) -> None:
+        try:
+            toyworld.ToyWorldConfig(**self.world)  # with the toy world's own messages
+        except (TypeError, ValueError) as e:
+            fail(f"{key}.world", f"is invalid: {e}")
+
+
+@dataclass
+class ToyWorldSettings(ClipSettings):
+    build_workers: int = setting(2, ge=1)  # processes rendering clips when the data set is built
+
+
 class ToyWorldDataModule(ShardDataModule):
     """Toy-world clips as shards; the base for frame- and clip-level DataModules."""
 
-    def __init__(self, world: dict, n_clips: int, splits: dict, build_workers: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.world = dict(world)
-        self.n_clips = n_clips
-        self.splits = dict(splits)
-        self.build_workers = build_workers
-        toyworld.ToyWorldConfig(**self.world)  # validate early, with the toy world's own messages
+    Settings = ToyWorldSettings
+
+    def __init__(self, token_space=None, **settings):
+        super().__init__(token_space, **settings)
+        s = self.settings
+        self.world = dict(s.world)
+        self.n_clips = s.n_clips
+        self.splits = dict(s.splits)
+        self.build_workers = s.build_workers
 
     @property
     def dataset_name(self) -> str:
@@ -99,15 +126,33 @@ class ToyWorldDataModule(ShardDataModule):
         build_toyworld(out_dir, self.world, self.n_clips, self.splits, self.samples_per_shard, self.build_workers)
 
 
+@dataclass
+class FramesSettings(ToyWorldSettings):
+    """``data`` of ``data=toyworld_frames``."""
+
+    frames_per_clip: int | None = setting(None, ge=1)  # null: every frame
+    batch_size: int = setting(32, ge=1)
+    val_batch_size: int | None = setting(64, ge=1)
+    shuffle_buffer: int = setting(64, ge=0)  # clips in the sample buffer (x frames_per_clip items in the item buffer)
+    samples_per_shard: int = setting(24, ge=1)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        frames = toyworld.ToyWorldConfig(**self.world).frames
+        if self.frames_per_clip is not None and self.frames_per_clip > frames:
+            fail(f"{key}.frames_per_clip", f"must be in [1, {frames}] (the clip's frames), got {self.frames_per_clip}")
+
+
 class FramesDataModule(ToyWorldDataModule):
     """Single frames from toy-world clips: ``{"image": uint8 [B,3,S,S]}`` batches."""
 
-    def __init__(self, frames_per_clip: int | None = None, **kwargs):
-        super().__init__(**kwargs)
+    Settings = FramesSettings
+
+    def __init__(self, token_space=None, **settings):
+        super().__init__(token_space, **settings)
         n_frames = toyworld.ToyWorldConfig(**self.world).frames
+        frames_per_clip = self.settings.frames_per_clip
         k = n_frames if frames_per_clip is None else frames_per_clip
-        if not 1 <= k <= n_frames:
-            raise ValueError(f"data.frames_per_clip must be in [1, {n_frames}], got {frames_per_clip}")
         self.frame_index = np.linspace(0, n_frames - 1, k).round().astype(int)
         self.items_per_sample = k
 

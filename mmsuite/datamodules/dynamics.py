@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer
+from mmsuite.datamodules.base import ShardDataModule, ShardSettings, TokenizerRunSettings, ensure_tokenizer
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -44,6 +46,7 @@ from mmsuite.datamodules.shards import (
     read_manifest,
     split_shards,
 )
+from mmsuite.settings import as_dict, fail, setting
 from mmsuite.sources import toyworld
 from mmsuite.sources.splits import split_by_item
 from mmsuite.tokenizers.image import PRETRAINED_FRAME_KINDS, load_frame_tokenizer
@@ -153,54 +156,89 @@ class AlternatingLoader:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class DynamicsLatentDataModule(ShardDataModule):
-    """See the module docstring. ``encoder`` = ``{tokenizer, ckpt, run, train_if_missing, train_overrides}``."""
+@dataclass
+class LatentSourceSettings:
+    kind: str = setting("toyworld", choices=list(SOURCE_KINDS))  # toyworld | video (a folder, decoded with PyAV)
+    root: str | None = None  # video: the folder
+    fps: float = setting(10.0, gt=0.0)  # video: frames kept per second of presentation time
+    start_s: float = setting(0.0, ge=0.0)  # video: where each video's span starts
+    span_s: float | None = setting(None, gt=0.0)  # video: seconds used per video (null: to the end)
 
-    def __init__(
-        self,
-        source: dict,
-        world: dict,
-        n_clips: int,
-        splits: dict,
-        clip_frames: int,
-        image_size: int,
-        encoder: dict,
-        log_dir: str,
-        seq_len: int,
-        stride: int,
-        long_seq_len: int | None = None,
-        long_batch_size: int | None = None,
-        long_ratio: float = 0.0,
-        single_fraction: float = 0.0,
-        encode_batch_size: int = 64,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.source = dict(source or {"kind": "toyworld"})
-        if self.source.get("kind") not in SOURCE_KINDS:
-            raise ValueError(f"data.source.kind must be one of {list(SOURCE_KINDS)}, got {self.source.get('kind')!r}")
-        if self.source["kind"] == "video" and not Path(str(self.source.get("root", ""))).is_dir():
-            raise FileNotFoundError(f"data.source.root must be a folder of videos, got {self.source.get('root')!r}")
-        self.world = {**dict(world), "frames": int(clip_frames), "image_size": int(image_size)}
-        if self.source["kind"] == "toyworld":
-            toyworld.ToyWorldConfig(**self.world)  # validate early, with the toy world's own messages
-        self.n_clips, self.splits = int(n_clips), dict(splits)
-        self.clip_frames, self.image_size = int(clip_frames), int(image_size)
-        self.encoder = dict(encoder)
-        self.log_dir = log_dir
-        self.seq_len, self.stride = int(seq_len), int(stride)
-        self.long_seq_len = int(long_seq_len) if long_seq_len else None
-        self.long_batch_size = int(long_batch_size or self.batch_size)
-        self.long_ratio = float(long_ratio) if self.long_seq_len else 0.0
-        if not 0.0 <= self.long_ratio < 1.0:
-            raise ValueError(f"data.long_ratio must be in [0, 1), got {long_ratio}")
-        if not 0.0 <= single_fraction <= 1.0:
-            raise ValueError(f"data.single_fraction must be in [0, 1], got {single_fraction}")
-        self.single_fraction = float(single_fraction)
-        self.encode_batch_size = int(encode_batch_size)
-        window_starts(self.clip_frames, self.seq_len, self.stride)  # the windows must fit: fail before building
-        if self.long_seq_len:
-            window_starts(self.clip_frames, self.long_seq_len, self.stride)
+    def check(self, key: str) -> None:
+        if self.kind == "video" and not Path(str(self.root)).is_dir():
+            raise FileNotFoundError(f"{key}.root must be a folder of videos, got {self.root!r}")
+
+
+@dataclass
+class EncoderSettings(TokenizerRunSettings):
+    """The frozen frame encoder: the continuous image tokenizer run (trained first when missing) or a pretrained
+    AutoencoderKL (``tokenizer.kind: autoencoder_kl``)."""
+
+    tokenizer: Any = setting({})  # = ${tokenizer}: continuous (levels: null) or sd_vae (checked when loaded)
+
+    def check(self, key: str) -> None:
+        if dict(self.tokenizer or {}).get("kind") not in PRETRAINED_FRAME_KINDS:  # a local folder needs no run
+            super().check(key)
+
+
+@dataclass
+class DynamicsDataSettings(ShardSettings):
+    """``data`` of ``data=dynamics_latents`` (conf/data/dynamics_latents.yaml states only what differs)."""
+
+    source: LatentSourceSettings = setting(LatentSourceSettings())
+    world: dict[str, Any] = setting({})  # toy-world settings; frames and image_size are clip_frames and image_size
+    n_clips: int = setting(600, ge=1)
+    splits: dict[str, float] = setting({"train": 0.8, "val": 0.1, "test": 0.1}, ge=0.0)
+    clip_frames: int = setting(32, ge=1)  # every sample is one clip of this many frames (videos are cut into clips)
+    image_size: int = setting(64, ge=1)
+    encoder: EncoderSettings = setting()
+    log_dir: str = setting()  # = ${paths.log_dir}: where the encoder's run lives
+    encode_batch_size: int = setting(64, ge=1)
+    seq_len: int = setting(16, ge=1)  # short training windows ...
+    stride: int = setting(8, ge=1)  # ... every this many frames of a clip
+    long_seq_len: int | None = setting(32, ge=1)  # long windows (null: short only)
+    long_batch_size: int | None = setting(2, ge=1)  # null: batch_size
+    long_ratio: float = setting(0.1, ge=0.0, lt=1.0)  # chance that a batch is long (same draw on every rank)
+    single_fraction: float = setting(0.1, ge=0.0, le=1.0)  # rows trained as independent T=1 frames
+    batch_size: int = setting(4, ge=1)
+    val_batch_size: int | None = setting(8, ge=1)
+    shuffle_buffer: int = setting(64, ge=0)
+    samples_per_shard: int = setting(16, ge=1)
+
+    def check(self, key: str) -> None:
+        if self.source.kind == "toyworld":
+            try:
+                toyworld.ToyWorldConfig(**{**self.world, "frames": self.clip_frames, "image_size": self.image_size})
+            except (TypeError, ValueError) as e:
+                fail(f"{key}.world", f"is invalid: {e}")
+        for what, n in (("seq_len", self.seq_len), ("long_seq_len", self.long_seq_len)):
+            if n is not None:
+                try:
+                    window_starts(self.clip_frames, n, self.stride)  # the windows must fit: fail before building
+                except ValueError as e:
+                    fail(f"{key}.{what}", str(e))
+
+
+class DynamicsLatentDataModule(ShardDataModule):
+    """See the module docstring."""
+
+    Settings = DynamicsDataSettings
+
+    def __init__(self, token_space=None, **settings):
+        super().__init__(token_space, **settings)
+        s = self.settings
+        self.source = as_dict(s.source)
+        self.world = {**dict(s.world), "frames": s.clip_frames, "image_size": s.image_size}
+        self.n_clips, self.splits = s.n_clips, dict(s.splits)
+        self.clip_frames, self.image_size = s.clip_frames, s.image_size
+        self.encoder = as_dict(s.encoder)
+        self.log_dir = s.log_dir
+        self.seq_len, self.stride = s.seq_len, s.stride
+        self.long_seq_len = s.long_seq_len
+        self.long_batch_size = s.long_batch_size or self.batch_size
+        self.long_ratio = s.long_ratio if self.long_seq_len else 0.0
+        self.single_fraction = s.single_fraction
+        self.encode_batch_size = s.encode_batch_size
         self.latent_mean: torch.Tensor | None = None
         self.latent_std: torch.Tensor | None = None
 
@@ -317,8 +355,7 @@ class DynamicsLatentDataModule(ShardDataModule):
         root = Path(self.source["root"])
         videos = video.list_videos(root)
         split_of = split_by_item(videos, self.splits, seed=int(self.world.get("seed", 0)))
-        fps = float(self.source.get("fps") or 10.0)
-        start, span = float(self.source.get("start_s") or 0.0), self.source.get("span_s")
+        fps, start, span = self.source["fps"], self.source["start_s"], self.source["span_s"]
         for v, name in enumerate(tqdm(videos, desc="dynamics latents (videos)", unit="video")):
             frames = video.read_frames(root / name, fps, self.image_size, start, None if span is None else float(span))
             clips = video.cut_clips(frames, self.clip_frames)

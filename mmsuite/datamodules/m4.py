@@ -16,21 +16,24 @@ sha256, so a retrained tokenizer gives new shards instead of stale tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer
-from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards, source_clips
+from mmsuite.datamodules.base import ShardDataModule, TokenizerRunSettings, ensure_tokenizer
+from mmsuite.datamodules.clips import ClipSettings, ToyWorldDataModule, iter_clip_shards, source_clips
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
     read_manifest,
 )
+from mmsuite.settings import as_dict, fail, setting
 from mmsuite.sources.pairs import successor_indices
-from mmsuite.tokenizers.pose import PoseQuantizer
+from mmsuite.tokenizers.pose import PoseQuantizer, PoseSettings
 from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
 MODALITY_FIELDS = ("tok_rgb", "coords", "tok_rgb_next", "coords_next")
@@ -41,40 +44,64 @@ def ensure_image_tokenizer(cfg: dict, log_dir: str, data_dir: str) -> Path:
     return ensure_tokenizer(cfg, "image_tokenizer", log_dir, data_dir, key="data.image_tokenizer")
 
 
-class M4PoseDataModule(ShardDataModule):
-    def __init__(
-        self,
-        world: dict,
-        n_clips: int,
-        splits: dict,
-        modalities: list,
-        image_tokenizer: dict,
-        pose: dict,
-        successor: dict,
-        log_dir: str,
-        clip_samples_per_shard: int = 24,
-        source: dict | None = None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.source = dict(source or {"kind": "toyworld"})
-        if self.source.get("kind") not in ("toyworld", "penn_action"):
-            raise ValueError(f"data.source.kind must be 'toyworld' or 'penn_action', got {self.source.get('kind')!r}")
-        if self.source["kind"] == "penn_action" and not Path(str(self.source.get("root", ""))).is_dir():
+@dataclass
+class SuccessorSettings:
+    threshold: float = setting(4.0, ge=0.0)  # mean |frame t' - frame t| (0..255) for t' to count as visually distinct
+    max_gap: int = setting(4, ge=1)  # frames; no successor within the gap -> frame t gives no pair
+
+
+@dataclass
+class PoseSourceSettings:
+    kind: str = setting("toyworld", choices=["toyworld", "penn_action"])
+    root: str | None = None  # penn_action: a Penn Action folder (frames/NNNN/*.jpg + labels/NNNN.mat)
+
+    def check(self, key: str) -> None:
+        if self.kind == "penn_action" and not Path(str(self.root)).is_dir():
             raise FileNotFoundError(
-                f"data.source.root must be a Penn Action folder (frames/NNNN/*.jpg, labels/NNNN.mat), "
-                f"got {self.source.get('root')!r}"
+                f"{key}.root must be a Penn Action folder (frames/NNNN/*.jpg, labels/NNNN.mat), got {self.root!r}"
             )
-        self.world, self.n_clips, self.splits = dict(world), int(n_clips), dict(splits)
-        self.modalities = [dict(m) for m in modalities]
-        names = [m["name"] for m in self.modalities]
+
+
+@dataclass
+class M4PoseSettings(ClipSettings):
+    """``data`` of ``data=m4_pose`` (conf/data/m4_pose.yaml states only what differs)."""
+
+    source: PoseSourceSettings = setting(PoseSourceSettings())
+    modalities: list[Any] = setting()  # = ${modalities.list}: tok_rgb, coords, tok_rgb_next, coords_next
+    image_tokenizer: TokenizerRunSettings = setting()  # trained first when missing
+    pose: Any = setting(schema=PoseSettings)  # = the experiment's pose block
+    successor: SuccessorSettings = setting(SuccessorSettings())
+    log_dir: str = setting()  # = ${paths.log_dir}: where the tokenizer runs live
+    clip_samples_per_shard: int = setting(24, ge=1)  # the clip data set's shards
+    batch_size: int = setting(64, ge=1)
+    val_batch_size: int | None = setting(128, ge=1)
+    # pairs are written clip by clip; a buffer that holds the whole train split (~9.4k toy pairs, ~2 KB each) makes
+    # every epoch a uniform permutation. With 2048 the batches drift through the shards and frame -> pose stayed at
+    # the mean pose (experiments/m4_pose/README.md)
+    shuffle_buffer: int = setting(16384, ge=0)
+    samples_per_shard: int = setting(256, ge=1)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        names = [m.get("name") if isinstance(m, dict) else m for m in self.modalities]
         if tuple(names) != MODALITY_FIELDS:
-            raise ValueError(f"m4_pose data has modalities {list(MODALITY_FIELDS)} in this order; config has {names}")
-        self.image_tokenizer = dict(image_tokenizer)
-        self.pose_cfg = dict(pose)
-        self.successor = {"threshold": float(successor["threshold"]), "max_gap": int(successor["max_gap"])}
-        self.log_dir = log_dir
-        self.clip_samples_per_shard = int(clip_samples_per_shard)
+            fail(f"{key}.modalities", f"must be {list(MODALITY_FIELDS)} in this order, got {names}")
+
+
+class M4PoseDataModule(ShardDataModule):
+    Settings = M4PoseSettings
+
+    def __init__(self, token_space=None, **settings):
+        super().__init__(token_space, **settings)
+        s = self.settings
+        self.source = as_dict(s.source)
+        self.world, self.n_clips, self.splits = dict(s.world), s.n_clips, dict(s.splits)
+        self.modalities = [dict(m) for m in s.modalities]
+        self.image_tokenizer = as_dict(s.image_tokenizer)
+        self.pose_cfg = as_dict(s.pose)
+        self.successor = as_dict(s.successor)
+        self.log_dir = s.log_dir
+        self.clip_samples_per_shard = s.clip_samples_per_shard
         self.mean_pose: np.ndarray | None = None
         self._starts: list[int] | None = None
 

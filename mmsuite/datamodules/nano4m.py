@@ -24,13 +24,15 @@ stored beside the clip shards). The data set's name hashes both checkpoints and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from mmsuite.datamodules.base import ShardDataModule, ensure_tokenizer, prepare_text_tokenizer
-from mmsuite.datamodules.clips import ToyWorldDataModule, iter_clip_shards, source_clips
+from mmsuite.datamodules.base import ShardDataModule, TokenizerRunSettings, ensure_tokenizer, prepare_text_tokenizer
+from mmsuite.datamodules.clips import ClipSettings, ToyWorldDataModule, iter_clip_shards, source_clips
 from mmsuite.datamodules.shards import (
     WRITER_VERSION,
     DatasetWriter,
@@ -39,6 +41,7 @@ from mmsuite.datamodules.shards import (
     read_manifest,
     split_shards,
 )
+from mmsuite.settings import as_dict, fail, setting
 from mmsuite.sources import toysound, toyworld
 from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
 
@@ -47,43 +50,63 @@ ATTRIBUTES = ("color", "action")  # scored by the evaluation (lightning_modules/
 NANO4M_VERSION = 1  # bump when build() would write different shards for the same settings
 
 
-class Nano4MDataModule(ShardDataModule):
-    def __init__(
-        self,
-        world: dict,
-        n_clips: int,
-        splits: dict,
-        modalities: list,
-        image_tokenizer: dict,
-        text_tokenizer: dict,
-        log_dir: str,
-        audio_tokenizer: dict | None = None,
-        sound: dict | None = None,
-        frames_per_clip: int = 4,
-        clip_samples_per_shard: int = 24,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.world, self.n_clips, self.splits = dict(world), int(n_clips), dict(splits)
-        cfg = toyworld.ToyWorldConfig(**self.world)  # validate early, with the toy world's messages
-        self.modalities = [dict(m) for m in modalities]
-        names = [m["name"] for m in self.modalities]
+@dataclass
+class ClipSoundSettings:
+    """The clip's action sound (mmsuite.sources.toysound.action_sound): a clip of T frames sounds T / fps seconds."""
+
+    fps: float = setting(16.0, gt=0.0)
+    seed: int = setting(0, ge=0)
+    noise_floor: float = setting(0.0, ge=0.0)
+
+
+@dataclass
+class Nano4MSettings(ClipSettings):
+    """``data`` of ``data=nano4m`` (conf/data/nano4m.yaml states only what differs)."""
+
+    modalities: list[Any] = setting()  # = ${modalities.list}: distinct names from tok_rgb, caption, audio
+    image_tokenizer: TokenizerRunSettings = setting()  # trained first when missing
+    audio_tokenizer: TokenizerRunSettings | None = None  # needed by the audio modality
+    text_tokenizer: Any = setting()  # = ${text_tokenizer}: conf/tokenizer/text_bpe.yaml, trained on the train split
+    log_dir: str = setting()  # = ${paths.log_dir}: where the tokenizer runs live
+    sound: ClipSoundSettings = setting(ClipSoundSettings())
+    frames_per_clip: int = setting(4, ge=1)  # evenly spaced frames; each is one training item with the caption, sound
+    clip_samples_per_shard: int = setting(24, ge=1)  # the clip data set's shards
+    batch_size: int = setting(64, ge=1)
+    val_batch_size: int | None = setting(128, ge=1)
+    shuffle_buffer: int = setting(256, ge=0)  # clips; x frames_per_clip items
+    samples_per_shard: int = setting(64, ge=1)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        names = [m.get("name") if isinstance(m, dict) else m for m in self.modalities]
         if len(set(names)) != len(names) or set(names) - set(FIELDS) or "tok_rgb" not in names:
-            raise ValueError(f"nano4m modalities must be distinct names from {list(FIELDS)} with tok_rgb; got {names}")
-        self.names = names
-        if "audio" in names and not audio_tokenizer:
-            raise ValueError("modality 'audio' needs data.audio_tokenizer (a checkpoint of experiment=audio_tokenizer)")
-        k = int(frames_per_clip)
-        if not 1 <= k <= cfg.frames:
-            raise ValueError(f"data.frames_per_clip must be in [1, {cfg.frames}] (the clip's frames), got {k}")
+            fail(f"{key}.modalities", f"must be distinct names from {list(FIELDS)} with tok_rgb, got {names}")
+        if "audio" in names and self.audio_tokenizer is None:
+            fail(f"{key}.audio_tokenizer", "is needed by modality 'audio' (a checkpoint of experiment=audio_tokenizer)")
+        frames = toyworld.ToyWorldConfig(**self.world).frames
+        if self.frames_per_clip > frames:
+            fail(f"{key}.frames_per_clip", f"must be in [1, {frames}] (the clip's frames), got {self.frames_per_clip}")
+
+
+class Nano4MDataModule(ShardDataModule):
+    Settings = Nano4MSettings
+
+    def __init__(self, token_space=None, **settings):
+        super().__init__(token_space, **settings)
+        s = self.settings
+        self.world, self.n_clips, self.splits = dict(s.world), s.n_clips, dict(s.splits)
+        cfg = toyworld.ToyWorldConfig(**self.world)
+        self.modalities = [dict(m) for m in s.modalities]
+        self.names = [m["name"] for m in self.modalities]
+        k = s.frames_per_clip
         self.frame_index = [int(t) for t in np.linspace(0, cfg.frames - 1, k).round()]
         self.items_per_sample = k
-        self.image_tokenizer = dict(image_tokenizer)
-        self.audio_tokenizer = dict(audio_tokenizer or {})
-        self.text_cfg = dict(text_tokenizer)
-        self.sound = {"fps": 16.0, "seed": 0, "noise_floor": 0.0, **dict(sound or {})}
-        self.log_dir = log_dir
-        self.clip_samples_per_shard = int(clip_samples_per_shard)
+        self.image_tokenizer = as_dict(s.image_tokenizer)
+        self.audio_tokenizer = as_dict(s.audio_tokenizer) if s.audio_tokenizer is not None else {}
+        self.text_cfg = dict(s.text_tokenizer)
+        self.sound = as_dict(s.sound)
+        self.log_dir = s.log_dir
+        self.clip_samples_per_shard = s.clip_samples_per_shard
         # colour and action names, in the order of the batch's attr_* indices
         self.attribute_values = {"color": list(cfg.colors), "action": list(cfg.actions)}
         self.attribute_counts: dict | None = None  # train split: {attribute: {value: clips}} (from the manifest)
@@ -239,12 +262,12 @@ class Nano4MDataModule(ShardDataModule):
 
     def _sound_track_settings(self, sr: int) -> dict:
         n_frames = toyworld.ToyWorldConfig(**self.world).frames
-        fps = float(self.sound["fps"])
+        fps = self.sound["fps"]
         return {"n_frames": n_frames, "fps": fps, "samples": round(n_frames / fps * sr)}
 
     def _audio_ids(self, tok, track: dict, clip: dict) -> np.ndarray:
         cfg = toysound.ToySoundConfig(
-            sample_rate=tok.sample_rate, seed=int(self.sound["seed"]), noise_floor=float(self.sound["noise_floor"])
+            sample_rate=tok.sample_rate, seed=self.sound["seed"], noise_floor=self.sound["noise_floor"]
         )
         index = int(clip["key"].removeprefix("clip"))
         wav = toysound.action_sound(clip["attributes"]["action"], track["n_frames"], track["fps"], cfg, index)

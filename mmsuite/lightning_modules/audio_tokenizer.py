@@ -32,7 +32,9 @@ stops with an error rather than being ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -43,64 +45,102 @@ from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
 from mmsuite.callbacks.samples import log_audio
 from mmsuite.nn.audio import MelDistance, MultiScaleSTFTLoss
 from mmsuite.nn.metrics import CodebookUsage
-from mmsuite.nn.schedule import adamw_warmup_cosine
+from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
+from mmsuite.settings import as_dict, fail, parse, setting
 from mmsuite.sources.wav import write_wav
 from mmsuite.tokenizers.audio import AudioTokenizer, import_encodec
 
-_LOSS_KEYS = {"waveform", "waveform_mse", "stft", "commitment", "adversarial"}
+
+@dataclass
+class AudioLossSettings:
+    """Loss weights. Waveform L1 is off: toy clips are mostly exact digital silence, and L1's median pull made the
+    decoder output silence (energy 1e-6 of the input, SI-SNR -36 dB after 700 steps; experiments/audio_tokenizer)."""
+
+    waveform: float = setting(0.0, ge=0.0)  # L1 between waveforms
+    waveform_mse: float = setting(10.0, ge=0.0)  # MSE between waveforms: the correlated part, what SI-SNR measures
+    stft: float = setting(0.05, ge=0.0)  # multi-scale STFT loss; at weight 1 it too drove the output to silence
+    commitment: float = setting(1.0, ge=0.0)  # mean over codebooks of |residual - its code vector|^2
+    adversarial: float = setting(0.0, ge=0.0)  # not implemented: must stay 0
+
+    def check(self, key: str) -> None:
+        if self.waveform + self.waveform_mse + self.stft <= 0:
+            fail(key, f"needs waveform + waveform_mse + stft > 0, got {self}")
+        if self.adversarial > 0:
+            raise NotImplementedError(
+                f"{key}.adversarial > 0: the adversarial loss (a multi-scale STFT discriminator, encodec.msstftd) is "
+                "not implemented yet; set it to 0"
+            )
+
+
+@dataclass
+class STFTSettings:
+    """The multi-scale STFT loss (hann windows, hop n_fft/4)."""
+
+    n_ffts: list[int] = setting([2048, 1024, 512, 256, 128], ge=2)
+    n_mels: int | None = setting(None, ge=1)  # null: linear-frequency bins; a number: project on that many mels
+    linear_weight: float = setting(1.0, ge=0.0)  # L1 between magnitudes
+    log_weight: float = setting(1.0, ge=0.0)  # L1 between log magnitudes
+    # log(|X| + eps): toy sounds have exact digital silence between events, and a small floor makes faint output
+    # there cost more than missing the events themselves
+    eps: float = setting(0.03, gt=0.0)
+
+    def check(self, key: str) -> None:
+        if not self.n_ffts:
+            fail(f"{key}.n_ffts", "needs at least one FFT size")
+
+
+@dataclass
+class AudioTokenizerSettings:
+    """``model`` of ``model=audio_tokenizer`` (conf/model/audio_tokenizer.yaml states only what differs)."""
+
+    codec: Any = (
+        setting()
+    )  # the architecture, bandwidth and token ranges: the tokenizer group (AudioTokenizer checks it)
+    optim: AdamWSettings = setting(AdamWSettings(lr=0.001, betas=[0.8, 0.99], weight_decay=0.0))
+    schedule: Any = setting({}, schema=StepSchedule)  # = the schedule group (${schedule})
+    loss: AudioLossSettings = setting(AudioLossSettings())
+    stft: STFTSettings = setting(STFTSettings())
+    dead_code_threshold: float = setting(0.25, ge=0.0)  # a code whose EMA count (vectors per batch) drops below this
+    n_sample_audio: int = setting(4, ge=0)  # decoded clips sent to the logger at each validation
+    # convolutions re-initialised N(0, 1/fan_in), zero bias; decoder output conv x this. null: encodec's (PyTorch's)
+    # default init, under which the encoder output barely depends on the input and codebook 0 collapses to one code
+    init_output_gain: float | None = setting(0.1, ge=0.0)
+
+    def check(self, key: str) -> None:
+        if not isinstance(self.codec, dict):
+            fail(f"{key}.codec", f"must be a tokenizer config (conf/tokenizer/encodec_*.yaml), got {self.codec!r}")
+        if "threshold_ema_dead_code" in self.codec:
+            fail(
+                f"{key}.codec.threshold_ema_dead_code",
+                "is not used: set the dead-code threshold with model.dead_code_threshold (encodec's own dead-code "
+                "replacement has no effect; see the module docstring)",
+            )
+
+
 _EVAL_LOSSES = ("loss", "l1", "mse", "stft", "commitment")
-_STFT_KEYS = {"n_ffts", "n_mels", "linear_weight", "log_weight", "eps"}
 
 
 class AudioTokenizerModule(L.LightningModule):
-    def __init__(
-        self,
-        codec: dict,
-        optim: dict,
-        schedule: dict,
-        loss: dict,
-        stft: dict | None = None,
-        dead_code_threshold: float = 0.25,
-        n_sample_audio: int = 4,
-        init_output_gain: float | None = 0.1,
-    ):
+    Settings = AudioTokenizerSettings
+
+    def __init__(self, **settings):
         super().__init__()
-        unknown = set(loss) - _LOSS_KEYS
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(_LOSS_KEYS)}")
-        if float(loss.get("adversarial", 0.0)) > 0:
-            raise NotImplementedError(
-                "loss.adversarial > 0: the adversarial loss (a multi-scale STFT discriminator, encodec.msstftd) is "
-                "not implemented yet; set loss.adversarial=0"
-            )
-        self.w_wave = float(loss.get("waveform", 1.0))
-        self.w_mse = float(loss.get("waveform_mse", 0.0))
-        self.w_stft = float(loss.get("stft", 1.0))
-        self.w_commit = float(loss.get("commitment", 1.0))
-        if min(self.w_wave, self.w_mse, self.w_stft, self.w_commit) < 0 or self.w_wave + self.w_mse + self.w_stft <= 0:
-            raise ValueError(f"loss weights must be >= 0 with waveform + waveform_mse + stft > 0, got {loss}")
-        stft = dict(stft or {})
-        if set(stft) - _STFT_KEYS:
-            raise ValueError(f"unknown stft settings {sorted(set(stft) - _STFT_KEYS)}; known: {sorted(_STFT_KEYS)}")
-        if "threshold_ema_dead_code" in codec:
-            raise ValueError(
-                "set the dead-code threshold with model.dead_code_threshold, not the codec's threshold_ema_dead_code "
-                "(encodec's own dead-code replacement has no effect; see this module's docstring)"
-            )
-        if not float(dead_code_threshold) >= 0:
-            raise ValueError(f"dead_code_threshold must be >= 0 (0: off), got {dead_code_threshold!r}")
-        self.save_hyperparameters()
+        s = self.settings = parse(AudioTokenizerSettings, settings, "model")
+        self.save_hyperparameters(as_dict(s))
+        codec = s.codec
+        self.w_wave, self.w_mse = s.loss.waveform, s.loss.waveform_mse
+        self.w_stft, self.w_commit = s.loss.stft, s.loss.commitment
 
         tokenizer = AudioTokenizer.from_config({**codec, "threshold_ema_dead_code": 0})
         self.net = tokenizer.model.train()  # the tokenizer wrapper hands it over in eval mode
-        if init_output_gain is not None and not codec.get("path"):
-            variance_preserving_init_(self.net, float(init_output_gain))
+        if s.init_output_gain is not None and not codec.get("path"):
+            variance_preserving_init_(self.net, s.init_output_gain)
         self.n_q, self.bins, self.bandwidth = tokenizer.n_q, tokenizer.bins, tokenizer.bandwidth
         self.sample_rate = tokenizer.sample_rate
-        self.dead_code_threshold = float(dead_code_threshold)
-        self.stft_loss = MultiScaleSTFTLoss(self.sample_rate, **stft)
+        self.dead_code_threshold = s.dead_code_threshold
+        self.stft_loss = MultiScaleSTFTLoss(self.sample_rate, **as_dict(s.stft))
         self.mel_distance = MelDistance(self.sample_rate)
-        self.n_sample_audio = int(n_sample_audio)
+        self.n_sample_audio = s.n_sample_audio
         # evaluation metrics (validation and test in turn): batch means weighted by batch size, per-clip SI-SNR and
         # mel distance averaged over clips, the usage of every codebook
         self.eval_losses = torch.nn.ModuleDict({key: MeanMetric() for key in _EVAL_LOSSES})
@@ -240,13 +280,9 @@ class AudioTokenizerModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
+        s = self.settings
         return adamw_warmup_cosine(
-            self.net.parameters(),
-            self.hparams.optim,
-            self.hparams.schedule,
-            self.trainer.max_steps,
-            "AudioTokenizerModule",
-            default_betas=(0.8, 0.99),
+            self.net.parameters(), s.optim, s.schedule, self.trainer.max_steps, "AudioTokenizerModule"
         )
 
 

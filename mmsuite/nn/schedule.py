@@ -1,13 +1,53 @@
-"""Learning-rate schedules: linear warm-up, then cosine decay to a floor.
+"""Learning-rate schedules: linear warm-up, then cosine decay to a floor, and the optimizer settings.
 
-One function, used by every family. ``progress`` may count optimizer steps or real tokens.
+One function, used by every family. ``progress`` may count optimizer steps or real tokens. The settings of the
+``schedule`` config group (``conf/schedule/cosine.yaml`` = :class:`StepSchedule`, ``tokens.yaml`` =
+:class:`TokenSchedule`) and of every family's ``model.optim`` (:class:`AdamWSettings`) live here.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from mmsuite.settings import fail, setting
+
+
+@dataclass
+class StepSchedule:
+    """Linear warm-up, then cosine decay to ``floor_ratio`` x lr over ``trainer.max_steps`` optimizer steps."""
+
+    warmup_steps: int = setting(100, ge=0)
+    floor_ratio: float = setting(0.1, ge=0.0, le=1.0)
+
+
+@dataclass
+class TokenSchedule:
+    """4M's token schedule: linear warm-up over ``warmup_tokens``, then cosine to ``floor_ratio`` x lr at
+    ``total_tokens``. Both count REAL (non-padding) input + target tokens; training stops at ``total_tokens``."""
+
+    total_tokens: float = setting(3.0e9, gt=0.0)
+    warmup_tokens: float = setting(5.0e8, ge=0.0)
+    floor_ratio: float = setting(5.0e-5, ge=0.0, le=1.0)  # the M4 notes: lr 0.002 cosine to 1e-7
+
+    def check(self, key: str) -> None:
+        if self.warmup_tokens >= self.total_tokens:
+            fail(f"{key}.warmup_tokens", f"must be < total_tokens ({self.total_tokens}), got {self.warmup_tokens}")
+
+
+@dataclass
+class AdamWSettings:
+    """AdamW's settings; every family states its own values (its ``optim`` default)."""
+
+    lr: float = setting(gt=0.0)
+    betas: list[float] = setting(ge=0.0, lt=1.0)
+    weight_decay: float = setting(ge=0.0)
+
+    def check(self, key: str) -> None:
+        if len(self.betas) != 2:
+            fail(f"{key}.betas", f"must be two numbers [beta1, beta2], got {self.betas}")
 
 
 def warmup_cosine(progress: float, warmup: float, total: float, floor_ratio: float = 0.0) -> float:
@@ -31,22 +71,15 @@ def warmup_cosine_scheduler(
 
 
 def adamw_warmup_cosine(
-    params, optim: dict, schedule: dict, total_steps: int | None, owner: str, default_betas=(0.9, 0.99)
+    params, optim: AdamWSettings, schedule: StepSchedule, total_steps: int | None, owner: str
 ) -> dict:
-    """Lightning's ``configure_optimizers`` answer for the step-scheduled families: AdamW (``optim``: lr, betas,
-    weight_decay) with :func:`warmup_cosine_scheduler` over ``total_steps`` (``trainer.max_steps``)."""
-    opt = torch.optim.AdamW(
-        params,
-        lr=float(optim.get("lr", 1e-3)),
-        betas=tuple(float(b) for b in optim.get("betas", default_betas)),
-        weight_decay=float(optim.get("weight_decay", 0.0)),
-    )
+    """Lightning's ``configure_optimizers`` answer for the step-scheduled families: AdamW with
+    :func:`warmup_cosine_scheduler` over ``total_steps`` (``trainer.max_steps``)."""
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     if total_steps is None or total_steps <= 0:
         raise ValueError(
             f"{owner} needs trainer.max_steps > 0 for its warmup-cosine schedule, got {total_steps}; "
             "set trainer.max_steps"
         )
-    sched = warmup_cosine_scheduler(
-        opt, int(schedule.get("warmup_steps", 0)), int(total_steps), float(schedule.get("floor_ratio", 0.1))
-    )
+    sched = warmup_cosine_scheduler(opt, schedule.warmup_steps, int(total_steps), schedule.floor_ratio)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

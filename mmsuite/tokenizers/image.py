@@ -16,13 +16,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmsuite.settings import as_dict, setting
 from mmsuite.tokenizers.token_space import TokenSpace
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,8 +239,27 @@ class Decoder(nn.Module):
         return F.pixel_shuffle(x, self.patch_size) if self.patch_size > 1 else x
 
 
+@dataclass
+class AutoencoderSettings:
+    """:class:`ImageAutoencoder`'s settings (``model.net`` of ``model=image_tokenizer``; levels, downsample,
+    latent_channels and latent_bound come from the ``tokenizer`` group)."""
+
+    levels: list[int] | None = setting([8, 8, 8, 8], ge=2)  # FSQ levels per latent channel; null: continuous
+    downsample: int = setting(8, ge=1)  # image side / latent side
+    patch_size: int = setting(4, ge=1)  # space-to-depth stem: compute runs on 16x16 and 8x8 grids (fast on CPU)
+    channels: int = setting(64, ge=1)
+    channel_mult: list[int] = setting([1, 2], ge=1)  # width per level; log2(downsample / patch_size) + 1 entries
+    num_res_blocks: Any = setting([2, 2])  # per level, or one number for every level
+    latent_channels: int = setting(8, ge=1)  # continuous bottleneck only (FSQ has len(levels) channels)
+    latent_bound: str | None = setting(None, choices=["tanh"])  # continuous only: tanh squashes into (-1, 1)
+
+    def build(self) -> ImageAutoencoder:
+        return ImageAutoencoder(**as_dict(self))
+
+
 class ImageAutoencoder(nn.Module):
-    """Conv autoencoder with an FSQ bottleneck (``levels``) or a continuous one (``levels=None``).
+    """Conv autoencoder with an FSQ bottleneck (``levels``) or a continuous one (``levels=None``); the arguments
+    are the fields of :class:`AutoencoderSettings` (``AutoencoderSettings(...).build()`` fills in the defaults).
 
     Inputs are float images ``[B, 3, H, W]`` in ``[-1, 1]`` with ``H, W`` divisible by ``downsample``.
     ``latent_bound`` (continuous only): ``tanh`` squashes the latents into ``(-1, 1)`` (DreamerV4's bottleneck), so
@@ -246,14 +268,15 @@ class ImageAutoencoder(nn.Module):
 
     def __init__(
         self,
-        levels: Sequence[int] | None = (8, 5, 5, 5),
-        downsample: int = 8,
-        channels: int = 32,
-        channel_mult: Sequence[int] = (1, 1, 2, 2),
-        num_res_blocks: int | Sequence[int] = 1,
-        latent_channels: int = 4,
-        patch_size: int = 1,
-        latent_bound: str | None = None,
+        *,
+        levels: Sequence[int] | None,
+        downsample: int,
+        channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int | Sequence[int],
+        latent_channels: int,
+        patch_size: int,
+        latent_bound: str | None,
     ):
         super().__init__()
         self.downsample = int(downsample)
@@ -378,7 +401,7 @@ class ImageTokenizer:
         state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         if not state:
             raise ValueError(f"{path}: checkpoint state_dict has no 'net.*' entries")
-        net = ImageAutoencoder(**net_kwargs)
+        net = AutoencoderSettings(**net_kwargs).build()
         net.load_state_dict(state)
         if image_size is None:
             image_size = hp.get("image_size") or 64

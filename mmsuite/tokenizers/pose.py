@@ -19,13 +19,27 @@ In the token space the quantiser takes two adjacent ranges (:meth:`PoseQuantizer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from mmsuite.settings import setting
 from mmsuite.tokenizers.token_space import TokenSpace
 
 N_JOINTS = 13
 FLAG_NAMES = ("invisible", "visible", "na")  # in local-id order after the bins
+
+
+@dataclass
+class PoseSettings:
+    """The config's ``pose`` block (an experiment's, read by its model and data): bins per axis over the canvas."""
+
+    bins: int = setting(ge=1)
+    canvas: int = setting(ge=1)
+
+    def build(self) -> PoseQuantizer:
+        return PoseQuantizer(bins=self.bins, canvas=self.canvas)
 
 
 class PoseQuantizer:

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from mmsuite.tokenizers.image import ImageAutoencoder
+from mmsuite.tokenizers.image import AutoencoderSettings
 from tests.cli.conftest import ROOT, run_cli
 
 NET = dict(levels=[4, 4], downsample=8, patch_size=4, channels=8, channel_mult=[1, 2], num_res_blocks=[1, 1])
@@ -13,7 +13,7 @@ NET = dict(levels=[4, 4], downsample=8, patch_size=4, channels=8, channel_mult=[
 def test_prepare_tokenize_image_and_text(tmp_path):
     data, logs = tmp_path / "data", tmp_path / "logs"
     ckpt = tmp_path / "image.ckpt"
-    state = {"net." + k: v for k, v in ImageAutoencoder(**NET).state_dict().items()}
+    state = {"net." + k: v for k, v in AutoencoderSettings(**NET).build().state_dict().items()}
     torch.save({"hyper_parameters": {"net": NET, "image_size": 32}, "state_dict": state}, ckpt)
     overrides = [
         "experiment=image_tokenizer",

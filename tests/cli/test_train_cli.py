@@ -73,11 +73,42 @@ def check_the_console(experiment: str, run_dir: Path, proc) -> None:
     log = (run_dir / "train.log").read_text()
     for text in (f"[mmsuite] run dir: {run_dir} (new run)", f"experiment  {experiment} (seed 1234)", "finished"):
         assert text in log and text in proc.stdout, text
-    assert "apply_smoke:" not in proc.stdout  # the config is in config.yaml; print_config=true prints it
+    assert "keep_step_checkpoints:" not in proc.stdout  # the config is in config.yaml; print_config=true prints it
     for quieted in ("Your `IterableDataset` has `__len__` defined", "GPU available:", "💡 Tip", "Total FLOPs"):
         assert quieted not in proc.stdout + proc.stderr + log, quieted
     bars = [line for line in log.splitlines() if line.startswith("train:")]
     assert len(bars) == 1 and "| 8/8 [" in bars[0], bars  # the final state only, sized to the run
+
+
+def test_command_line_beats_the_debug_preset(tmp_path, shared_data):
+    """debug=smoke data.batch_size=3 trains with batch 3: the training stream deals the train frames in batches of
+    3 (batches per epoch = frames // 3, one rank, no workers) and the checkpoint's config holds 3."""
+    args = ("debug=smoke", "data.batch_size=3", "run=b3", "callbacks.progress_bar=false")
+    run_cli("train.py", *args, logs=tmp_path, data=shared_data)
+    run_dir = tmp_path / "image_tokenizer" / "b3"
+    plan = json.loads((run_dir / "data_plan_rank0.json").read_text())
+    dataset = Path(plan["epoch0_shards_by_worker"][0][0]).parent
+    train_clips = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["samples"]
+    assert plan["batches_per_epoch"] == train_clips * 16 // 3 != train_clips * 16 // 8  # 16 frames a clip
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["mmsuite"]["config"]["data"]["batch_size"] == 3 and ckpt["global_step"] == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batch_size=abc", "data.batch_size"),
+        ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+        ("data.batch_size=-4", "data.batch_size must be >= 1, got -4"),
+        ("model.net.dimm=8", "model.net.dimm"),
+        ("+model.net.dimm=8", "model.net.dimm: unknown setting"),
+    ],
+)
+def test_bad_settings_stop_naming_the_key_before_anything_is_written(override, message, tmp_path, shared_data):
+    proc = run_cli("train.py", "debug=smoke", override, logs=tmp_path, data=shared_data, check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.log"]  # but Hydra's own job log
+    assert not written, written
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +121,10 @@ def smoke_run(tmp_path_factory, shared_data):
 
 def test_print_config_prints_the_whole_config_and_train_log_keeps_it(smoke_run):
     _, run_dir, proc = smoke_run
-    for line in ("apply_smoke: true", "  _target_: mmsuite.lightning_modules.image_tokenizer.ImageTokenizerModule"):
+    for line in (
+        "keep_step_checkpoints: 1",
+        "  _target_: mmsuite.lightning_modules.image_tokenizer.ImageTokenizerModule",
+    ):
         assert line in proc.stdout and line in (run_dir / "train.log").read_text(), line
 
 
@@ -219,7 +253,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, shared_data):
 
 def test_corrupt_shard_stops_or_is_skipped(tmp_path):
     data = tmp_path / "data"
-    run_cli("prepare.py", "debug=smoke", "apply_smoke=true", logs=tmp_path, data=data)
+    run_cli("prepare.py", "debug=smoke", logs=tmp_path, data=data)
     (dataset,) = list(data.iterdir())
     shard = dataset / "train-000002.tar"
     shard.write_bytes(shard.read_bytes()[:5000])

@@ -217,7 +217,7 @@ def _codebooks(module):
 def test_module_config_checks():
     with pytest.raises(NotImplementedError, match="adversarial"):
         _module(loss={"waveform": 1.0, "adversarial": 0.5})
-    with pytest.raises(ValueError, match="unknown loss terms"):
+    with pytest.raises(ValueError, match=r"model\.loss\.wave: unknown setting"):
         _module(loss={"wave": 1.0})
     with pytest.raises(ValueError, match="dead_code_threshold"):
         _module(codec={**CODEC, "threshold_ema_dead_code": 2})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmsuite.datamodules import dynamics as D
-from mmsuite.tokenizers.image import ImageAutoencoder
+from mmsuite.tokenizers.image import AutoencoderSettings
 
 NET = dict(
     levels=None, downsample=8, channels=8, channel_mult=[1, 2], num_res_blocks=1, latent_channels=8, patch_size=4
@@ -28,7 +28,7 @@ def write_continuous_tokenizer(path, image_size: int = 32, **net) -> str:
     """A checkpoint in ImageTokenizerModule's format (hyper_parameters.net + net.* weights), untrained."""
     torch.manual_seed(0)
     kwargs = {**NET, **net}
-    model = ImageAutoencoder(**kwargs)
+    model = AutoencoderSettings(**kwargs).build()
     state = {f"net.{k}": v for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"hyper_parameters": {"net": kwargs, "image_size": image_size}, "state_dict": state}, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer
+from mmsuite.lightning_modules.dynamics.model import DynamicsNetSettings, DynamicsTransformer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -18,7 +18,17 @@ def _one_thread():
 
 
 TINY = dict(
-    latent_channels=4, latent_size=(4, 6), patch=2, dim=32, depth=4, heads=2, temporal_every=2, registers=2, k_max=64
+    latent_channels=4,
+    latent_size=(4, 6),
+    patch=2,
+    dim=32,
+    depth=4,
+    heads=2,
+    temporal_every=2,
+    registers=2,
+    k_max=64,
+    num_actions=0,
+    prior="none",
 )
 # The gpu16gb profile's shape (~60M): 128 px frames -> 16x16x8 latents, patch 2 -> 64 tokens per frame.
 GPU16GB = dict(
@@ -36,7 +46,7 @@ GPU16GB = dict(
 
 def _model(seed: int = 0, random_head: bool = False, **overrides) -> DynamicsTransformer:
     torch.manual_seed(seed)
-    model = DynamicsTransformer(**{**TINY, **overrides}).eval()
+    model = DynamicsNetSettings(**{**TINY, **overrides}).build().eval()
     if random_head:  # the zero head would make every output 0 and every comparison trivially equal
         torch.nn.init.normal_(model.head.weight, std=0.5)
     return model
@@ -147,7 +157,7 @@ def test_grouped_query_heads_run():
 
 def test_gpu16gb_shape_is_about_60m_parameters_without_allocating():
     with torch.device("meta"):
-        model = DynamicsTransformer(**GPU16GB)
+        model = DynamicsNetSettings(**GPU16GB).build()
     assert all(p.is_meta for p in model.parameters())
     params = sum(p.numel() for p in model.parameters())
     assert 45e6 <= params <= 80e6, params
@@ -168,7 +178,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("name, overrides", BAD_CONFIGS, ids=[n for n, _ in BAD_CONFIGS])
 def test_bad_configs_raise(name, overrides):
     with pytest.raises(ValueError, match=name):
-        DynamicsTransformer(**{**TINY, **overrides})
+        DynamicsNetSettings(**{**TINY, **overrides}).build()
 
 
 def test_bad_inputs_raise():

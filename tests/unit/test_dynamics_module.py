@@ -6,11 +6,27 @@ import pytest
 import torch
 
 from mmsuite.lightning_modules.dynamics import conventions as C
-from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer, extend_cache
+from mmsuite.lightning_modules.dynamics.model import DynamicsNetSettings, DynamicsTransformer, extend_cache
 from mmsuite.lightning_modules.dynamics.module import DynamicsModule
 from mmsuite.lightning_modules.dynamics.sampling import rollout, sample_frame
 
-NET = dict(latent_channels=4, latent_size=4, patch=2, dim=32, depth=2, heads=2, temporal_every=2, registers=1)
+NET = dict(
+    latent_channels=4,
+    latent_size=4,
+    patch=2,
+    dim=32,
+    depth=2,
+    heads=2,
+    temporal_every=2,
+    registers=1,
+    num_actions=0,
+    prior="none",
+)
+
+
+def _tiny(**kw) -> DynamicsTransformer:
+    """A tiny net: NET with ``kw`` over it."""
+    return DynamicsNetSettings(**{**NET, **kw}).build()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -316,8 +332,7 @@ def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
 
 def _net(seed=0, actions=3, prior="none", copy_mask=False, velocity=False, input_skip=False, scale=False):
     torch.manual_seed(seed)
-    net = DynamicsTransformer(
-        **NET,
+    net = _tiny(
         num_actions=actions,
         prior=prior,
         copy_mask=copy_mask,
@@ -355,7 +370,7 @@ def test_cached_forward_equals_the_full_forward(prior):
 
 
 def test_prior_previous_starts_as_the_estimate_of_the_last_frame_and_the_cache_asks_for_it():
-    net = DynamicsTransformer(**NET, prior="previous").eval()  # zero-initialised head, gate 1 above the diagonal
+    net = _tiny(prior="previous").eval()  # zero-initialised head, gate 1 above the diagonal
     z = torch.randn(2, 4, 4, 4, 4)
     tau = torch.tensor([[0, 6, 32, 64], [64, 1, 0, 16]])
     lvl = torch.full((2, 4), 6)
@@ -375,11 +390,11 @@ def test_prior_previous_starts_as_the_estimate_of_the_last_frame_and_the_cache_a
     with pytest.raises(ValueError, match="prev"):
         net.forward_cached(z[:, 2:3], tau[:, 2:3], lvl[:, 2:3], cache=cache)
     with pytest.raises(ValueError, match="prior"):
-        DynamicsTransformer(**NET, prior="last")
+        _tiny(prior="last")
 
 
 def test_fixed_clean_gate_copies_a_clean_predecessor_at_weight_one_and_learns_the_rest():
-    net = DynamicsTransformer(**NET, prior="previous", fixed_clean_gate_from=16)  # zero head: the output is the prior
+    net = _tiny(prior="previous", fixed_clean_gate_from=16)  # zero head: the output is the prior
     net.prior_gate.data.fill_(0.5)  # what a learned gate might have drifted to
     z = torch.randn(2, 4, 4, 4, 4)
     tau = torch.tensor([[0, 48, 0, 0], [5, 0, 20, 3]])  # (0 → 48) and (0 → 20): a clean predecessor, noisier frame
@@ -396,7 +411,7 @@ def test_fixed_clean_gate_copies_a_clean_predecessor_at_weight_one_and_learns_th
     grad = net.prior_gate.grad
     assert float(grad[0, 48]) == 0.0 and float(grad[0, 20]) == 0.0  # the fixed entries get no gradient
     assert all(float(grad[i, j].abs()) > 0 for i, j in ((48, 0), (0, 0), (5, 0), (20, 3)))  # the learned ones do
-    learned = DynamicsTransformer(**NET, prior="previous")
+    learned = _tiny(prior="previous")
     learned.prior_gate.data.fill_(0.5)
     with torch.no_grad():
         torch.testing.assert_close(learned(z, tau, lvl)[0, 1], 0.5 * z[0, 0])  # the default learns that weight too
@@ -405,11 +420,11 @@ def test_fixed_clean_gate_copies_a_clean_predecessor_at_weight_one_and_learns_th
     torch.testing.assert_close(low[0, 1], 0.5 * z[0, 0])
     for bad in (0, 65):
         with pytest.raises(ValueError, match="fixed_clean_gate_from"):
-            DynamicsTransformer(**NET, prior="previous", fixed_clean_gate_from=bad)
+            _tiny(prior="previous", fixed_clean_gate_from=bad)
 
 
 def test_copy_mask_lets_a_position_take_the_prior_exactly():
-    net = DynamicsTransformer(**NET, prior="previous", copy_mask=True).eval()
+    net = _tiny(prior="previous", copy_mask=True).eval()
     torch.nn.init.normal_(net.head.weight, std=0.3)  # a head that outputs something everywhere
     z = torch.randn(2, 3, 4, 4, 4)
     tau, lvl = torch.tensor([[0, 64, 64], [0, 48, 16]]), torch.full((2, 3), 6)
@@ -431,7 +446,7 @@ def test_copy_mask_lets_a_position_take_the_prior_exactly():
     torch.testing.assert_close(mixed[..., 0::2, 0::2], copied[..., 0::2, 0::2])  # every channel of that position
     torch.testing.assert_close(mixed[..., 1::2, :], full[..., 1::2, :])
     with pytest.raises(ValueError, match="copy_mask"):
-        DynamicsTransformer(**NET, prior="none", copy_mask=True)
+        _tiny(prior="none", copy_mask=True)
 
 
 def test_linear_clean_estimate_is_the_least_squares_scale():
@@ -500,7 +515,7 @@ def test_prior_reads_what_it_is_given_and_checks_its_shapes():
 
 
 def test_clean_prior_rollout_of_an_untrained_model_copies_the_clean_last_frame():
-    net = DynamicsTransformer(**NET, prior="previous").eval()  # zero head: ẑ0 is the gated base alone
+    net = _tiny(prior="previous").eval()  # zero head: ẑ0 is the gated base alone
     ctx = torch.randn(2, 3, 4, 4, 4)
     clean = rollout(net, ctx, 3, 4, 2 / 64, generator=torch.Generator().manual_seed(0), clean_prior=True)
     torch.testing.assert_close(clean, ctx[:, -1:].expand_as(clean))  # the context noise never reaches the base
@@ -610,13 +625,13 @@ def test_motion_floor_weights_the_training_loss_by_frame_motion():
 
 def test_velocity_starts_off_and_extrapolates_only_from_two_clean_frames_before():
     with pytest.raises(ValueError, match="velocity"):
-        DynamicsTransformer(**NET, velocity=True)  # needs prior: previous
+        _tiny(velocity=True)  # needs prior: previous
     with pytest.raises(ValueError, match="clean_prior"):
         _module(net={**NET, "prior": "previous", "velocity": True})
     torch.manual_seed(0)
-    plain = DynamicsTransformer(**NET, prior="previous").eval()
+    plain = _tiny(prior="previous").eval()
     torch.manual_seed(0)
-    net = DynamicsTransformer(**NET, prior="previous", velocity=True).eval()
+    net = _tiny(prior="previous", velocity=True).eval()
     z = torch.randn(2, 5, 4, 4, 4)
     tau = torch.tensor([[0, 0, 0, 64, 64], [0, 32, 0, 64, 64]])
     lvl = torch.full((2, 5), 6)
@@ -634,11 +649,11 @@ def test_velocity_starts_off_and_extrapolates_only_from_two_clean_frames_before(
 
 def test_input_skip_passes_a_nearly_clean_input_through():
     with pytest.raises(ValueError, match="input_skip_var"):
-        DynamicsTransformer(**NET, input_skip=True, input_skip_var=0.0)
+        _tiny(input_skip=True, input_skip_var=0.0)
     torch.manual_seed(0)
-    plain = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5).eval()
+    plain = _tiny(prior="previous", velocity=True, velocity_init=0.5).eval()
     torch.manual_seed(0)
-    net = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5, input_skip=True).eval()
+    net = _tiny(prior="previous", velocity=True, velocity_init=0.5, input_skip=True).eval()
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in plain.parameters())  # fixed weights
     z0, eps = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
     lvl = torch.full((2, 4), 6)
@@ -655,7 +670,7 @@ def test_input_skip_passes_a_nearly_clean_input_through():
             assert err < 0.01 * (guess[0, 3] - z0[0, 3]).pow(2).mean()
         if index == 64:  # pure noise: the guess alone
             torch.testing.assert_close(out[:, 3], guess[:, 3])
-    bare = DynamicsTransformer(**NET, input_skip=True, input_skip_var=1.0).eval()  # no prior, unit variance:
+    bare = _tiny(input_skip=True, input_skip_var=1.0).eval()  # no prior, unit variance:
     tau = torch.tensor([[0, 16, 48, 64]] * 2)
     with torch.no_grad():  # the linear clean estimate of the input
         torch.testing.assert_close(bare(z0, tau, lvl), C.linear_clean_estimate(z0, tau))
@@ -663,17 +678,17 @@ def test_input_skip_passes_a_nearly_clean_input_through():
 
 def test_input_skip_scale_fades_the_head_out_towards_the_clean_end():
     with pytest.raises(ValueError, match="needs input_skip"):
-        DynamicsTransformer(**NET, input_skip_scale=True)
+        _tiny(input_skip_scale=True)
     kw = dict(prior="previous", velocity=True, velocity_init=0.5, input_skip=True, input_skip_var=0.003)
     torch.manual_seed(0)
-    skip = DynamicsTransformer(**NET, **kw).eval()
+    skip = _tiny(**kw).eval()
     torch.manual_seed(0)
-    scaled = DynamicsTransformer(**NET, **kw, input_skip_scale=True).eval()
+    scaled = _tiny(**kw, input_skip_scale=True).eval()
     for net in (skip, scaled):  # the same non-zero head in both
         torch.manual_seed(1)
         torch.nn.init.normal_(net.head.weight, std=0.3)
     torch.manual_seed(0)
-    zero = DynamicsTransformer(**NET, **kw).eval()  # zero head: the skip's posterior mean alone
+    zero = _tiny(**kw).eval()  # zero head: the skip's posterior mean alone
     z0, eps, lvl = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4), torch.full((2, 4), 6)
     tau = torch.tensor([[0, 0, 0, 1], [0, 0, 0, 64]])  # after three clean frames: nearly clean, pure noise
     z = C.noise(z0, C.tau_value(tau), eps)
@@ -689,9 +704,9 @@ def test_input_skip_scale_fades_the_head_out_towards_the_clean_end():
 
 def test_velocity_init_starts_as_that_multiple_of_the_last_change():
     torch.manual_seed(0)
-    plain = DynamicsTransformer(**NET, prior="previous").eval()
+    plain = _tiny(prior="previous").eval()
     torch.manual_seed(0)
-    net = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5).eval()
+    net = _tiny(prior="previous", velocity=True, velocity_init=0.5).eval()
     z, tau, lvl = torch.randn(1, 3, 4, 4, 4), torch.tensor([[0, 0, 64]]), torch.full((1, 3), 6)
     with torch.no_grad():
         change = net(z, tau, lvl) - plain(z, tau, lvl)
@@ -810,7 +825,7 @@ def test_own_context_rows_train_the_frame_after_the_models_own_prediction(veloci
 
 def test_velocity_per_frame_mask_and_velocity_drop():
     torch.manual_seed(0)
-    net = DynamicsTransformer(**NET, prior="previous", velocity=True, velocity_init=0.5).eval()
+    net = _tiny(prior="previous", velocity=True, velocity_init=0.5).eval()
     z, lvl = torch.randn(2, 5, 4, 4, 4), torch.full((2, 5), 6)
     tau = torch.tensor([[0, 0, 0, 0, 64], [0, 0, 0, 64, 64]])
     keep = torch.tensor([[True, True, False, True, False], [False, True, True, False, True]])
@@ -840,10 +855,12 @@ def test_velocity_per_frame_mask_and_velocity_drop():
 
 def _tiny_decoder(monkeypatch):
     """A random continuous image tokenizer (4 latent channels, 4x4 -> 8x8 px) in place of the checkpoint."""
-    from mmsuite.tokenizers.image import ImageAutoencoder, ImageTokenizer
+    from mmsuite.tokenizers.image import AutoencoderSettings, ImageTokenizer
 
     torch.manual_seed(5)
-    net = ImageAutoencoder(levels=None, downsample=2, channels=8, channel_mult=(1, 1), latent_channels=4)
+    net = AutoencoderSettings(
+        levels=None, downsample=2, channels=8, channel_mult=[1, 1], num_res_blocks=1, latent_channels=4, patch_size=1
+    ).build()
     tok = ImageTokenizer(net, image_size=8)
     monkeypatch.setattr("mmsuite.tokenizers.image.load_frame_tokenizer", lambda *a, **k: tok)
     return tok

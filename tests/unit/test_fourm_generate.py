@@ -12,7 +12,7 @@ from mmsuite.lightning_modules.fourm.generate import (
     tokens_per_step,
 )
 from mmsuite.lightning_modules.fourm.masking import fixed_plan
-from mmsuite.lightning_modules.fourm.model import FourM
+from mmsuite.lightning_modules.fourm.model import FourMNetSettings
 from mmsuite.tokenizers.pose import PoseQuantizer
 
 QUANT = PoseQuantizer(bins=8, canvas=16)  # vocab 11, 39 tokens
@@ -27,7 +27,7 @@ MODALITIES = [
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return FourM(MODALITIES, dim=16, encoder_depth=1, decoder_depth=1, heads=2).eval()
+    return FourMNetSettings(dim=16, encoder_depth=1, decoder_depth=1, heads=2).build(MODALITIES).eval()
 
 
 def random_state(net, b=3, seed=0, p_known=0.5):

@@ -7,7 +7,7 @@ import torch
 
 from mmsuite.lightning_modules.fourm import modalities as registry
 from mmsuite.lightning_modules.fourm.masking import fixed_plan
-from mmsuite.lightning_modules.fourm.model import FourM
+from mmsuite.lightning_modules.fourm.model import FourM, FourMNetSettings
 from mmsuite.nn.transformer import sincos_1d, sincos_2d
 
 MODS = [
@@ -19,7 +19,7 @@ MODS = [
 
 def _net(mods=MODS, **kw) -> FourM:
     torch.manual_seed(0)
-    return FourM(mods, **{"dim": 32, "encoder_depth": 1, "decoder_depth": 1, "heads": 2, **kw}).eval()
+    return FourMNetSettings(**{"dim": 32, "encoder_depth": 1, "decoder_depth": 1, "heads": 2, **kw}).build(mods).eval()
 
 
 def test_each_kind_brings_its_own_table_and_positions():

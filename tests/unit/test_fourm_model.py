@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
-from mmsuite.lightning_modules.fourm.model import FourM
+from mmsuite.lightning_modules.fourm.model import FourM, FourMNetSettings
 from mmsuite.lightning_modules.fourm.module import FourMModule
 from mmsuite.tokenizers.pose import PoseQuantizer
 
@@ -37,7 +37,7 @@ def _tokens(b: int, seed: int = 0) -> torch.Tensor:
 
 def _net(**kw) -> FourM:
     torch.manual_seed(0)
-    return FourM(MODS, **{"dim": 32, "encoder_depth": 2, "decoder_depth": 2, "heads": 2, **kw}).eval()
+    return FourMNetSettings(**{"dim": 32, "encoder_depth": 2, "decoder_depth": 2, "heads": 2, **kw}).build(MODS).eval()
 
 
 def _masking() -> DirichletMasking:
@@ -140,7 +140,7 @@ def test_token_schedule_counts_real_tokens_and_survives_a_checkpoint():
     other = _module()
     other.on_load_checkpoint(ckpt)
     assert other.tokens_seen == 321
-    with pytest.raises(ValueError, match="warmup_tokens < total_tokens"):
+    with pytest.raises(ValueError, match="warmup_tokens must be < total_tokens"):
         _module(schedule={"total_tokens": 10, "warmup_tokens": 10})
 
 
@@ -224,19 +224,19 @@ def test_fixed_plan_tasks_use_every_token():
 def test_shared_tables_and_tied_heads():
     shared = [dict(m) for m in MODS]
     shared[2]["share_with"], shared[3]["share_with"] = "tok_rgb", "coords"
-    net = FourM(shared, dim=32, encoder_depth=1, decoder_depth=1, heads=2)
+    net = FourMNetSettings(dim=32, encoder_depth=1, decoder_depth=1, heads=2).build(shared)
     assert net.tok_emb[0] is net.tok_emb[2] and net.tok_emb[1] is net.tok_emb[3]
     h = torch.randn(3, 32)
     assert torch.allclose(net.logits(3, h), h @ net.tok_emb[1].weight.T / 32**0.5)  # tied: h . embeddings / sqrt(D)
-    untied = FourM(MODS, dim=32, encoder_depth=1, decoder_depth=1, heads=2, tie_heads=False)
+    untied = FourMNetSettings(dim=32, encoder_depth=1, decoder_depth=1, heads=2, tie_heads=False).build(MODS)
     assert untied.logits(1, h).shape == (3, BINS + 3)
     bad = [dict(m) for m in MODS]
     bad[2]["share_with"] = "coords"
     with pytest.raises(ValueError, match="vocab sizes differ"):
-        FourM(bad, dim=32)
+        FourMNetSettings(dim=32).build(bad)
     bad[2]["share_with"] = "coords_next"
     with pytest.raises(ValueError, match="must name an earlier modality"):
-        FourM(bad, dim=32)
+        FourMNetSettings(dim=32).build(bad)
 
 
 def test_ordinal_pose_targets_cost_less_for_near_misses():
@@ -256,7 +256,7 @@ def test_ordinal_pose_targets_cost_less_for_near_misses():
 
 
 def test_pose_ordinal_init_makes_neighbouring_bins_alike():
-    net = FourM(MODS, dim=32, encoder_depth=1, decoder_depth=1, heads=2, pose_ordinal_init=0.05)
+    net = FourMNetSettings(dim=32, encoder_depth=1, decoder_depth=1, heads=2, pose_ordinal_init=0.05).build(MODS)
     table = net.tok_emb[1].weight.detach()
     cos = torch.nn.functional.cosine_similarity
     assert float(cos(table[10], table[11], dim=0)) > float(cos(table[10], table[40], dim=0)) + 0.2
@@ -329,13 +329,15 @@ def test_factorised_image_embedding_sums_fsq_digits_and_is_the_tied_table():
     a, b = emb(torch.tensor([0])), emb(torch.tensor([1]))
     assert torch.allclose(a - b, emb.digit_emb.weight[0] - emb.digit_emb.weight[1], atol=1e-6)
     spec = dict(MODS[0], vocab=60, levels=[4, 3, 5])
-    net = FourM([spec, MODS[1]], dim=16, encoder_depth=1, decoder_depth=1, heads=2)
+    net = FourMNetSettings(dim=16, encoder_depth=1, decoder_depth=1, heads=2).build([spec, MODS[1]])
     assert isinstance(net.tok_emb[0], FactorisedEmbedding)
-    assert isinstance(FourM([spec, MODS[1]], dim=16, image_embedding="table").tok_emb[0], torch.nn.Embedding)
+    assert isinstance(
+        FourMNetSettings(dim=16, image_embedding="table").build([spec, MODS[1]]).tok_emb[0], torch.nn.Embedding
+    )
     with pytest.raises(ValueError, match="FSQ levels"):
-        FourM([dict(spec, levels=[4, 4]), MODS[1]], dim=16)
+        FourMNetSettings(dim=16).build([dict(spec, levels=[4, 4]), MODS[1]])
     with pytest.raises(ValueError, match="image_embedding"):
-        FourM([spec, MODS[1]], dim=16, image_embedding="digits")
+        FourMNetSettings(dim=16, image_embedding="digits").build([spec, MODS[1]])
 
 
 def test_packing_buckets_pad_each_bucket_to_its_own_longest_sample():

@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from mmsuite.tokenizers.image import FSQ, ImageAutoencoder, ImageTokenizer
+from mmsuite.settings import as_dict
+from mmsuite.tokenizers.image import FSQ, AutoencoderSettings, ImageAutoencoder, ImageTokenizer
 from mmsuite.tokenizers.token_space import TokenSpace
 
-TINY = dict(levels=[4, 3, 2], downsample=8, channels=4, channel_mult=[1, 1, 2, 2], num_res_blocks=[0, 0, 1, 1])
+TINY = dict(
+    levels=[4, 3, 2], downsample=8, channels=4, channel_mult=[1, 1, 2, 2], num_res_blocks=[0, 0, 1, 1], patch_size=1
+)
 
 
 def _tiny(**kw) -> ImageAutoencoder:
     torch.manual_seed(0)
-    return ImageAutoencoder(**{**TINY, **kw})
+    return AutoencoderSettings(**{**TINY, **kw}).build()
 
 
 def _images(n=3, size=32, seed=0) -> np.ndarray:
@@ -70,9 +73,15 @@ def test_fsq_straight_through_gradient():
 @pytest.mark.parametrize("downsample,mult", [(8, [1, 1, 2, 2]), (16, [1, 1, 2, 2, 2])])
 @pytest.mark.parametrize("levels", [[8, 5, 5, 5], None])
 def test_autoencoder_shapes(downsample, mult, levels):
-    net = ImageAutoencoder(
-        levels=levels, downsample=downsample, channels=4, channel_mult=mult, num_res_blocks=1, latent_channels=6
-    )
+    net = AutoencoderSettings(
+        levels=levels,
+        downsample=downsample,
+        channels=4,
+        channel_mult=mult,
+        num_res_blocks=1,
+        latent_channels=6,
+        patch_size=1,
+    ).build()
     x = torch.rand(2, 3, 64, 48) * 2 - 1
     recon, idx = net(x)
     assert recon.shape == x.shape
@@ -91,20 +100,20 @@ def test_autoencoder_shapes(downsample, mult, levels):
 
 @pytest.mark.parametrize("downsample,patch_size,mult", [(8, 4, [1, 2]), (16, 4, [1, 2, 2]), (8, 8, [1])])
 def test_autoencoder_patch_stem_shapes(downsample, patch_size, mult):
-    net = ImageAutoencoder(
+    net = AutoencoderSettings(
         levels=[8, 5, 5, 5],
         downsample=downsample,
         patch_size=patch_size,
         channels=8,
         channel_mult=mult,
         num_res_blocks=1,
-    )
+    ).build()
     x = torch.rand(2, 3, 32, 64) * 2 - 1
     recon, idx = net(x)
     assert recon.shape == x.shape
     assert idx.shape == (2, 32 // downsample, 64 // downsample)
     with pytest.raises(ValueError, match="channel_mult"):
-        ImageAutoencoder(downsample=8, patch_size=4, channel_mult=[1, 2, 2])
+        AutoencoderSettings(downsample=8, patch_size=4, channel_mult=[1, 2, 2]).build()
 
 
 # -- tokenizer --------------------------------------------------------------------------------------------
@@ -241,7 +250,7 @@ def test_fit_checkpoint_from_checkpoint_weights_only(tmp_path):
     path = tmp_path / "tok.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickle needed
-    assert ckpt["hyper_parameters"]["net"] == TINY
+    assert ckpt["hyper_parameters"]["net"] == as_dict(AutoencoderSettings(**TINY))  # every setting, plain dicts
     assert all(k.startswith("net.") for k in ckpt["state_dict"])
 
     space = TokenSpace([("text", 300), ("image", 24)])
@@ -328,15 +337,15 @@ def test_log_image_grid_csv_writes_png(tmp_path):
 def test_patch_size_stem_shapes_and_validation():
     import pytest as _pytest
 
-    from mmsuite.tokenizers.image import ImageAutoencoder
+    from mmsuite.tokenizers.image import AutoencoderSettings
 
-    net = ImageAutoencoder(
+    net = AutoencoderSettings(
         levels=[8, 5, 5, 5], downsample=8, patch_size=4, channels=8, channel_mult=[1, 2], num_res_blocks=[1, 1]
-    )
+    ).build()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     recon, idx = net(x)
     assert recon.shape == x.shape and idx.shape == (2, 8, 8)
     with _pytest.raises(ValueError, match="channel_mult"):
-        ImageAutoencoder(downsample=8, patch_size=4, channel_mult=[1, 2, 4])
+        AutoencoderSettings(downsample=8, patch_size=4, channel_mult=[1, 2, 4]).build()
     with _pytest.raises(ValueError, match="patch_size"):
-        ImageAutoencoder(downsample=8, patch_size=16, channel_mult=[1])
+        AutoencoderSettings(downsample=8, patch_size=16, channel_mult=[1]).build()

@@ -4,6 +4,7 @@ Layers, top to bottom (a module may import its own layer and any layer below it,
 
     entry points (train.py, eval.py, prepare.py, generate.py, benchmarks/)
     mmsuite.run                -> mmsuite.tokenize (run calls tokenize for prepare.py tokenize.*)
+    mmsuite.config             -> the settings classes of every model and data module as Hydra schemas
     mmsuite.console            (warning filters and train.log; used by the entry points and run)
     mmsuite.tokenize
     mmsuite.lightning_modules
@@ -11,7 +12,8 @@ Layers, top to bottom (a module may import its own layer and any layer below it,
     mmsuite.datamodules
     mmsuite.tokenizers         -> tokenizers may use sources (image preprocessing) and nn
     mmsuite.sources            -> sources may use nn, never tokenizers
-    mmsuite.nn                 -> plain torch building blocks, no other mmsuite import
+    mmsuite.nn                 -> plain torch building blocks; of mmsuite only the settings
+    mmsuite.settings           -> typed settings (setting, parse), used by every layer above; no mmsuite import
 
 Every module of the package must belong to one of these layers (a new top-level module or package gets a place
 here first). Imports by string (``importlib.import_module``) are not checked.
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "mmsuite"
 LAYERS = (
     "mmsuite.run",
+    "mmsuite.config",
     "mmsuite.console",
     "mmsuite.tokenize",
     "mmsuite.lightning_modules",
@@ -36,6 +39,7 @@ LAYERS = (
     "mmsuite.tokenizers",
     "mmsuite.sources",
     "mmsuite.nn",
+    "mmsuite.settings",
 )
 
 

@@ -51,7 +51,13 @@ def test_cpu_profile_scales_down_and_trains_the_evaluated_tasks():
     assert m["masking"]["weights"] == [0.2, 0.4, 0.4]
     # the next_pose task reads frame + pose (103 tokens): the input range must reach it
     assert m["masking"]["input_tokens_range"][1] >= 64 + 39
-    # restoring the notes' mixture and weighting on cpu is two overrides
-    notes = _cfg("hardware=cpu", "per_hardware.cpu.mixture=${alphas}", "per_hardware.cpu.weighting=modality")
+    # restoring the notes' mixture and weighting on cpu: the masking reads the alphas group, 4M's loss mean
+    notes = _cfg(
+        "hardware=cpu",
+        "model.masking.input_alphas=${alphas.input_alphas}",
+        "model.masking.target_alphas=${alphas.target_alphas}",
+        "model.masking.weights=${alphas.weights}",
+        "model.loss.weighting=modality",
+    )
     assert notes["model"]["masking"]["input_alphas"] == [1.5, 1.5, 0.5, 0.5]
     assert notes["model"]["loss"]["weighting"] == "modality"

@@ -14,7 +14,7 @@ from mmsuite.datamodules.m4 import M4PoseDataModule
 from mmsuite.datamodules.shards import read_manifest
 from mmsuite.sources import toyworld
 from mmsuite.sources.pairs import successor_indices
-from mmsuite.tokenizers.image import ImageAutoencoder
+from mmsuite.tokenizers.image import AutoencoderSettings
 from mmsuite.tokenizers.pose import PoseQuantizer
 from mmsuite.tokenizers.token_space import TokenSpace
 
@@ -25,7 +25,7 @@ NET = dict(levels=[4, 4], downsample=8, patch_size=4, channels=8, channel_mult=[
 def _tokenizer_ckpt(path: Path) -> Path:
     """A checkpoint in the format ImageTokenizerModule writes (hyper_parameters + net.* state)."""
     torch.manual_seed(0)
-    net = ImageAutoencoder(**NET)
+    net = AutoencoderSettings(**NET).build()
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     torch.save({"hyper_parameters": {"net": NET, "image_size": 32}, "state_dict": state}, path)
     return path

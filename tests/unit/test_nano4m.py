@@ -15,7 +15,7 @@ from mmsuite.datamodules.shards import ALLOWED_EXT, decode_sample, iter_raw_samp
 from mmsuite.lightning_modules.fourm.attributes import AttributeProbe, caption_attributes
 from mmsuite.sources import toyworld
 from mmsuite.sources.splits import split_by_item
-from mmsuite.tokenizers.image import ImageAutoencoder
+from mmsuite.tokenizers.image import AutoencoderSettings
 from mmsuite.tokenizers.token_space import TokenSpace
 
 COLORS, ACTIONS = toyworld.FIGURE_COLORS, toyworld.ACTIONS
@@ -113,7 +113,7 @@ SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
 def _image_ckpt(path: Path) -> Path:
     torch.manual_seed(0)
-    net = ImageAutoencoder(**NET)
+    net = AutoencoderSettings(**NET).build()
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     torch.save({"hyper_parameters": {"net": NET, "image_size": 32}, "state_dict": state}, path)
     return path
@@ -281,7 +281,7 @@ def test_the_modality_set_is_checked():
             n_clips=10,
             splits=SPLITS,
             modalities=[{"name": "pose", "range": "image", "vocab": 16, "length": 16}],
-            image_tokenizer={"ckpt": "x"},
+            image_tokenizer={"run": "x", "ckpt": "x"},
             text_tokenizer={},
             log_dir="logs",
             data_dir="data",

@@ -293,8 +293,10 @@ def test_fsdp_profile_wraps_the_transformer_blocks():
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import FSDPStrategy
 
+    import mmsuite.run  # noqa: F401  (registers the settings schemas and resolvers the config tree uses)
+
     overrides = [
-        "~experiment",  # the profile's own keys, before an experiment picks what it needs from them
+        "experiment=image_tokenizer",  # no exp_hw/image_tokenizer_fsdp.yaml: the profile's keys as they are
         "hardware=fsdp",
         "trainer.strategy.activation_checkpointing_policy=${trainer.strategy.auto_wrap_policy}",
     ]

@@ -7,7 +7,7 @@ import torch
 from mmsuite.datamodules.clips import build_toyworld
 from mmsuite.datamodules.shards import decode_sample, iter_raw_samples, read_manifest, split_shards
 from mmsuite.tokenize import TokenizeError, tokenize_dataset
-from mmsuite.tokenizers.image import ImageAutoencoder, ImageTokenizer
+from mmsuite.tokenizers.image import AutoencoderSettings, ImageTokenizer
 from mmsuite.tokenizers.text import train_bpe
 from mmsuite.tokenizers.token_space import TokenSpace
 
@@ -20,7 +20,7 @@ def source(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tok")
     root = build_toyworld(tmp / "clips", {"image_size": 32, "frames": 4}, 10, SPLITS, 4, workers=1)
     torch.manual_seed(0)
-    net = ImageAutoencoder(**NET)
+    net = AutoencoderSettings(**NET).build()
     ckpt = tmp / "image.ckpt"
     torch.save(
         {

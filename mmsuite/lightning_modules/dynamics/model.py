@@ -60,6 +60,8 @@ a many-step sampler goes. Off: with it the 64-step rollout gains 1.3–2.4 dB bu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
@@ -76,6 +78,7 @@ from mmsuite.lightning_modules.dynamics.conventions import (
 )
 from mmsuite.nn import transformer
 from mmsuite.nn.transformer import rope_tables, swiglu_hidden
+from mmsuite.settings import as_dict, setting
 
 PRIORS = ("none", "previous")
 
@@ -116,62 +119,96 @@ class SpaceTimeBlock(transformer.Block):
         return x + self.mlp(self.norm2(x)), kv
 
 
-class DynamicsTransformer(nn.Module):
-    """x-prediction network ``ẑ0 = f(z_τ, tau_index, step_level, actions)`` over latents ``[B, T, C, H, W]``.
+@dataclass
+class DynamicsNetSettings:
+    """:class:`DynamicsTransformer`'s settings (``model.net`` of ``model=dynamics``).
 
-    Args (all plain numbers, so a Hydra config can hold them):
-        latent_channels, latent_size: C and (H, W) of one frame's latents; patch: p (H and W divisible by p).
-        dim, depth, heads, kv_heads (default heads): transformer width, layers, query and key/value heads.
-        temporal_every: every this-many-th layer attends over time, the others within a frame (2 ≤ it ≤ depth).
-        mlp_ratio: SwiGLU hidden width is ``mlp_ratio·dim·2/3`` rounded up to a multiple of 64.
-        registers: learned register tokens per frame. num_actions: discrete actions (0 = no action labels).
-        k_max: the finest step count of :mod:`.conventions` (sizes of the τ and step embeddings).
-        rope_base: RoPE frequency base over frame positions.
-        prior: ``none`` (ẑ0 = head output) or ``previous`` (ẑ0 = head output + the clean estimate of frame t − 1).
-        fixed_clean_gate_from: None (every weight of the prior is learned) or a τ index ``i`` ≥ 1: a clean predecessor
-            (τ index 0) enters a frame whose τ index is ≥ ``i`` at weight 1, not learned (the head learns only what
-            changes); below ``i`` the weight stays learned.
-        copy_mask: with ``prior: previous``, the head's output is multiplied by a per-position sigmoid mask that the
-            network predicts (one value per latent position, shared by its channels), so a position that does not
-            change can take the prior exactly (mask → 0) instead of through a head output that must cancel to 0.
-        velocity: with ``prior: previous``, add predicted coefficients times the change between the two frames
-            before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
-            ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
-        velocity_learned: False keeps the coefficients at ``velocity_init`` (the velocity head's parameters are
-            frozen; the net learns only what the rule ``velocity_init`` times the last change leaves).
-        input_skip: add the posterior weight times the frame's noisy input beyond the guess (the prior's base and
-            velocity term), for a change of variance ``input_skip_var`` per latent number from the guess; 1 at
-            τ = 0, 0 at τ = 1. No parameters.
-        input_skip_scale: with ``input_skip``, the head's output is also multiplied by
-            :func:`.conventions.input_skip_head_scale` (0 at τ = 0, about 1 from τ = 1/4 at small variances): the
-            head predicts the frame beyond the skip's posterior mean in units of the posterior's spread, so its
-            error fades out near the clean end (EDM's output scaling). No parameters.
+    latent_channels, latent_size: C and (H, W) of one frame's latents; patch: p (H and W divisible by p).
+    dim, depth, heads, kv_heads (default heads): transformer width, layers, query and key/value heads.
+    temporal_every: every this-many-th layer attends over time, the others within a frame (2 ≤ it ≤ depth).
+    mlp_ratio: SwiGLU hidden width is ``mlp_ratio·dim·2/3`` rounded up to a multiple of 64.
+    registers: learned register tokens per frame. num_actions: discrete actions (0 = no action labels).
+    k_max: the finest step count of :mod:`.conventions` (sizes of the τ and step embeddings).
+    rope_base: RoPE frequency base over frame positions.
+    prior: ``none`` (ẑ0 = head output) or ``previous`` (ẑ0 = head output + the clean estimate of frame t − 1).
+    fixed_clean_gate_from: None (every weight of the prior is learned) or a τ index ``i`` ≥ 1: a clean predecessor
+        (τ index 0) enters a frame whose τ index is ≥ ``i`` at weight 1, not learned (the head learns only what
+        changes); below ``i`` the weight stays learned.
+    copy_mask: with ``prior: previous``, the head's output is multiplied by a per-position sigmoid mask that the
+        network predicts (one value per latent position, shared by its channels), so a position that does not
+        change can take the prior exactly (mask → 0) instead of through a head output that must cancel to 0.
+    velocity: with ``prior: previous``, add predicted coefficients times the change between the two frames
+        before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
+        ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
+    velocity_learned: False keeps the coefficients at ``velocity_init`` (the velocity head's parameters are
+        frozen; the net learns only what the rule ``velocity_init`` times the last change leaves).
+    input_skip: add the posterior weight times the frame's noisy input beyond the guess (the prior's base and
+        velocity term), for a change of variance ``input_skip_var`` per latent number from the guess; 1 at
+        τ = 0, 0 at τ = 1. No parameters.
+    input_skip_scale: with ``input_skip``, the head's output is also multiplied by
+        :func:`.conventions.input_skip_head_scale` (0 at τ = 0, about 1 from τ = 1/4 at small variances): the
+        head predicts the frame beyond the skip's posterior mean in units of the posterior's spread, so its
+        error fades out near the clean end (EDM's output scaling). No parameters.
+    """
+
+    latent_channels: int = setting(8, ge=1)
+    latent_size: int = setting(8, ge=1)  # data.image_size / tokenizer.downsample (checked against the data)
+    patch: int = setting(2, ge=1)
+    dim: int = setting(128, ge=1)
+    depth: int = setting(4, ge=1)
+    heads: int = setting(4, ge=1)
+    kv_heads: int | None = setting(None, ge=1)  # null: = heads
+    temporal_every: int = setting(2, ge=2)  # every this-many-th layer attends over time (causal, RoPE over frames)
+    mlp_ratio: float = setting(4.0, gt=0.0)
+    registers: int = setting(2, ge=0)
+    num_actions: int = setting(7, ge=0)  # toy-world actions; unlabelled video rows use the learned base alone
+    k_max: int = setting(DEFAULT_K_MAX, ge=1)  # finest step d_min = 1/k_max; step sizes are the powers of two up to 1
+    rope_base: float = setting(10_000.0, gt=0.0)
+    prior: str = setting("previous", choices=list(PRIORS))  # previous: the head adds to the frame before's estimate
+    fixed_clean_gate_from: int | None = setting(None, ge=1)
+    copy_mask: bool = False
+    velocity: bool = False
+    velocity_init: float = 0.0
+    velocity_learned: bool = True
+    input_skip: bool = False
+    input_skip_var: float = setting(0.01, gt=0.0)
+    input_skip_scale: bool = False
+
+    def build(self) -> DynamicsTransformer:
+        return DynamicsTransformer(**as_dict(self))
+
+
+class DynamicsTransformer(nn.Module):
+    """x-prediction network ``ẑ0 = f(z_τ, tau_index, step_level, actions)`` over latents ``[B, T, C, H, W]``; the
+    keyword arguments are the fields of :class:`DynamicsNetSettings` (``DynamicsNetSettings(...).build()`` fills in
+    the defaults).
     """
 
     def __init__(
         self,
-        latent_channels: int = 8,
-        latent_size: int | tuple[int, int] = 8,
-        patch: int = 1,
-        dim: int = 256,
-        depth: int = 8,
-        heads: int = 4,
-        kv_heads: int | None = None,
-        temporal_every: int = 4,
-        mlp_ratio: float = 4.0,
-        registers: int = 4,
-        num_actions: int = 0,
-        k_max: int = DEFAULT_K_MAX,
-        rope_base: float = 10_000.0,
-        prior: str = "none",
-        fixed_clean_gate_from: int | None = None,
-        copy_mask: bool = False,
-        velocity: bool = False,
-        velocity_init: float = 0.0,
-        velocity_learned: bool = True,
-        input_skip: bool = False,
-        input_skip_var: float = 0.01,
-        input_skip_scale: bool = False,
+        *,
+        latent_channels: int,
+        latent_size: int | tuple[int, int],
+        patch: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        kv_heads: int | None,
+        temporal_every: int,
+        mlp_ratio: float,
+        registers: int,
+        num_actions: int,
+        k_max: int,
+        rope_base: float,
+        prior: str,
+        fixed_clean_gate_from: int | None,
+        copy_mask: bool,
+        velocity: bool,
+        velocity_init: float,
+        velocity_learned: bool,
+        input_skip: bool,
+        input_skip_var: float,
+        input_skip_scale: bool,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)

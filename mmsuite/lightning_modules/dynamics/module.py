@@ -58,7 +58,9 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -67,122 +69,170 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.wrappers import MultioutputWrapper
 
 from mmsuite.lightning_modules.dynamics import conventions as C
-from mmsuite.lightning_modules.dynamics.model import DynamicsTransformer
+from mmsuite.lightning_modules.dynamics.model import DynamicsNetSettings, DynamicsTransformer
 from mmsuite.lightning_modules.dynamics.sampling import VELOCITY_MODES, rollout
 from mmsuite.nn.metrics import psnr
-from mmsuite.nn.schedule import adamw_warmup_cosine
+from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
+from mmsuite.settings import as_dict, fail, parse, setting
 
 PATTERNS = ("iid", "rising", "prefix", "interleave")
-ROLLOUT_DEFAULTS = dict(
-    context=16,
-    horizon=16,
-    steps=[4, 64],
-    tau_ctx=0.1,
-    batches=2,
-    cached=True,
-    during_fit="final",
-    gifs=4,
-    seed=0,
-    clean_prior=False,
-    velocity="all",
-)
+
+
+@dataclass
+class ShortcutSettings:
+    """Shortcut forcing (experiment=dynamics_shortcut); fraction 0: diffusion forcing only."""
+
+    fraction: float = setting(0.0, ge=0.0, le=1.0)  # share of rows trained by bootstrap (teacher under no_grad)
+    start_step: int = setting(0, ge=0)  # warm-up: plain flow rows only before this step
+    anchor: float = setting(0.1, ge=0.0)  # flow-loss anchor on bootstrap frames (against the self-consistent deadlock)
+
+
+@dataclass
+class NoiseSettings:
+    """Which τ each frame of a flow row gets (see the module docstring)."""
+
+    # iid (paper: per-frame tau on its grid) | rising (the log's ctx 0.1 -> targets to 1) | prefix (a random prefix at
+    # tau_ctx, later frames iid) | interleave (every other frame at tau_ctx, random phase; the rest iid)
+    pattern: str = setting("iid", choices=list(PATTERNS))
+    pattern_fraction: float = setting(1.0, ge=0.0, le=1.0)  # rising / prefix / interleave: share of flow rows
+    pattern_context: int = setting(16, ge=0)  # rising: frames held at tau_ctx
+    pattern_period: int = setting(2, ge=2)  # interleave: one target every this many frames, the rest at tau_ctx
+    prefix_share: float = setting(0.0, ge=0.0, le=1.0)  # interleave: this share of rows holds a prefix instead
+    tau_ctx: float = setting(0.1, ge=0.0, le=1.0)
+    clean_prior: bool = False  # net.prior reads frames at tau <= tau_ctx clean (the rollout: the clean context)
+    velocity_drop: float = setting(0.0, ge=0.0, lt=1.0)  # share of frames trained without net.velocity's term
+    # self-forcing: share of sequence rows trained after the model's own prediction of the frame before (one every
+    # pattern_period frames, own_context_steps no-grad Euler steps)
+    own_context: float = setting(0.0, ge=0.0, le=1.0)
+    own_context_steps: int = setting(4, ge=1)
+    own_context_start: int = setting(0, ge=0)  # no self-forcing rows before this step
+
+    def check(self, key: str) -> None:
+        if self.prefix_share and self.pattern != "interleave":
+            fail(
+                f"{key}.prefix_share", "needs noise.pattern=interleave (it turns some interleave rows into prefix rows)"
+            )
+
+
+@dataclass
+class RolloutSettings:
+    """The autoregressive rollout of validation (eval.py rollout.context=.. rollout.steps=[..] override these)."""
+
+    context: int = setting(16, ge=1)
+    horizon: int = setting(16, ge=1)
+    steps: list[int] = setting([4, 64], ge=1)  # samplers compared: 4-step shortcut vs 64-step Euler (powers of two)
+    tau_ctx: float = setting(0.1, ge=0.0, le=1.0)  # snapped onto the 1/k_max grid (0.1 -> 6/64)
+    batches: int = setting(2, ge=0)  # validation batches rolled out
+    cached: bool = True  # keys/values of committed frames are kept (equal to the uncached path; tested)
+    during_fit: str = setting("final", choices=["final", "every", "never"])  # final: the last validation of train.py
+    gifs: int = setting(4, ge=0)
+    seed: int = setting(0, ge=0)
+    clean_prior: bool = False  # must match training (noise.clean_prior)
+    # net.velocity: all (every frame) | observed (only the first predicted frame, whose change before is given)
+    velocity: str = setting("all", choices=list(VELOCITY_MODES))
+
+
+@dataclass
+class DynamicsLossSettings:
+    motion_floor: float | None = setting(None, gt=0.0)  # frames weigh 1/(change + floor), mean 1 (null: off)
+    decoded: float = setting(0.0, ge=0.0)  # + this x the flow frames' pixel MSE through the frozen decoder
+    decoded_frames: int = setting(16, ge=1)  # ... on this many random frames a batch, scaled to all of them
+    decoded_floor: float | None = setting(None, gt=0.0)  # f: a frame adds f*log(1 + mse/f), not its mse
+
+
+@dataclass
+class ProbeSettings:
+    batches: int = setting(1, ge=0)  # validation batches for the one-step denoising PSNR per step size
+
+
+@dataclass
+class EMASettings:
+    # > 0: validation, the probes and the rollout use an EMA of the weights (dynamics.md e.7); the bootstrap teacher
+    # stays the online network
+    decay: float = setting(0.0, ge=0.0, lt=1.0)
+
+
+@dataclass
+class CheckpointingSettings:
+    min_frames: int | None = setting(None, ge=1)  # recompute activations in backward for batches this long or longer
+
+
+@dataclass
+class DynamicsSettings:
+    """``model`` of ``model=dynamics`` (conf/model/dynamics.yaml states only what differs)."""
+
+    net: DynamicsNetSettings = setting(DynamicsNetSettings())
+    optim: AdamWSettings = setting(AdamWSettings(lr=0.001, betas=[0.9, 0.95], weight_decay=0.01))
+    schedule: Any = setting({}, schema=StepSchedule)  # = the schedule group (${schedule})
+    shortcut: ShortcutSettings = setting(ShortcutSettings())
+    noise: NoiseSettings = setting(NoiseSettings())
+    decoder: Any = setting({})  # = data.encoder: the frozen frame decoder for pixel metrics and GIFs (not saved)
+    image_size: int = setting(64, ge=1)  # = data.image_size
+    rollout: RolloutSettings = setting(RolloutSettings())
+    probe: ProbeSettings = setting(ProbeSettings())
+    activation_checkpointing: CheckpointingSettings = setting(CheckpointingSettings())
+    ema: EMASettings = setting(EMASettings())
+    loss: DynamicsLossSettings = setting(DynamicsLossSettings())
+
+    def check(self, key: str) -> None:
+        if self.shortcut.fraction > 0 and self.net.k_max < 2:
+            fail(f"{key}.shortcut.fraction", "> 0 needs net.k_max >= 2")
+        if self.noise.velocity_drop and not self.net.velocity:
+            fail(f"{key}.noise.velocity_drop", "needs model.net.velocity=true (there is no velocity term to drop)")
+        if self.net.velocity and not self.noise.clean_prior:
+            fail(
+                f"{key}.net.velocity",
+                "needs model.noise.clean_prior=true (it acts only where the prior reads two clean frames before, "
+                "which only clean_prior gives)",
+            )
+        own = [self.noise.own_context_steps] if self.noise.own_context else []
+        for what, steps in (("noise.own_context_steps", own), ("rollout.steps", self.rollout.steps)):
+            for n in steps:
+                try:
+                    C.sampling_schedule(n, self.net.k_max)  # a power of two <= k_max
+                except ValueError as e:
+                    fail(f"{key}.{what}", str(e))
+        try:
+            C.snap_context_tau(self.rollout.tau_ctx, self.net.k_max)
+        except ValueError as e:
+            fail(f"{key}.rollout.tau_ctx", str(e))
 
 
 class DynamicsModule(L.LightningModule):
-    def __init__(
-        self,
-        net: dict,
-        optim: dict,
-        schedule: dict,
-        shortcut: dict | None = None,
-        noise: dict | None = None,
-        decoder: dict | None = None,
-        image_size: int = 64,
-        rollout: dict | None = None,
-        probe: dict | None = None,
-        activation_checkpointing: dict | None = None,
-        ema: dict | None = None,
-        loss: dict | None = None,
-    ):
+    Settings = DynamicsSettings
+
+    def __init__(self, **settings):
         super().__init__()
-        self.save_hyperparameters()
-        self.net = DynamicsTransformer(**net)
+        s = self.settings = parse(DynamicsSettings, settings, "model")
+        self.save_hyperparameters(as_dict(s))
+        self.net = s.net.build()
         self.k_max = self.net.k_max
-        self.ema_decay = float(dict(ema or {}).get("decay", 0.0))
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema.decay must be in [0, 1), got {self.ema_decay}")
+        self.ema_decay = s.ema.decay
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False) if self.ema_decay > 0 else None
         self._ema_updates, self._ema_step = 0, -1
-        sc = dict(shortcut or {})
-        self.boot_fraction = float(sc.get("fraction", 0.0))
-        self.boot_start = int(sc.get("start_step", 0))
-        self.anchor = float(sc.get("anchor", 0.0))
-        if not 0.0 <= self.boot_fraction <= 1.0 or self.anchor < 0:
-            raise ValueError(f"shortcut.fraction must be in [0, 1] and shortcut.anchor >= 0, got {sc}")
-        if self.boot_fraction > 0 and self.k_max < 2:
-            raise ValueError("shortcut forcing needs net.k_max >= 2")
-        nz = dict(noise or {})
-        self.pattern = str(nz.get("pattern", "iid"))
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"noise.pattern must be one of {list(PATTERNS)}, got {self.pattern!r}")
-        self.pattern_fraction = float(nz.get("pattern_fraction", 1.0))
-        self.pattern_context = int(nz.get("pattern_context", 16))
-        self.pattern_period = int(nz.get("pattern_period", 2))
-        if self.pattern_period < 2:
-            raise ValueError(f"noise.pattern_period must be >= 2, got {self.pattern_period}")
-        self.prefix_share = float(nz.get("prefix_share", 0.0))
-        if not 0.0 <= self.prefix_share <= 1.0:
-            raise ValueError(f"noise.prefix_share must be in [0, 1], got {self.prefix_share}")
-        if self.prefix_share and self.pattern != "interleave":
-            raise ValueError(
-                "noise.prefix_share needs noise.pattern=interleave (it turns some interleave rows into prefix rows)"
-            )
-        self.pattern_tau_ctx = float(nz.get("tau_ctx", 0.1))
-        self.clean_prior = bool(nz.get("clean_prior", False))
-        self.velocity_drop = float(nz.get("velocity_drop", 0.0))
-        if not 0.0 <= self.velocity_drop < 1.0:
-            raise ValueError(f"noise.velocity_drop must be in [0, 1), got {self.velocity_drop}")
-        if self.velocity_drop and self.net.velocity_head is None:
-            raise ValueError("noise.velocity_drop needs model.net.velocity=true (there is no velocity term to drop)")
-        self.own_context = float(nz.get("own_context", 0.0))
-        self.own_context_steps = int(nz.get("own_context_steps", 4))
-        self.own_context_start = int(nz.get("own_context_start", 0))
-        if not 0.0 <= self.own_context <= 1.0:
-            raise ValueError(f"noise.own_context must be in [0, 1], got {self.own_context}")
-        if self.own_context:
-            C.sampling_schedule(self.own_context_steps, self.k_max)  # a power of two <= k_max, else a clear error
-        if self.net.velocity_head is not None and not self.clean_prior:
-            raise ValueError(
-                "model.net.velocity needs model.noise.clean_prior=true (it acts only where the prior reads two clean "
-                "frames before, which only clean_prior gives)"
-            )
-        lc = dict(loss or {})
-        for key in ("motion_floor", "decoded_floor"):  # null (off) or > 0
-            if lc.get(key) is not None and not float(lc[key]) > 0:
-                raise ValueError(f"loss.{key} must be null or > 0, got {lc[key]}")
-        self.motion_floor = None if lc.get("motion_floor") is None else float(lc["motion_floor"])
-        self.decoded_floor = None if lc.get("decoded_floor") is None else float(lc["decoded_floor"])
-        self.decoded_weight = float(lc.get("decoded") or 0.0)
-        self.decoded_frames = int(lc.get("decoded_frames", 16))
-        if self.decoded_weight < 0 or self.decoded_frames < 1:
-            raise ValueError(
-                f"loss.decoded must be >= 0 and loss.decoded_frames >= 1, got {self.decoded_weight} and "
-                f"{self.decoded_frames}"
-            )
-        self.rollout_cfg = {**ROLLOUT_DEFAULTS, **dict(rollout or {})}
-        self.rollout_cfg["steps"] = [int(s) for s in self.rollout_cfg["steps"]]
-        for s in self.rollout_cfg["steps"]:
-            C.sampling_schedule(s, self.k_max)  # powers of two <= k_max, else a clear error now
-        C.snap_context_tau(float(self.rollout_cfg["tau_ctx"]), self.k_max)
-        if self.rollout_cfg["velocity"] not in VELOCITY_MODES:
-            raise ValueError(
-                f"rollout.velocity must be one of {list(VELOCITY_MODES)}, got {self.rollout_cfg['velocity']!r}"
-            )
-        self.probe_batches = int(dict(probe or {}).get("batches", 1))
-        self.ckpt_min_frames = (activation_checkpointing or {}).get("min_frames")
-        self.decoder_cfg = dict(decoder or {})
-        self.image_size = int(image_size)
-        channels = int(net.get("latent_channels", 8))
+        self.boot_fraction, self.boot_start, self.anchor = s.shortcut.fraction, s.shortcut.start_step, s.shortcut.anchor
+        nz = s.noise
+        self.pattern = nz.pattern
+        self.pattern_fraction = nz.pattern_fraction
+        self.pattern_context = nz.pattern_context
+        self.pattern_period = nz.pattern_period
+        self.prefix_share = nz.prefix_share
+        self.pattern_tau_ctx = nz.tau_ctx
+        self.clean_prior = nz.clean_prior
+        self.velocity_drop = nz.velocity_drop
+        self.own_context = nz.own_context
+        self.own_context_steps = nz.own_context_steps
+        self.own_context_start = nz.own_context_start
+        self.motion_floor = s.loss.motion_floor
+        self.decoded_floor = s.loss.decoded_floor
+        self.decoded_weight = s.loss.decoded
+        self.decoded_frames = s.loss.decoded_frames
+        self.rollout_cfg = as_dict(s.rollout)
+        self.probe_batches = s.probe.batches
+        self.ckpt_min_frames = s.activation_checkpointing.min_frames
+        self.decoder_cfg = dict(s.decoder)
+        self.image_size = s.image_size
+        channels = s.net.latent_channels
         self.register_buffer("latent_mean", torch.zeros(channels))
         self.register_buffer("latent_std", torch.ones(channels))
         self._decoder = None
@@ -477,7 +527,7 @@ class DynamicsModule(L.LightningModule):
             return False
         if self.trainer.state.fn != "fit":
             return True
-        when = str(self.rollout_cfg.get("during_fit", "final"))
+        when = self.rollout_cfg["during_fit"]
         if when == "every":
             return True
         max_steps = self.trainer.max_steps
@@ -634,11 +684,5 @@ class DynamicsModule(L.LightningModule):
         params = [{"params": [p for p in self.net.parameters() if p is not gate and p.requires_grad]}]
         if gate is not None:
             params.append({"params": [gate], "weight_decay": 0.0})
-        return adamw_warmup_cosine(
-            params,
-            self.hparams.optim,
-            self.hparams.schedule,
-            self.trainer.max_steps,
-            "DynamicsModule",
-            default_betas=(0.9, 0.95),
-        )
+        s = self.settings
+        return adamw_warmup_cosine(params, s.optim, s.schedule, self.trainer.max_steps, "DynamicsModule")

@@ -219,11 +219,11 @@ def generate_target(module, tokens: torch.Tensor, task: dict, batch_idx: int, co
         tokens.masked_fill(~known, 0),
         known,
         [{"target": task["target"], "constrain": constrain}],
-        steps=int(task.get("steps", 8)),
-        scheme=task.get("scheme", "maskgit"),
-        temperature=float(task.get("temperature", 0.0)),
-        top_k=task.get("top_k"),
-        top_p=task.get("top_p"),
+        steps=task["steps"],
+        scheme=task["scheme"],
+        temperature=task["temperature"],
+        top_k=task["top_k"],
+        top_p=task["top_p"],
         generator=gen,
     )
     _, off, length = module._modality(task["target"])

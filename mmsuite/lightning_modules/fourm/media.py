@@ -90,8 +90,9 @@ def _captioned_tiles(frames: list[torch.Tensor], prompts: list[str]) -> torch.Te
 def log_validation_samples(module, tokens: torch.Tensor) -> None:
     """Generate and log the samples of the module docstring from validation ``tokens`` (local ids ``[B, S]``)."""
     dm = module.trainer.datamodule
-    rows = _distinct_clips(module, tokens, int(module.generation.get("grid_samples", 8)))
-    settings = dict(module.generation)
+    g = module.generation
+    rows = _distinct_clips(module, tokens, g.grid_samples)
+    settings = {"scheme": g.scheme, "steps": g.steps, "temperature": g.temperature, "top_k": None, "top_p": None}
     step, trainer = module.global_step, module.trainer
     _, off, length = module._modality("caption")
     prompts = decode_captions(dm, rows[:, off : off + length])

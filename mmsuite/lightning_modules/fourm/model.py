@@ -27,6 +27,7 @@ positions are encoder inputs and which are decoder targets.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,25 +36,53 @@ from torch import nn
 from mmsuite.lightning_modules.fourm import modalities as registry
 from mmsuite.lightning_modules.fourm.modalities import FactorisedEmbedding
 from mmsuite.nn.transformer import Block, DecoderBlock, Packing
+from mmsuite.settings import as_dict, setting
+
+
+@dataclass
+class FourMNetSettings:
+    """:class:`FourM`'s settings (``model.net`` of ``model=fourm``)."""
+
+    dim: int = setting(256, ge=1)
+    encoder_depth: int = setting(4, ge=0)
+    decoder_depth: int = setting(4, ge=1)
+    heads: int = setting(4, ge=1)
+    mlp_ratio: float = setting(4.0, gt=0.0)
+    qk_norm: bool = False
+    tie_heads: bool = True  # output heads tied to the token embeddings (4M's share_embedding)
+    packed: bool = True  # per-token work (projections, MLPs) on real tokens only (nn.transformer.Packing)
+    attention_groups: int = setting(4, ge=1)  # packed: attention runs on this many length buckets
+    # FSQ image codes embedded as the sum of per-channel digit tables (+ a residual) | table
+    image_embedding: str = setting("factorised", choices=["factorised", "table"])
+    pose_ordinal_init: float = setting(0.0, ge=0.0)  # > 0: pose bin embeddings start as sin-cos of the bin x this
+    pose_bin_frame: str = setting("value", choices=["value", "image"])  # ordinal init in the bin's value | image cells
+    linear_init_gain: float = setting(0.0, ge=0.0)  # > 0: linear weights normal(0, gain/sqrt(fan_in)); 0: std 0.02
+
+    def build(self, modalities: Sequence[dict]) -> FourM:
+        return FourM(modalities, **as_dict(self))
 
 
 class FourM(nn.Module):
+    """The 4M encoder-decoder over ``modalities``; the keyword arguments are the fields of
+    :class:`FourMNetSettings` (``FourMNetSettings(...).build(modalities)`` fills in the defaults)."""
+
     def __init__(
         self,
         modalities: Sequence[dict],
-        dim: int = 256,
-        encoder_depth: int = 4,
-        decoder_depth: int = 4,
-        heads: int = 4,
-        mlp_ratio: float = 4.0,
-        qk_norm: bool = False,
-        tie_heads: bool = True,
-        pose_ordinal_init: float = 0.0,
-        linear_init_gain: float = 0.0,
-        pose_bin_frame: str = "value",
-        image_embedding: str = "factorised",
-        packed: bool = True,
-        attention_groups: int = 4,
+        *,
+        dim: int,
+        encoder_depth: int,
+        decoder_depth: int,
+        heads: int,
+        mlp_ratio: float,
+        qk_norm: bool,
+        tie_heads: bool,
+        pose_ordinal_init: float,
+        linear_init_gain: float,
+        pose_bin_frame: str,
+        image_embedding: str,
+        packed: bool,
+        attention_groups: int,
     ):
         super().__init__()
         self.specs = [dict(m) for m in modalities]

@@ -15,6 +15,8 @@ mean over the modalities that have targets in this batch (``loss.weighting: toke
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -23,10 +25,11 @@ from torchmetrics import MeanMetric
 
 from mmsuite.lightning_modules.fourm.attributes import attribute_metric_names, eval_attribute_task
 from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
-from mmsuite.lightning_modules.fourm.model import FourM
+from mmsuite.lightning_modules.fourm.model import FourMNetSettings
 from mmsuite.nn.metrics import psnr
-from mmsuite.nn.schedule import warmup_cosine
-from mmsuite.tokenizers.pose import PoseQuantizer
+from mmsuite.nn.schedule import AdamWSettings, TokenSchedule, warmup_cosine
+from mmsuite.settings import as_dict, fail, parse, setting
+from mmsuite.tokenizers.pose import PoseSettings
 
 
 def _slot(name: str) -> str:
@@ -44,51 +47,102 @@ def _plan_to(plan, device):
     return plan
 
 
+@dataclass
+class MaskingSettings:
+    """4M's Dirichlet masking (:class:`DirichletMasking`): alphas over the modalities, one row or a mixture of rows."""
+
+    input_alphas: Any = setting()  # = the alphas group (${alphas.input_alphas}) unless an experiment says otherwise
+    target_alphas: Any = setting()
+    weights: Any = setting(None)  # the mixture components' weights (null: one Dirichlet, or uniform)
+    input_tokens_range: list[int] = setting([96, 256], ge=0)  # inclusive [min, max] input tokens per sample
+    target_tokens_range: list[int] = setting([39, 256], ge=0)
+
+
+@dataclass
+class FourMLossSettings:
+    weighting: str = setting("modality", choices=["modality", "token"])  # 4M: mean CE per modality, then their mean
+    pose_sigma_bins: float = setting(0.0, ge=0.0)  # > 0: ordinal soft targets for pose bins (Gaussian); 0: one-hot
+
+
+@dataclass
+class TaskSettings:
+    """A fixed input -> target evaluation (``model.tasks``): token accuracy, pose error or frame PSNR against a
+    baseline; ``kind: attributes`` (nano4m) generates the target and scores caption/image attributes."""
+
+    name: str = setting()
+    inputs: list[str] = setting()
+    target: str = setting()
+    kind: str | None = setting(None, choices=["attributes"])
+    baseline: str | None = setting(None, choices=["copy", "mean_pose"])  # copy: copy_from's tokens as the guess
+    copy_from: str | None = None
+    scheme: str = setting("maskgit", choices=["maskgit", "roar"])  # attributes: the generation
+    steps: int = setting(8, ge=1)
+    temperature: float = setting(0.0, ge=0.0)  # 0: greedy
+    top_k: int | None = setting(None, ge=1)
+    top_p: float | None = setting(None, gt=0.0, le=1.0)
+
+    def check(self, key: str) -> None:
+        if self.baseline == "copy" and not self.copy_from:
+            fail(f"{key}.copy_from", "must name a modality for baseline: copy")
+
+
+@dataclass
+class GenerationSettings:
+    """generate.py and the validation sample grid: from the given modalities, generate the chain in order."""
+
+    given: list[str] = setting(["tok_rgb"])
+    chain: list[str] = setting(["coords", "coords_next", "tok_rgb_next"])
+    scheme: str = setting("maskgit", choices=["maskgit", "roar"])
+    steps: int = setting(8, ge=1)
+    temperature: float = setting(0.0, ge=0.0)  # 0: greedy
+    grid_samples: int = setting(8, ge=0)  # validation: rows of the sample grid logged to TensorBoard (val/samples)
+
+
+@dataclass
+class FourMSettings:
+    """``model`` of ``model=fourm`` (conf/model/fourm.yaml states only what differs)."""
+
+    modalities: list[Any] = setting()  # the modalities group's list (FourM checks each entry)
+    net: FourMNetSettings = setting(FourMNetSettings())
+    masking: MaskingSettings = setting(MaskingSettings())
+    optim: AdamWSettings = setting(AdamWSettings(lr=0.002, betas=[0.9, 0.95], weight_decay=0.05))
+    schedule: Any = setting({}, schema=TokenSchedule)  # = the schedule group (${schedule})
+    loss: FourMLossSettings = setting(FourMLossSettings())
+    pose_decode: str = setting("mean", choices=["mean", "argmax"])  # evaluation: x/y slots' mean bin | argmax
+    tasks: list[Any] = setting([], items=TaskSettings)  # the experiment lists them
+    pose: Any = setting(None, schema=PoseSettings)  # = the experiment's pose block (null: no pose modality)
+    seed: int = setting(0, ge=0)  # masks are drawn from (seed, rank, step)
+    generation: GenerationSettings = setting(GenerationSettings())
+    image_tokenizer_ckpt: str | None = None  # decodes generated frames (sample grids, frame PSNR)
+
+    def check(self, key: str) -> None:
+        if self.pose is None and any(isinstance(m, dict) and m.get("kind") == "pose" for m in self.modalities):
+            fail(
+                f"{key}.pose", "is null, but the pose modalities need it ({bins, canvas}: the experiment's pose block)"
+            )
+
+
 class FourMModule(L.LightningModule):
-    def __init__(
-        self,
-        modalities: list,
-        net: dict,
-        masking: dict,
-        optim: dict,
-        schedule: dict,
-        loss: dict | None = None,
-        tasks: list | None = None,
-        pose: dict | None = None,
-        seed: int = 0,
-        generation: dict | None = None,
-        image_tokenizer_ckpt: str | None = None,
-        pose_decode: str = "mean",
-    ):
+    Settings = FourMSettings
+
+    def __init__(self, **settings):
         super().__init__()
-        self.save_hyperparameters()
-        self.net = FourM(modalities, **net)
+        s = self.settings = parse(FourMSettings, settings, "model")
+        self.save_hyperparameters(as_dict(s))
+        self.net = s.net.build(s.modalities)
         self.names = self.net.names
-        self.masking = DirichletMasking(
-            lengths=self.net.lengths,
-            input_alphas=masking["input_alphas"],
-            target_alphas=masking["target_alphas"],
-            input_tokens_range=masking["input_tokens_range"],
-            target_tokens_range=masking["target_tokens_range"],
-            weights=masking.get("weights"),
-        )
-        loss = dict(loss or {})
-        self.weighting = loss.get("weighting", "modality")
-        self.pose_sigma = float(loss.get("pose_sigma_bins", 0.0))
-        if self.weighting not in ("modality", "token"):
-            raise ValueError(f"model.loss.weighting must be 'modality' (4M) or 'token', got {self.weighting!r}")
-        self.tasks = [dict(t) for t in (tasks or [])]
+        self.masking = DirichletMasking(lengths=self.net.lengths, **as_dict(s.masking))
+        self.weighting = s.loss.weighting
+        self.pose_sigma = s.loss.pose_sigma_bins
+        self.tasks = [as_dict(t) for t in s.tasks]
         for t in self.tasks:
             for name in [*t["inputs"], t["target"]]:
                 self.net.index(name)  # a clear error for unknown modality names
-        pose = dict(pose or {})
-        self.pose = PoseQuantizer(bins=int(pose.get("bins", 8192)), canvas=int(pose.get("canvas", 256)))
-        if pose_decode not in ("mean", "argmax"):
-            raise ValueError(f"model.pose_decode must be 'mean' or 'argmax', got {pose_decode!r}")
-        self.pose_decode = pose_decode
-        self.seed = int(seed)
-        self.generation = dict(generation or {})
-        self.image_tokenizer_ckpt = image_tokenizer_ckpt
+        self.pose = s.pose.build() if s.pose is not None else None  # None: no pose modality (nano4m)
+        self.pose_decode = s.pose_decode
+        self.seed = s.seed
+        self.generation = s.generation
+        self.image_tokenizer_ckpt = s.image_tokenizer_ckpt
         # every evaluation metric is an epoch mean over all ranks, declared here so that each rank holds the same set;
         # the loss terms and token accuracies are batch means (of every modality, with targets in the batch or not)
         self._batch_keys = ["loss", *(f"{kind}_{m}" for m in self.names for kind in ("loss", "acc"))]
@@ -97,15 +151,9 @@ class FourMModule(L.LightningModule):
         self._grid_tokens = None  # the first val batch's tokens, for the epoch's sample grid
         self.tokens_seen = 0  # real (non-padding) input + target tokens trained on; drives the schedule
         self.step_tokens = 0  # those of the last training batch (what perf/tokens_per_s counts)
-        s = dict(schedule)
-        self.total_tokens = float(s["total_tokens"])
-        self.warmup_tokens = float(s.get("warmup_tokens", 0))
-        self.floor_ratio = float(s.get("floor_ratio", 0.0))
-        if self.total_tokens <= 0 or self.warmup_tokens < 0 or self.warmup_tokens >= self.total_tokens:
-            raise ValueError(
-                "model.schedule needs 0 <= warmup_tokens < total_tokens, "
-                f"got {self.warmup_tokens} / {self.total_tokens}"
-            )
+        self.total_tokens = s.schedule.total_tokens
+        self.warmup_tokens = s.schedule.warmup_tokens
+        self.floor_ratio = s.schedule.floor_ratio
 
     # -- masks ------------------------------------------------------------------------------------------
     def _rng(self, *stream: int) -> np.random.Generator:
@@ -166,18 +214,15 @@ class FourMModule(L.LightningModule):
         return warmup_cosine(self.tokens_seen, self.warmup_tokens, self.total_tokens, self.floor_ratio)
 
     def configure_optimizers(self):
-        o = self.hparams.optim
+        o = self.settings.optim
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
             # no weight decay on norms, biases, embeddings and the query token (4M's choice)
             (no_decay if p.ndim < 2 or "emb" in name or name == "query" else decay).append(p)
         opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": float(o.get("weight_decay", 0.05))},
-                {"params": no_decay, "weight_decay": 0},
-            ],
-            lr=float(o["lr"]),
-            betas=tuple(float(b) for b in o.get("betas", (0.9, 0.95))),
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+            lr=o.lr,
+            betas=tuple(o.betas),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self.lr_factor())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
@@ -245,7 +290,7 @@ class FourMModule(L.LightningModule):
             value = out.get(key)
             self.eval_means[_slot(key)].update(0.0 if value is None else value, weight=0.0 if value is None else bs)
         for task in self.tasks:
-            if task.get("kind") == "attributes":  # nano4m: caption <-> image attribute accuracy
+            if task["kind"] == "attributes":  # nano4m: caption <-> image attribute accuracy
                 eval_attribute_task(self, task, batch, batch_idx)
                 continue
             self._eval_task(task, tokens)
@@ -264,7 +309,7 @@ class FourMModule(L.LightningModule):
         err, pck = self._pose_errors(pred, truth)
         self._accumulate(f"{name}/joint_error_px", err)
         self._accumulate(f"{name}/pck@0.1", pck.float())
-        baseline = task.get("baseline")
+        baseline = task["baseline"]
         if baseline == "copy":  # copy a given pose modality (next pose := current pose)
             _, boff, blen = self._modality(task["copy_from"])
             b_err, _ = self._pose_errors(tokens[:, boff : boff + blen], truth)
@@ -286,7 +331,7 @@ class FourMModule(L.LightningModule):
         h, w = modality.grid
         ref = self._decode_frames(tok, truth, h, w)
         self._accumulate(f"{task['name']}/psnr_db", psnr(self._decode_frames(tok, pred, h, w), ref, data_range=255))
-        if task.get("baseline") == "copy":
+        if task["baseline"] == "copy":
             _, off, length = self._modality(task["copy_from"])
             copy = self._decode_frames(tok, tokens[:, off : off + length], h, w)
             self._accumulate(f"{task['name']}/baseline_psnr_db", psnr(copy, ref, data_range=255))
@@ -369,12 +414,12 @@ class FourMModule(L.LightningModule):
         from mmsuite.lightning_modules.fourm.generate import generate_chain
 
         g = self.generation
-        given = list(g.get("given", ["tok_rgb"]))
+        given = list(g.given)
         known = torch.zeros_like(tokens, dtype=torch.bool)
         for name in given:
             _, off, length = self._modality(name)
             known[:, off : off + length] = True
-        chain = list(g.get("chain", ["coords", "coords_next", "tok_rgb_next"]))
+        chain = list(g.chain)
         targets = []
         for name in chain:
             t = {"target": name}
@@ -387,9 +432,9 @@ class FourMModule(L.LightningModule):
             tokens.masked_fill(~known, 0),
             known,
             targets,
-            steps=int(g.get("steps", 8)),
-            scheme=g.get("scheme", "maskgit"),
-            temperature=float(g.get("temperature", 0.0)),
+            steps=g.steps,
+            scheme=g.scheme,
+            temperature=g.temperature,
             generator=torch.Generator(device=tokens.device).manual_seed(self.seed),
         )
         return out, given, chain
@@ -453,7 +498,7 @@ class FourMModule(L.LightningModule):
 
             log_validation_samples(self, tokens)
             return
-        tokens = tokens[: int(self.generation.get("grid_samples", 8))]
+        tokens = tokens[: self.generation.grid_samples]
         if self._image_tokenizer() is None:
             return
         from mmsuite.callbacks.samples import log_image_grid
