@@ -49,14 +49,18 @@ KNOWN_WARNINGS = (
 )
 
 # (logger, message prefix, why it is dropped): Lightning's start-up information; the run summary gives what matters
+_RANK_ZERO = "lightning.pytorch.utilities.rank_zero"  # Lightning's rank_zero_info
 KNOWN_INFO = (
-    ("lightning.pytorch.utilities.rank_zero", "GPU available:", "the summary names the hardware profile"),
-    ("lightning.pytorch.utilities.rank_zero", "TPU available:", "no TPU support in this suite"),
-    ("lightning.pytorch.utilities.rank_zero", "HPU available:", "no HPU support in this suite"),
-    ("lightning.pytorch.utilities.rank_zero", "💡 Tip:", "an advertisement for a cloud logger"),
-    ("lightning.pytorch.utilities.rank_zero", "Using bfloat16 Automatic Mixed", "the summary names the precision"),
-    ("lightning.pytorch.utilities.rank_zero", "Using 16bit Automatic Mixed", "the summary names the precision"),
+    (_RANK_ZERO, "GPU available:", "the summary names the hardware profile"),
+    (_RANK_ZERO, "TPU available:", "no TPU support in this suite"),
+    (_RANK_ZERO, "HPU available:", "no HPU support in this suite"),
+    (_RANK_ZERO, "💡 Tip:", "an advertisement for a cloud logger"),
+    (_RANK_ZERO, "Using bfloat16 Automatic Mixed", "the summary names the precision"),
+    (_RANK_ZERO, "Using 16bit Automatic Mixed", "the summary names the precision"),
     ("lightning.pytorch.accelerators.cuda", "LOCAL_RANK:", "the device list of every rank, at every start"),
+    (_RANK_ZERO, "Restoring states from the checkpoint", "the run dir line names it: (resuming <ckpt>)"),
+    (_RANK_ZERO, "Restored all states from the checkpoint", "the run dir line names it: (resuming <ckpt>)"),
+    (_RANK_ZERO, "Loaded model weights from the checkpoint", "eval.py prints the checkpoint with its metrics"),
 )
 
 
@@ -77,7 +81,7 @@ def quiet() -> None:
     for name, prefix, _ in KNOWN_INFO:
         by_logger.setdefault(name, []).append(prefix)
     # Lightning's rank_zero_info logs through whichever of its two rank_zero loggers was imported last
-    by_logger["lightning.fabric.utilities.rank_zero"] = by_logger["lightning.pytorch.utilities.rank_zero"]
+    by_logger["lightning.fabric.utilities.rank_zero"] = by_logger[_RANK_ZERO]
     for name, prefixes in by_logger.items():
         logger = logging.getLogger(name)
         logger.filters = [f for f in logger.filters if not isinstance(f, _DropMessages)]

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import json
 
-SKIPPED = ("smoke", "per_hardware")  # helper blocks of an experiment whose values already landed elsewhere
 
-
-def flat_config(config: dict, skip: tuple[str, ...] = SKIPPED) -> dict:
+def flat_config(config: dict) -> dict:
     """Dotted key -> int, float or str (booleans, lists and None as JSON text), sorted by key."""
     out: dict = {}
 
     def walk(node, prefix: str) -> None:
         for key, value in node.items():
             name = f"{prefix}{key}"
-            if not prefix and key in skip:
-                continue
             if isinstance(value, dict) and value:
                 walk(value, name + ".")
             elif isinstance(value, bool):  # TensorBoard would show 0 / 1

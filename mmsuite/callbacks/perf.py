@@ -11,8 +11,10 @@
   counted by torch's ``FlopCounterMode``, per token (or sample) and scaled by the tokens (samples) since then;
 * ``perf/peak_memory_gib``: the device's peak allocated memory (CUDA).
 
-A family tells how to count with ``throughput_counts(batch) -> (samples, tokens or None)`` on its module (Python
-ints); without it, samples are the first tensor's leading dimension and there are no tokens.
+Every family gets these from ``conf/callbacks/default.yaml`` without code of its own. What a sample and a token are
+is the family's to say, with ``throughput_counts(batch) -> (samples, tokens or None)`` on its module (ints, or a
+0-d device tensor for the tokens); without it, samples are the first tensor's leading dimension, and tokens are the
+ones of an ``attention_mask`` entry (the Hugging Face batch convention) where the batch has one, else none.
 
 Hand-written rather than Lightning's ``ThroughputMonitor`` and ``grad_norm``: both synchronise with the GPU on every
 step (``cuda.synchronize`` after each batch; every parameter's norm copied to the host). Here nothing touches the
@@ -28,6 +30,7 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.callbacks import Callback
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}  # the compute dtype of trainer.precision's prefix
+PERF_KEYS = ("samples_per_s", "tokens_per_s", "step_time_s", "mfu", "peak_memory_gib")  # perf/<key> (docstring)
 
 
 def total_grad_norm(parameters, sharded: bool = False, reduce=None) -> torch.Tensor | None:
@@ -43,15 +46,18 @@ def total_grad_norm(parameters, sharded: bool = False, reduce=None) -> torch.Ten
     return squares.sqrt()
 
 
-def batch_counts(pl_module, batch) -> tuple[int, int | None]:
-    """``(samples, tokens or None)`` of a training batch, as the family counts them (module docstring)."""
+def batch_counts(pl_module, batch) -> tuple[int, int | torch.Tensor | None]:
+    """``(samples, tokens or None)`` of a training batch, as the family counts them (module docstring). Tokens may be
+    a device tensor: it is summed on the device and read back on logging steps only."""
     count = getattr(pl_module, "throughput_counts", None)
     if count is not None:
         samples, tokens = count(batch)
-        return int(samples), None if tokens is None else int(tokens)
+        return int(samples), None if tokens is None else tokens if torch.is_tensor(tokens) else int(tokens)
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else [batch]
     first = next((v for v in values if torch.is_tensor(v) and v.ndim), None)
-    return (int(first.shape[0]) if first is not None else 1), None
+    samples = int(first.shape[0]) if first is not None else 1
+    return samples, (mask.sum() if torch.is_tensor(mask) else None)
 
 
 def peak_flops_per_s(trainer, configured: float | None) -> float | None:
@@ -124,13 +130,14 @@ class PerfMonitor(Callback):
         if self._counting:
             self.measured_units += units
         self.samples += samples
-        self.tokens += tokens or 0
+        if tokens is not None:
+            self.tokens = self.tokens + tokens  # a device tensor stays on the device until the logging step
         if trainer.global_step == self.last_step:  # accumulating: the optimizer step is not done yet
             return
         self.last_step = trainer.global_step
         self.steps += 1
         if self._counting:
-            self.flops_per_unit = self._stop_counting() / max(self.measured_units, 1)
+            self.flops_per_unit = self._stop_counting() / max(float(self.measured_units), 1.0)
         cuda = trainer.strategy.root_device.type == "cuda"
         if self.origin is None:  # the window starts after the first step (warm-up, FLOP counting)
             if cuda:
@@ -143,6 +150,7 @@ class PerfMonitor(Callback):
         if cuda:  # once per logging step, where Lightning itself reads the logged values back
             torch.cuda.synchronize(trainer.strategy.root_device)
         elapsed = time.perf_counter() - self.origin - self.paused
+        self.tokens = int(self.tokens)
         units_since = (self.tokens if self.has_tokens else self.samples) - self._units_logged
         self._update(elapsed, units_since)
         metrics = self.throughput.compute()

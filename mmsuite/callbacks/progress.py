@@ -1,4 +1,5 @@
-"""One progress bar for train, eval and every family: Lightning's tqdm bar, with the training bar sized to the run.
+"""One progress bar style for train, eval and every family: Lightning's tqdm bar, with the training bar sized to the
+run, and one bar per evaluation (``val`` / ``test``) in the same format.
 
 The training bar counts batches over the whole run, not over an epoch: its total is the run's optimizer steps
 times ``trainer.accumulate_grad_batches``, where the steps are ``trainer.max_steps`` or, for a run that a token
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 
 TRAIN = "train"
 
@@ -32,15 +33,18 @@ class RunProgressBar(TQDMProgressBar):
     def __init__(self):
         super().__init__(refresh_rate=1)
 
-    def _in_fit(self, trainer) -> bool:
-        return trainer.state.fn == "fit" and not trainer.sanity_checking and self._train_progress_bar is not None
+    @property
+    def validation_description(self) -> str:
+        return "val"
 
-    # -- training ---------------------------------------------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.train_progress_bar = Tqdm(
-            desc=TRAIN,
-            total=run_total_batches(trainer, pl_module),
-            initial=trainer.fit_loop.total_batch_idx + 1,  # a resumed run: the rate counts this process's batches
+    @property
+    def test_description(self) -> str:
+        return "test"
+
+    def _bar(self, desc: str, **kwargs) -> Tqdm:
+        """A bar of the one style: kept on screen when done, mean rate over the whole bar."""
+        return Tqdm(
+            desc=desc,
             position=2 * self.process_position,
             disable=self.is_disabled,
             leave=True,
@@ -48,6 +52,18 @@ class RunProgressBar(TQDMProgressBar):
             file=sys.stdout,
             smoothing=0,
             bar_format=self.BAR_FORMAT,
+            **kwargs,
+        )
+
+    def _in_fit(self, trainer) -> bool:
+        return trainer.state.fn == "fit" and not trainer.sanity_checking and self._train_progress_bar is not None
+
+    # -- training ---------------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.train_progress_bar = self._bar(
+            TRAIN,
+            total=run_total_batches(trainer, pl_module),
+            initial=trainer.fit_loop.total_batch_idx + 1,  # a resumed run: the rate counts this process's batches
         )
 
     def on_train_epoch_start(self, trainer, *_) -> None:
@@ -76,14 +92,36 @@ class RunProgressBar(TQDMProgressBar):
             bar.refresh()
         bar.close()
 
+    # -- evaluation outside a fit (eval.py, test=true): one bar named by its split -----------------------------
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._bar(self.validation_description)
+
+    def init_test_tqdm(self) -> Tqdm:
+        return self._bar(self.test_description)
+
+    def _next_loader(self, bar: Tqdm, split: str, trainer, dataloader_idx: int) -> None:
+        """Restart ``bar`` for a new evaluation loader: its batch count, named ``split`` (and the loader's index
+        where there are several)."""
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        loaders = trainer.num_val_batches if split == "val" else trainer.num_test_batches
+        bar.reset(total=convert_inf(loaders[dataloader_idx]))
+        bar.initial = 0
+        bar.set_description(f"{split} (loader {dataloader_idx})" if len(loaders) > 1 else split, refresh=False)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._next_loader(self.test_progress_bar, "test", trainer, dataloader_idx)
+
     # -- validation inside a fit: on the training bar's line --------------------------------------------------
     def on_validation_start(self, trainer, pl_module) -> None:
         if not self._in_fit(trainer):
             super().on_validation_start(trainer, pl_module)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        if not self._in_fit(trainer):
+        if trainer.sanity_checking:
             super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        elif not self._in_fit(trainer):
+            self._next_loader(self.val_progress_bar, "val", trainer, dataloader_idx)
         else:
             self.has_dataloader_changed(dataloader_idx)  # tracks the loader whose batch count is shown
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -78,6 +79,17 @@ def check_the_console(experiment: str, run_dir: Path, proc) -> None:
         assert quieted not in proc.stdout + proc.stderr + log, quieted
     bars = [line for line in log.splitlines() if line.startswith("train:")]
     assert len(bars) == 1 and "| 8/8 [" in bars[0], bars  # the final state only, sized to the run
+    assert (run_dir / "config.yaml").is_file()
+    for drawn in drawn_pieces(proc.stdout):  # nothing (dynamics' step lines, ...) is printed into the bar's line
+        assert not BAR.search(drawn) or (drawn.startswith("train") and drawn.endswith("]")), drawn
+
+
+BAR = re.compile(r"\| *\d+/[\d?]+ \[")  # tqdm's "| 3/8 [" (Lightning's bar format)
+
+
+def drawn_pieces(stream: str) -> list[str]:
+    """What a terminal draws, piece by piece: the text between carriage returns and newlines."""
+    return [piece.strip() for piece in re.split(r"[\r\n]", stream) if piece.strip()]
 
 
 def test_command_line_beats_the_debug_preset(tmp_path, shared_data):
@@ -163,6 +175,10 @@ def test_eval_reproduces_checkpoint_validation_metrics(smoke_run, shared_data):
     stored = torch.load(ckpt, weights_only=True)["mmsuite"]["val_metrics"]
     proc = run_cli("eval.py", "experiment=image_tokenizer", f"ckpt_path={ckpt}", logs=logs, data=shared_data)
     assert "val/psnr" in proc.stdout
+    bars = [piece for piece in drawn_pieces(proc.stdout) if BAR.search(piece)]  # the training bar's style
+    assert bars and all(piece.startswith("val:") for piece in bars) and "| 2/2 [" in bars[-1], bars
+    assert "from the checkpoint" not in proc.stdout + proc.stderr  # eval.py names the checkpoint itself
+    assert proc.stdout.count("val/psnr") == 1  # the metrics said once, by eval.py (no Lightning table)
     got = json.loads((run_dir / "eval_val.json").read_text())["metrics"]
     for key in ("val/psnr", "val/loss", "val/codebook_usage"):
         assert got[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-5), key

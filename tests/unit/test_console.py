@@ -33,6 +33,8 @@ def test_lightnings_start_up_tips_are_dropped_and_its_other_messages_kept(caplog
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         log.info("GPU available: False, used: False")
         log.info("💡 Tip: For seamless cloud logging ...")
+        log.info("Restoring states from the checkpoint path at /runs/x/checkpoints/last.ckpt")
+        log.info("Loaded model weights from the checkpoint at /runs/x/checkpoints/last.ckpt")
         log.info("`Trainer.fit` stopped: `max_steps=8` reached.")
     assert [r.getMessage() for r in caplog.records] == ["`Trainer.fit` stopped: `max_steps=8` reached."]
 

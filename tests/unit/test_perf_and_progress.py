@@ -89,9 +89,45 @@ def test_total_grad_norm_is_the_norm_of_all_gradients_as_one_vector():
     assert float(halves) == pytest.approx(5.0)
 
 
-def test_batch_counts_asks_the_family_or_counts_the_first_tensor():
+def test_batch_counts_asks_the_family_or_counts_the_first_tensor_and_an_attention_mask():
     assert batch_counts(Tiny(), [torch.zeros(6, 8)]) == (6, 6 * TOKENS_PER_SAMPLE)
     assert batch_counts(torch.nn.Linear(1, 1), {"image": torch.zeros(3, 3, 8, 8)}) == (3, None)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # a Hugging Face style batch: tokens are the unmasked ones
+    samples, tokens = batch_counts(torch.nn.Linear(1, 1), {"input_ids": torch.zeros(2, 4), "attention_mask": mask})
+    assert samples == 2 and torch.is_tensor(tokens) and int(tokens) == 5
+
+
+class MaskBatches(Tiny):
+    """A family with no counting hook of its own whose batches carry an attention mask."""
+
+    throughput_counts = None
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step([batch["x"]], batch_idx)
+
+
+def test_a_family_without_a_hook_gets_tokens_per_second_from_its_attention_mask():
+    data = [{"x": torch.randn(4, 8), "attention_mask": torch.tensor([[1, 1, 1, 0]] * 4)} for _ in range(4)]
+    logger = Recorder()
+    trainer = L.Trainer(
+        max_steps=4, log_every_n_steps=1, logger=logger, callbacks=[PerfMonitor()], enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(MaskBatches(), DataLoader(data, batch_size=None))
+    for (_, samples), (_, tokens) in zip(logger.metrics["perf/samples_per_s"], logger.metrics["perf/tokens_per_s"]):
+        assert tokens == pytest.approx(samples * 3)  # 3 unmasked tokens a sample
+
+
+def test_the_readme_documents_the_perf_keys_that_are_written():
+    import re
+    from pathlib import Path
+
+    from mmsuite.callbacks.perf import PERF_KEYS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert set(re.findall(r"perf/(\w+)", readme)) == set(PERF_KEYS)
+    logged = fit(Tiny(), [PerfMonitor(peak_flops=1e9)]).metrics
+    assert {k.removeprefix("perf/") for k in logged if k.startswith("perf/")} <= set(PERF_KEYS)
 
 
 def test_grad_norm_before_clipping_throughput_and_step_time_are_logged_and_no_mfu_on_cpu():
@@ -145,6 +181,24 @@ def test_the_bar_counts_the_run_not_the_epoch():
     assert bar.train_progress_bar.n == bar.train_progress_bar.total == 10
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_outside_a_fit_has_one_bar_of_the_same_style_named_by_its_split(split, capsys):
+    class Scored(Tiny):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/x", 1.0)
+
+        test_step = validation_step
+
+    bar = RunProgressBar()
+    trainer = L.Trainer(logger=False, callbacks=[bar], enable_model_summary=False, accelerator="cpu")
+    run = trainer.validate if split == "val" else trainer.test
+    run(Scored(), DataLoader(TensorDataset(torch.randn(12, 8)), batch_size=4), verbose=False)
+    shown = bar.val_progress_bar if split == "val" else bar.test_progress_bar
+    assert shown.n == shown.total == 3 and shown.desc.startswith(split) and shown.bar_format == bar.BAR_FORMAT
+    drawn = [s.strip() for s in capsys.readouterr().out.replace("\r", "\n").splitlines() if s.strip()]
+    assert drawn and all(s.startswith(f"{split}:") for s in drawn), drawn  # not "Validation DataLoader 0"
+
+
 def test_the_bar_total_is_the_smaller_of_the_steps_and_the_budget():
     trainer = SimpleNamespace(max_steps=100, accumulate_grad_batches=2)
     assert run_total_batches(trainer, Tiny(budget_steps=None)) == 200
@@ -163,9 +217,9 @@ def test_the_token_budget_estimates_its_steps_from_the_tokens_per_step_so_far():
 
 def test_flat_config_is_dotted_and_readable():
     flat = flat_config(
-        {"model": {"optim": {"lr": 0.002}, "sizes": [1, 2]}, "test": False, "x": None, "smoke": {"a": 1}, "e": {}}
+        {"model": {"optim": {"lr": 0.002}, "sizes": [1, 2]}, "test": False, "x": None, "s": {"a": 1}, "e": {}}
     )
-    assert flat == {"e": "{}", "model.optim.lr": 0.002, "model.sizes": "[1, 2]", "test": "false", "x": "null"}
+    assert flat == {"e": "{}", "model.optim.lr": 0.002, "s.a": 1, "model.sizes": "[1, 2]", "test": "false", "x": "null"}
     metrics = {"final": {"val/loss": 1.0, "train/loss": 2.0}, "test": {"test/psnr": 3.0}}
     assert final_metrics(metrics) == {"test/psnr": 3.0, "val/loss": 1.0}
 
