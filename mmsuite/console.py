@@ -42,6 +42,11 @@ KNOWN_WARNINGS = (
         "eval.py restores a checkpoint to score its weights; the training callbacks' bookkeeping plays no part there",
     ),
     (
+        r".*torch\.nn\.utils\.weight_norm.*deprecated",
+        FutureWarning,
+        "encodec builds its layers with the old weight_norm (its checkpoints' state-dict keys): its code, not ours",
+    ),
+    (
         r"Precision .* is not supported by the model summary",
         UserWarning,
         "the model summary (trainer.enable_model_summary=true) only estimates the size in MB for bf16/fp16 runs",

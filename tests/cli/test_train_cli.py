@@ -88,8 +88,9 @@ BAR = re.compile(r"\| *\d+/[\d?]+ \[")  # tqdm's "| 3/8 [" (Lightning's bar form
 
 
 def drawn_pieces(stream: str) -> list[str]:
-    """What a terminal draws, piece by piece: the text between carriage returns and newlines."""
-    return [piece.strip() for piece in re.split(r"[\r\n]", stream) if piece.strip()]
+    """What a terminal draws, piece by piece: the text between carriage returns and newlines (cursor moves dropped)."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream)
+    return [piece.strip() for piece in re.split(r"[\r\n]", text) if piece.strip()]
 
 
 def test_command_line_beats_the_debug_preset(tmp_path, shared_data):

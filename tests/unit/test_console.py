@@ -22,6 +22,7 @@ def test_known_warnings_are_dropped_and_others_still_shown():
         warnings.warn("Your `IterableDataset` has `__len__` defined. In combination ...", UserWarning, stacklevel=1)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
         warnings.warn("Checkpoint directory /x/checkpoints exists and is not empty.", UserWarning, stacklevel=1)
+        warnings.warn("`torch.nn.utils.weight_norm` is deprecated in favor of ...", FutureWarning, stacklevel=1)
         warnings.warn("something real went wrong", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something real went wrong"]
     assert all(len(reason) > 20 for _, _, reason in KNOWN_WARNINGS)  # each filter says why

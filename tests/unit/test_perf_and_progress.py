@@ -72,8 +72,7 @@ def fit(module, callbacks, max_steps=6, accumulate=1, batches=4, **kwargs) -> Re
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=any(isinstance(c, RunProgressBar) for c in callbacks),
-        accelerator="cpu",
-        **kwargs,
+        **{"accelerator": "cpu", **kwargs},
     )
     trainer.fit(module, data)
     return logger
@@ -161,6 +160,12 @@ def test_mfu_is_the_counted_flops_over_the_peak_where_the_peak_is_known():
     assert per_step > 0
     for (_, mfu), (_, step) in zip(logged["perf/mfu"], logged["perf/step_time_s"]):
         assert mfu * peak * step == pytest.approx(per_step, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_mfu_comes_from_lightnings_table_and_peak_memory_is_logged():
+    logged = fit(Tiny(), [PerfMonitor()], accelerator="gpu", devices=1).metrics
+    assert all(0 < v < 1 for _, v in logged["perf/mfu"]) and all(v > 0 for _, v in logged["perf/peak_memory_gib"])
 
 
 def test_perf_monitor_consumes_no_random_numbers():
