@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
 from mmsuite.lightning_modules.fourm.model import FourM
@@ -336,6 +337,43 @@ def test_factorised_image_embedding_sums_fsq_digits_and_is_the_tied_table():
         FourM([dict(spec, levels=[4, 4]), MODS[1]], dim=16)
     with pytest.raises(ValueError, match="image_embedding"):
         FourM([spec, MODS[1]], dim=16, image_embedding="digits")
+
+
+def test_factorised_table_built_once_gives_a_plain_tables_logits_and_gradients(monkeypatch):
+    """The factorised table is assembled once per pass (by broadcasting over the FSQ digits) and shared by the input
+    embedding and both tied image heads: a net with a plain table holding the same rows gives the same logits and
+    loss, and the gradient reaching the rows is the same."""
+    from mmsuite.lightning_modules.fourm.model import FactorisedEmbedding
+
+    levels = [4, 3, 5]
+    mods = [dict(MODS[0], vocab=60, levels=levels), MODS[1], dict(MODS[2], vocab=60, share_with="tok_rgb"), MODS[3]]
+    torch.manual_seed(0)
+    fact = FourM(mods, dim=16, encoder_depth=1, decoder_depth=1, heads=2)
+    torch.nn.init.normal_(fact.tok_emb[0].residual.weight)  # a trained residual, not the zero start
+    emb = fact.tok_emb[0]
+    assert isinstance(emb, FactorisedEmbedding)
+    codes = torch.arange(60)
+    assert torch.allclose(emb.weight, emb(codes), atol=1e-6)  # assembly == each code's digit rows + residual
+    table = FourM(mods, dim=16, encoder_depth=1, decoder_depth=1, heads=2, image_embedding="table")
+    state = {k: v for k, v in fact.state_dict().items() if not k.startswith(("tok_emb.0.", "tok_emb.2."))}
+    state["tok_emb.0.weight"] = state["tok_emb.2.weight"] = emb.weight.detach().clone()
+    table.load_state_dict(state)
+    tokens, plan = _tokens(6), _masking()(6, np.random.default_rng(4))
+    tokens[:, :16] %= 60
+    tokens[:, 55:71] %= 60
+    built = []
+    assemble = FactorisedEmbedding.weight.fget
+    monkeypatch.setattr(FactorisedEmbedding, "weight", property(lambda self: built.append(1) or assemble(self)))
+    a, b = fact(tokens, plan), table(tokens, plan)
+    assert len(built) == 1  # once per pass: the input embedding and both tied heads read the same assembly
+    assert list(a) == list(b) and {"tok_rgb", "tok_rgb_next"} <= set(a)
+    for name in a:
+        assert torch.allclose(a[name][0], b[name][0], atol=1e-5)
+    sum(F.cross_entropy(a[n][0], a[n][1]) for n in a).backward()
+    sum(F.cross_entropy(b[n][0], b[n][1]) for n in b).backward()
+    # d loss / d table row: through the assembly, a row's residual gets exactly the plain table row's gradient
+    assert torch.allclose(emb.residual.weight.grad, table.tok_emb[0].weight.grad, atol=1e-5)
+    assert torch.allclose(fact.predict_logits(tokens, plan), table.predict_logits(tokens, plan), atol=1e-5)
 
 
 def test_packing_buckets_pad_each_bucket_to_its_own_longest_sample():

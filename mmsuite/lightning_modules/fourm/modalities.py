@@ -67,7 +67,15 @@ class FactorisedEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.forward(torch.arange(self.num_embeddings, device=self.digits.device))
+        """The full ``[codes, dim]`` table, built by broadcasting: channel 0 varies fastest in a code, so the table
+        over channels ``0..i`` is channel ``i``'s rows added to each row of the table over ``0..i-1``. That is
+        O(codes x dim) work forward and backward, like reading a plain table, where gathering each code's digit
+        rows was O(codes x channels x dim). Equal to :meth:`forward` of every code (tested)."""
+        rows = self.digit_emb.weight.split(self.levels)
+        table = rows[0]
+        for r in rows[1:]:
+            table = (r[:, None] + table[None]).flatten(0, 1)
+        return table + self.residual.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.digit_emb(self.digits[ids] + self.starts).sum(-2) + self.residual(ids)
