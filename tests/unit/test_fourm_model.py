@@ -339,6 +339,18 @@ def test_factorised_image_embedding_sums_fsq_digits_and_is_the_tied_table():
         FourM([spec, MODS[1]], dim=16, image_embedding="digits")
 
 
+def test_adamw_is_fused_unless_told_otherwise_and_a_resumed_run_may_switch_it():
+    from mmsuite.callbacks.run_state import resume_config_differences
+
+    assert _module().configure_optimizers()["optimizer"].defaults["fused"] is True
+    loop = _module(optim={"lr": 1e-3, "fused": False}).configure_optimizers()["optimizer"]
+    assert not loop.defaults["fused"]
+    saved = {"model": {"optim": {"lr": 1e-3}, "compile": False}}
+    now = {"model": {"optim": {"lr": 1e-3, "fused": True}, "compile": True}}
+    assert resume_config_differences(saved, now) == []
+    assert resume_config_differences(saved, {"model": {"optim": {"lr": 2e-3}}})[0][0] == "model.optim.lr"
+
+
 def test_factorised_table_built_once_gives_a_plain_tables_logits_and_gradients(monkeypatch):
     """The factorised table is assembled once per pass (by broadcasting over the FSQ digits) and shared by the input
     embedding and both tied image heads: a net with a plain table holding the same rows gives the same logits and

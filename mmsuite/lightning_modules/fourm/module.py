@@ -155,6 +155,12 @@ class FourMModule(L.LightningModule):
         for name, p in self.net.named_parameters():
             # no weight decay on norms, biases, embeddings and the query token (4M's choice)
             (no_decay if p.ndim < 2 or "emb" in name or name == "query" else decay).append(p)
+        # optim.fused: one fused kernel for the whole update where torch has one (float tensors on CPU or CUDA), the
+        # same AdamW up to rounding; at the published M4 shape on a CPU it took 0.22 s a step against 0.78 s for the
+        # per-tensor loop (experiments/m4_pose/README.md)
+        fused = bool(o.get("fused", True)) and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay
+        )
         opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": float(o.get("weight_decay", 0.05))},
@@ -162,6 +168,7 @@ class FourMModule(L.LightningModule):
             ],
             lr=float(o["lr"]),
             betas=tuple(float(b) for b in o.get("betas", (0.9, 0.95))),
+            fused=fused or None,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self.lr_factor())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
