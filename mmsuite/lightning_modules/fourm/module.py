@@ -57,10 +57,14 @@ class FourMModule(L.LightningModule):
         generation: dict | None = None,
         image_tokenizer_ckpt: str | None = None,
         pose_decode: str = "mean",
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.net = FourM(modalities, **net)
+        if compile:  # torch.compile of each transformer block, in place (checkpoint keys unchanged)
+            for block in (*self.net.encoder, *self.net.decoder):
+                block.compile(dynamic=True)
         self.names = self.net.names
         self.masking = DirichletMasking(
             lengths=self.net.lengths,
