@@ -408,6 +408,28 @@ def test_factorised_table_built_once_gives_a_plain_tables_logits_and_gradients(m
     assert torch.allclose(fact.predict_logits(tokens, plan), table.predict_logits(tokens, plan), atol=1e-5)
 
 
+@pytest.mark.parametrize("levels", [[7], [2, 3], [4, 3, 5], [8, 8, 8, 5, 5, 5]])
+def test_factorised_table_assembly_has_the_gradients_of_each_codes_digit_rows(levels):
+    """The hand-written assembly (one table-sized tensor each way) gives the table and the gradients, to the digit
+    rows and to the residual, of summing each code's digit rows and residual (forward of every code)."""
+    from mmsuite.lightning_modules.fourm.model import FactorisedEmbedding
+
+    torch.manual_seed(0)
+    emb = FactorisedEmbedding(levels, dim=8)
+    emb.reset_parameters()
+    torch.nn.init.normal_(emb.residual.weight)
+    params = [emb.digit_emb.weight, emb.residual.weight]
+    table, rows = emb.weight, emb(torch.arange(emb.num_embeddings))
+    assert table.shape == (emb.num_embeddings, 8) and torch.allclose(table, rows, atol=1e-5)
+    g = torch.randn_like(table)
+    expected = torch.autograd.grad(rows, params, g)
+    for a, b in zip(torch.autograd.grad(table, params, g), expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
+    emb.residual.weight.requires_grad_(False)  # a frozen residual still passes the gradient to the digits
+    (grad,) = torch.autograd.grad(emb.weight, [emb.digit_emb.weight], g)
+    assert torch.allclose(grad, expected[0], rtol=1e-4, atol=1e-3)
+
+
 def test_packing_buckets_pad_each_bucket_to_its_own_longest_sample():
     from mmsuite.nn.transformer import Packing
 
