@@ -228,9 +228,19 @@ def test_shared_tables_and_tied_heads():
     net = FourM(shared, dim=32, encoder_depth=1, decoder_depth=1, heads=2)
     assert net.tok_emb[0] is net.tok_emb[2] and net.tok_emb[1] is net.tok_emb[3]
     h = torch.randn(3, 32)
-    assert torch.allclose(net.logits(3, h), h @ net.tok_emb[1].weight.T / 32**0.5)  # tied: h . embeddings / sqrt(D)
+    tied = h @ net.tok_emb[1].weight.T / 32**0.5  # tied: h . embeddings / sqrt(D) (rounding: scaled before)
+    assert torch.allclose(net.logits(3, h), tied, atol=1e-6)
     untied = FourM(MODS, dim=32, encoder_depth=1, decoder_depth=1, heads=2, tie_heads=False)
     assert untied.logits(1, h).shape == (3, BINS + 3)
+    # the forward scores the targets of the modalities sharing a table in one matmul: the logits of each alone
+    tokens, plan = _tokens(4), _masking()(4, np.random.default_rng(2))
+    for model in (net, untied):
+        out = model(tokens, plan)
+        y, index, _, _ = model._states(tokens, plan, model.tables())
+        seg = model.segment[index]
+        assert len(out) == 4
+        for k, name in enumerate(model.names):
+            assert torch.allclose(out[name][0], model.logits(k, y[seg == k]), atol=1e-6)
     bad = [dict(m) for m in MODS]
     bad[2]["share_with"] = "coords"
     with pytest.raises(ValueError, match="vocab sizes differ"):

@@ -235,11 +235,17 @@ class FourM(nn.Module):
         y, index, rows, _ = self._states(tokens, plan, tables)
         seg = self.segment[index]
         targets = tokens[rows, index]
-        out = {}
-        for k in self._target_modalities(plan, seg):
-            sel = seg == k
-            out[self.names[k]] = (self.logits(k, y[sel], tables), targets[sel], rows[sel])
-        return out
+        ks = self._target_modalities(plan, seg)
+        sel = {k: seg == k for k in ks}
+        heads: dict = {}  # tied heads reading one table score all their targets in one matmul
+        for k in ks:
+            heads.setdefault(self.table_of[k] if self.tie_heads else -1 - k, []).append(k)
+        logits = {}
+        for members in heads.values():
+            h = [y[sel[k]] for k in members]
+            parts = self.logits(members[0], torch.cat(h) if len(h) > 1 else h[0], tables).split([len(x) for x in h])
+            logits.update(zip(members, parts))
+        return {self.names[k]: (logits[k], targets[sel[k]], rows[sel[k]]) for k in ks}
 
     def _target_modalities(self, plan, seg: torch.Tensor) -> list[int]:
         """The modalities with real targets, in order: from the plan's host copies when it has them (no device
@@ -254,7 +260,7 @@ class FourM(nn.Module):
         pass's :meth:`tables`, so that a factorised table is not rebuilt per head)."""
         if self.tie_heads:  # unit-scale embeddings: 1/sqrt(D) keeps the logits of a LayerNormed state O(sqrt(D))
             table = self.tok_emb[k].weight if tables is None else tables[k]
-            return F.linear(h, table) * self.dim**-0.5
+            return F.linear(h * self.dim**-0.5, table)  # scaled on the states: [n, D], not the logits [n, vocab]
         return self.heads[k](h)
 
     @torch.no_grad()
