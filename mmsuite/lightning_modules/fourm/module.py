@@ -160,8 +160,8 @@ class FourMModule(L.LightningModule):
             # no weight decay on norms, biases, embeddings and the query token (4M's choice)
             (no_decay if p.ndim < 2 or "emb" in name or name == "query" else decay).append(p)
         # optim.fused: one fused kernel for the whole update where torch has one (float tensors on CPU or CUDA), the
-        # same AdamW up to rounding; at the published M4 shape on a CPU it took 0.22 s a step against 0.78 s for the
-        # per-tensor loop (experiments/m4_pose/README.md)
+        # same AdamW up to rounding; at the published M4 shape on a CPU it took 0.59 s a step against 2.54 s for the
+        # per-tensor loop (experiments/m4_pose/README.md, speed section)
         fused = bool(o.get("fused", True)) and all(
             p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay
         )
