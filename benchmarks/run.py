@@ -4,6 +4,7 @@ Each benchmark measures its own ratio in one process where it can (e.g. Lightnin
 same model and batches), so that figures taken on a busy or different machine still compare.
 
     python -m benchmarks.run [--only toyworld,shards,...,m4,dynamics,dynamics_gpu16gb] [--quick] [--threads N]
+        [--results DIR] [--prefix gpu-]
 
 The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
 ``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so. ``--results DIR``
@@ -308,13 +309,57 @@ def bench_loop_overhead(quick: bool) -> dict:
 # m4: the 4M model at the M4 shape (experiment=m4_pose on a GPU profile = the notes' config verbatim)
 M4_OVERRIDES = ["experiment=m4_pose", "hardware=gpu16gb"]
 M4_QUICK_NET = ["model.net.dim=32", "model.net.encoder_depth=1", "model.net.decoder_depth=1", "model.net.heads=2"]
+# the published M4 model (the notes' d8-8 w640: dim 640, 8 + 8 layers, 10 heads of 64) over the 64,000-code FSQ
+# tokenizer with its factorised code embedding and 8192 pose bins
+M4_PUBLISHED = [
+    "tokenizer=fsq_64k",
+    "model.net.dim=640",
+    "model.net.encoder_depth=8",
+    "model.net.decoder_depth=8",
+    "model.net.heads=10",
+]
 M4_PAD_GOAL = 0.10  # issue 4: share of compute lost to padding < 10 %
+M4_LOGITS_GOAL = 1.3  # issue 39: factorised-embedding logits within 1.3x of a plain table's time
+# dense bf16 tensor-core peaks (FLOP/s) for the MFU estimate, by a substring of torch.cuda.get_device_name;
+# MMSUITE_PEAK_TFLOPS overrides (e.g. for a GPU not listed)
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
 
 
-def _m4_config(quick: bool):
+def _m4_config(quick: bool, published: bool = False):
     """The composed train config of ``experiment=m4_pose hardware=gpu16gb`` (the M4 notes' modalities, alphas,
-    token ranges and batch 96, the model of conf/model/fourm.yaml); ``quick`` shrinks only the net."""
-    return compose("train", M4_OVERRIDES + (M4_QUICK_NET if quick else []))
+    token ranges and batch 96, the model of conf/model/fourm.yaml); ``published``: at the published model shape
+    (:data:`M4_PUBLISHED`); ``quick`` shrinks only the net."""
+    return compose("train", M4_OVERRIDES + (M4_PUBLISHED if published else []) + (M4_QUICK_NET if quick else []))
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s (:data:`GPU_PEAK_BF16`, ``MMSUITE_PEAK_TFLOPS``), None if unknown."""
+    if os.environ.get("MMSUITE_PEAK_TFLOPS"):
+        return float(os.environ["MMSUITE_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
+
+
+def _m4_step_flops(plan, net: dict, vocabs: list[int], segment: np.ndarray) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 x forward, 2 FLOPs per multiply-add) at the plan's
+    real token counts: FourM's trunk (:func:`_fourm_macs`, attention at the real lengths) and the tied logits of
+    each real target over its modality's vocabulary. Padding is not counted, so this is the work an MFU credits."""
+    n_in, n_tg = plan.b_in.sum(1).numpy(), plan.b_tg.sum(1).numpy()
+    trunk = _fourm_macs(n_in, n_tg, net).sum()
+    targets = np.asarray(plan.dec_index)[np.asarray(plan.dec_valid)]
+    logits = float(np.asarray(vocabs, dtype=np.float64)[segment[targets]].sum()) * net["dim"]
+    return 6.0 * (trunk + logits)
 
 
 def _fourm_macs(n_enc: np.ndarray, n_dec: np.ndarray, net: dict, w_enc=None, w_dec=None, w_ctx=None) -> np.ndarray:
@@ -444,6 +489,7 @@ def _m4_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) ->
     from mmsuite.run import build_model
 
     clip = float(OmegaConf.select(cfg, "trainer.gradient_clip_val", default=0.0) or 0.0)
+    net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
     g = torch.Generator().manual_seed(0)
     with _PeakMemory(device) as mem:
         torch.manual_seed(0)
@@ -455,9 +501,11 @@ def _m4_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) ->
         tokens = torch.cat(cols, dim=2).to(device)  # [steps, B, S] local ids in the concatenated layout
         rng = np.random.default_rng(0)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        segment = net.segment_host.numpy()
         real = slots = 0
+        flops = 0.0
 
-        def step(i: int) -> tuple[int, int]:
+        def step(i: int) -> tuple[int, int, float]:
             plan = _plan_to(module.masking(batch, rng), device)
             with autocast:
                 loss = module._losses(net(tokens[i], plan))["loss"]
@@ -466,7 +514,9 @@ def _m4_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) ->
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
-            return plan.n_real_input + plan.n_real_target, batch * (plan.enc_index.shape[1] + plan.dec_index.shape[1])
+            real = plan.n_real_input + plan.n_real_target
+            slots = batch * (plan.enc_index.shape[1] + plan.dec_index.shape[1])
+            return real, slots, _m4_step_flops(plan, net_cfg, net.vocabs, segment)
 
         for i in range(warmup):
             step(i)
@@ -474,13 +524,19 @@ def _m4_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) ->
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for i in range(warmup, warmup + steps):
-            r, s = step(i)
-            real, slots = real + r, slots + s
+            r, s, f = step(i)
+            real, slots, flops = real + r, slots + s, flops + f
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
+        share = _m4_logits_share(module, tokens[0], batch, rng, autocast, elapsed / steps)
+    peak = _peak_flops(device)
     return {
         "real_tokens_per_s": real / elapsed,
+        "model_gflop_per_step": flops / steps / 1e9,
+        "achieved_tflop_per_s": flops / elapsed / 1e12,
+        **({"mfu": flops / elapsed / peak, "peak_tflop_per_s": peak / 1e12} if peak else {}),
+        "logits_share_of_step": share,
         "padded_tokens_per_s": slots / elapsed,
         "s_per_step": elapsed / steps,
         "peak_memory_mib": mem.mib,
@@ -491,6 +547,85 @@ def _m4_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) ->
         "warmup_steps": warmup,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "grad_clip": clip,
+    }
+
+
+def _m4_logits_share(module, tokens: torch.Tensor, batch: int, rng, autocast, step_s: float) -> float:
+    """Share of a training step spent in the output side: the token tables (a factorised table's assembly), the
+    tied logits of every real target and their cross-entropy, forward and backward, timed alone on one plan's
+    decoder states (computed beforehand, without gradient), divided by the measured step time ``step_s``."""
+    from mmsuite.lightning_modules.fourm.module import _plan_to
+
+    net = module.net
+    plan = _plan_to(module.masking(batch, rng), tokens.device)
+    with torch.no_grad(), autocast:
+        y, index, rows, _ = net._states(tokens, plan, net.tables())
+    seg, targets = net.segment[index], tokens[rows, index]
+    names = net._target_modalities(plan, seg)
+
+    def output_side() -> None:
+        with autocast:
+            tables = net.tables()
+            h = y.detach().requires_grad_()
+            out = {net.names[k]: (net.logits(k, h[seg == k], tables), targets[seg == k], None) for k in names}
+            loss = module._losses(out)["loss"]
+        loss.backward()
+
+    output_side()  # warm-up
+    if tokens.device.type == "cuda":
+        torch.cuda.synchronize(tokens.device)
+    t0 = time.perf_counter()
+    output_side()
+    if tokens.device.type == "cuda":
+        torch.cuda.synchronize(tokens.device)
+    module.net.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / step_s
+
+
+def _m4_logits_vs_table(cfg, n_targets: dict[str, int], device: torch.device, reps: int) -> dict:
+    """Factorised image-code embedding against a plain table in what a training step does with it: build the
+    tables once, tied logits of both image modalities' targets (``n_targets``) and their cross-entropy, forward and
+    backward. Both nets are the published model's output side (no blocks); the two alternate, best of ``reps``."""
+    from omegaconf import OmegaConf
+
+    from mmsuite.lightning_modules.fourm.model import FourMNetSettings
+
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    mods = OmegaConf.to_container(cfg.model.modalities, resolve=True)
+    kw = {**net, "encoder_depth": 0, "decoder_depth": 0}  # the output side only: no blocks
+    nets = {e: FourMNetSettings(**{**kw, "image_embedding": e}).build(mods).to(device) for e in ("factorised", "table")}
+    g = torch.Generator().manual_seed(0)
+    ks = [k for k, name in enumerate(nets["table"].names) if n_targets.get(name)]
+    h = {k: torch.randn(n_targets[nets["table"].names[k]], net["dim"], generator=g).to(device) for k in ks}
+    t = {k: torch.randint(0, nets["table"].vocabs[k], (len(h[k]),), generator=g).to(device) for k in ks}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def run(model) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with autocast:
+            tables = model.tables()
+            loss = sum(torch.nn.functional.cross_entropy(model.logits(k, h[k], tables).float(), t[k]) for k in ks)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    best = {e: float("inf") for e in nets}
+    for e in nets:
+        run(nets[e])  # warm-up
+    for r in range(reps):
+        for e in nets if r % 2 == 0 else list(nets)[::-1]:
+            best[e] = min(best[e], run(nets[e]))
+    return {
+        "logits_factorised_s": best["factorised"],
+        "logits_table_s": best["table"],
+        "logits_factorised_vs_table": best["factorised"] / best["table"],
+        "goal_logits_factorised_vs_table": M4_LOGITS_GOAL,
+        "logits_goal_met": bool(best["factorised"] / best["table"] <= M4_LOGITS_GOAL),
+        "logits_targets": {nets["table"].names[k]: len(h[k]) for k in ks},
     }
 
 
@@ -569,6 +704,57 @@ def bench_m4(quick: bool) -> dict:
         f"({out['padded_tokens_per_s']:.0f} with padding) at batch {batch} on {out['device_name']}, "
         f"x{out['packed_speedup']:.2f} vs the padded layout, peak {out['peak_memory_mib']:.0f} MiB "
         f"({out['unpacked_peak_memory_mib']:.0f} padded)",
+        flush=True,
+    )
+    out.update({f"published_{k}": v for k, v in _m4_published(quick, device).items()})
+    return out
+
+
+def _m4_published(quick: bool, device: torch.device) -> dict:
+    """The published M4 model (:data:`M4_PUBLISHED`: dim 640, 8 + 8 layers, 10 heads, 64,000 FSQ codes with the
+    factorised embedding, 8192 pose bins) under the same masking: real tokens/s, the share of the step in the output
+    side (tables, logits, cross-entropy), peak memory, model FLOPs per step and FLOP/s (MFU on a GPU with a known
+    peak), and the factorised embedding's logits against a plain table's. CUDA: the config's batch (96), bf16
+    autocast; CPU: batch 8, fp32. ``quick``: the published vocabularies with the tiny net, batch 4."""
+    from omegaconf import OmegaConf
+
+    cfg = _m4_config(quick, published=True)
+    if quick:
+        batch, warmup, steps, reps = 4, 1, 1, 1
+    elif device.type == "cuda":
+        batch, warmup, steps, reps = int(cfg.data.batch_size), 3, 10, 5
+    else:
+        batch, warmup, steps, reps = 8, 1, 3, 3
+    out = _m4_train(cfg, batch, warmup, steps, device)
+    # image targets per step at this batch: the mean over draws of the masking
+    from mmsuite.lightning_modules.fourm.masking import DirichletMasking
+
+    m = OmegaConf.to_container(cfg.model.masking, resolve=True)
+    mods = OmegaConf.to_container(cfg.model.modalities, resolve=True)
+    masking = DirichletMasking(
+        [int(x["length"]) for x in mods],
+        m["input_alphas"],
+        m["target_alphas"],
+        m["input_tokens_range"],
+        m["target_tokens_range"],
+        weights=m.get("weights"),
+    )
+    b_tg = masking.draw_budgets(batch * 64, np.random.default_rng(0)).b_tg.mean(0) * batch
+    images = {x["name"]: int(round(n)) for x, n in zip(mods, b_tg) if x["kind"] == "image"}
+    out.update(_m4_logits_vs_table(cfg, images, device, reps))
+    out["shape"] = {
+        **OmegaConf.to_container(cfg.model.net, resolve=True),
+        "vocabs": [int(x["vocab"]) for x in mods],
+        "batch": batch,
+    }
+    print(
+        f"[bench] m4 published shape ({out['params_M']:.0f}M params, batch {batch}, {out['precision']}): "
+        f"{out['real_tokens_per_s']:.0f} real tokens/s, {out['model_gflop_per_step']:.0f} GFLOP a step, "
+        f"{out['achieved_tflop_per_s']:.3g} TFLOP/s"
+        + (f" (MFU {100 * out['mfu']:.1f} %)" if "mfu" in out else "")
+        + f", output side {100 * out['logits_share_of_step']:.0f} % of the step, peak {out['peak_memory_mib']:.0f} "
+        f"MiB; factorised-embedding logits x{out['logits_factorised_vs_table']:.2f} a plain table's time "
+        f"(goal <= {M4_LOGITS_GOAL})",
         flush=True,
     )
     return out
@@ -747,7 +933,8 @@ def table(results: dict[str, dict]) -> str:
         if len(devices) > 1:
             label += f" [{devices.index(device_text(res.get('device'))) + 1}]"
         for k, v in res.items():
-            if k in ("device", "quick") or k in CONFIG_KEYS or isinstance(v, bool) or not isinstance(v, int | float):
+            config = k in CONFIG_KEYS or k.removeprefix("published_") in CONFIG_KEYS
+            if k in ("device", "quick") or config or isinstance(v, bool) or not isinstance(v, int | float):
                 continue
             lines.append(f"| {label} | {k} | {v:.4g} |")
     return "\n".join(lines) + "\n"
@@ -761,12 +948,18 @@ def write_summary(results_dir: Path | None = None) -> str:
     return summary
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (for a quick look)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and the Rust tokenizers' thread pool)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the result JSONs and summary.md go")
+    ap.add_argument("--prefix", default="", help="results go to <prefix><name>.json (benchmarks/gpu.sh: gpu-)")
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     chosen = [n for n in (args.only.split(",") if args.only else BENCHES) if n]
     unknown = [n for n in chosen if n not in BENCHES]
@@ -779,8 +972,8 @@ def main() -> None:
     for name in chosen:
         print(f"[bench] {name} ...", flush=True)
         res = BENCHES[name](args.quick)
-        out = json.dumps({"device": info, "quick": args.quick, **res}, indent=2) + "\n"
-        (args.results / f"{name}.json").write_text(out)
+        record = json.dumps({"device": info, "quick": args.quick, **res}, indent=2, default=float)
+        (args.results / f"{args.prefix}{name}.json").write_text(record + "\n")
     print("\n" + write_summary(args.results))
 
 

@@ -181,6 +181,9 @@ RESUME_MAY_CHANGE = (
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
     "trainer.profiler",
+    # how the same model is computed: other kernels, the same math up to rounding
+    "model.compile",
+    "model.optim.fused",
 )
 _ABSENT = "<absent>"
 

@@ -44,6 +44,7 @@ class AdamWSettings:
     lr: float = setting(gt=0.0)
     betas: list[float] = setting(ge=0.0, lt=1.0)
     weight_decay: float = setting(ge=0.0)
+    fused: bool = False  # one fused kernel for the whole update (CPU / CUDA): the same AdamW up to rounding, faster
 
     def check(self, key: str) -> None:
         if len(self.betas) != 2:
@@ -75,7 +76,9 @@ def adamw_warmup_cosine(
 ) -> dict:
     """Lightning's ``configure_optimizers`` answer for the step-scheduled families: AdamW with
     :func:`warmup_cosine_scheduler` over ``total_steps`` (``trainer.max_steps``)."""
-    opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=optim.fused or None
+    )
     if total_steps is None or total_steps <= 0:
         raise ValueError(
             f"{owner} needs trainer.max_steps > 0 for its warmup-cosine schedule, got {total_steps}; "

@@ -16,6 +16,7 @@ buckets of samples of similar length, each padded to its own longest.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,8 @@ class Packing:
     padded only to its own longest sample (``groups=1``: one bucket padded to the batch maximum). Inside a
     bucket a sample's real tokens sit first, in order, so a causal mask over the bucket is causal over the real
     tokens, and RoPE tables travel with their tokens (one row per packed token). Cross-attention lays the context out
-    with the queries' buckets (:meth:`layout` of the same samples). Index tensors are built once per packing,
-    on the CPU (one device sync per layout, none with ``host``)."""
+    with the queries' buckets (:meth:`layout` of the same samples; :meth:`buckets` for both sides at once). Index
+    tensors are built once per packing, on the CPU (one device sync per packing, none with ``host``)."""
 
     def __init__(self, valid: torch.Tensor, groups: int = 1, host: torch.Tensor | None = None):
         """``host``: a CPU copy of ``valid`` when the caller has one (no device sync)."""
@@ -55,6 +56,7 @@ class Packing:
         order = torch.argsort(self.lengths, stable=True)
         self.groups = [g for g in torch.tensor_split(order, min(groups, max(len(order), 1))) if len(g)]
         self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buckets: dict[Packing, Buckets] = {}
 
     def __len__(self) -> int:
         return int(self.flat.numel())
@@ -68,13 +70,54 @@ class Packing:
         their longest with row ``T`` (point it at an appended zero row)."""
         key = tuple(samples.tolist())
         if key not in self._layouts:
-            lengths, starts = self.lengths[samples], self.starts[samples]
-            n = max(int(lengths.max()), 1)
-            i = torch.arange(n)[None]
-            ok = i < lengths[:, None]
-            rows = torch.where(ok, starts[:, None] + i, len(self))
+            rows, ok = self._host_layout(samples)
             self._layouts[key] = (rows.to(self.device), ok.to(self.device))
         return self._layouts[key]
+
+    def _host_layout(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`layout` on the CPU."""
+        lengths, starts = self.lengths[samples], self.starts[samples]
+        i = torch.arange(max(int(lengths.max()), 1))[None]
+        ok = i < lengths[:, None]
+        return torch.where(ok, starts[:, None] + i, len(self)), ok
+
+    def buckets(self, context: Packing) -> Buckets:
+        """How this packing's tokens attend over ``context``'s (itself for self-attention), bucket by bucket, with
+        one gather per side and one for the outputs, so that the backward pass adds each side's gradient into one
+        buffer instead of one per bucket (cached per context)."""
+        if context not in self._buckets:
+            q_index, k_index, shapes, key_valid, out_slots = [], [], [], [], []
+            offset = 0
+            for samples in self.groups:
+                q_rows, q_ok = self._host_layout(samples)
+                k_rows, k_ok = context._host_layout(samples)
+                (b, n), m = q_rows.shape, k_rows.shape[1]
+                q_index.append(q_rows.reshape(-1))
+                k_index.append(k_rows.reshape(-1))
+                shapes.append((b, n, m))
+                key_valid.append(k_ok.to(self.device))
+                out_slots.append((q_rows[q_ok], offset + q_ok.reshape(-1).nonzero().squeeze(1)))
+                offset += b * n
+            out_index = torch.empty(len(self), dtype=torch.long)
+            for rows, slots in out_slots:  # every packed row sits in exactly one bucket slot
+                out_index[rows] = slots
+            to = self.device
+            self._buckets[context] = Buckets(
+                torch.cat(q_index).to(to), torch.cat(k_index).to(to), shapes, key_valid, out_index.to(to)
+            )
+        return self._buckets[context]
+
+
+class Buckets(NamedTuple):
+    """Attention layout of :meth:`Packing.buckets`: rows of the padded (row ``T`` = zeros) queries and keys to
+    gather, bucket after bucket (``[sum b n]``, ``[sum b m]``), each bucket's ``(b, n, m)`` and key mask ``[b, m]``,
+    and for each packed query token the row of the concatenated bucket outputs that holds it (``[T]``)."""
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    shapes: list[tuple[int, int, int]]
+    key_valid: list[torch.Tensor]
+    out_index: torch.Tensor
 
 
 def rope_tables(length: int, head_dim: int, base: float = 10_000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,16 +193,25 @@ class Attention(nn.Module):
         context_pack = pack if context is None else context_pack
         if context_pack is None:
             raise ValueError("packed cross-attention needs the context's packing")
-        q0, kv0 = F.pad(q, (0, 0, 0, 1)), F.pad(kv, (0, 0, 0, 1))  # row T: zeros for the padding
-        rope0 = None if rope is None else tuple(F.pad(t, (0, 0, 0, 1)) for t in rope)
-        out = q.new_empty(q.shape)
-        for samples in pack.groups:
-            q_rows, q_ok = pack.layout(samples)
-            k_rows, k_ok = context_pack.layout(samples)
-            rot = None if rope0 is None else (rope0[0][q_rows][:, None], rope0[1][q_rows][:, None])
-            o = self._attend(q0[q_rows], kv0[k_rows], k_ok, causal, rot)
-            out[q_rows[q_ok]] = o[q_ok]
-        return self.proj(out)
+        return self.proj(self._attend_packed(q, kv, pack, context_pack, causal, rope))
+
+    @torch.compiler.disable
+    def _attend_packed(self, q, kv, pack: Packing, context_pack: Packing, causal: bool, rope) -> torch.Tensor:
+        """Attention of packed ``q [T, D]`` over packed ``kv [Tk, ·]``, bucket by bucket. Left to eager mode under
+        ``torch.compile``: the bucket layouts are Python-level and differ every batch."""
+        plan = pack.buckets(context_pack)
+        q_sizes = [b * n for b, n, _ in plan.shapes]
+        pad = (0, 0, 0, 1)  # row T: zeros for the padding
+        qs = F.pad(q, pad).index_select(0, plan.q_index).split(q_sizes)
+        ks = F.pad(kv, pad).index_select(0, plan.k_index).split([b * m for b, _, m in plan.shapes])
+        rots = [None] * len(qs)
+        if rope is not None:
+            cos, sin = (F.pad(t, pad).index_select(0, plan.q_index).split(q_sizes) for t in rope)
+            rots = [(c.view(b, 1, n, -1), s.view(b, 1, n, -1)) for c, s, (b, n, _) in zip(cos, sin, plan.shapes)]
+        out = []
+        for qb, kb, (b, n, m), k_ok, rot in zip(qs, ks, plan.shapes, plan.key_valid, rots):
+            out.append(self._attend(qb.view(b, n, -1), kb.view(b, m, -1), k_ok, causal, rot).reshape(b * n, -1))
+        return torch.cat(out).index_select(0, plan.out_index)
 
     def _heads(self, q: torch.Tensor, kv: torch.Tensor):
         """``q [b, n, D]``, ``kv [b, m, 2·kv_heads·head_dim]`` -> per-head ``q, k, v`` ``[b, heads, ·, head_dim]``

@@ -64,6 +64,12 @@ def test_m4_bench_quick():
     assert res["device_type"] in ("cpu", "cuda") and res["device_name"] and res["peak_memory_method"]
     row = "| m4 (quick) | pad_share_compute |"
     assert row in run.table({"m4": {"device": run.device_info(), "quick": True, **res}})
+    # the published shape's vocabularies (64,000 FSQ codes, factorised; 8192 pose bins + 3) under the same masking
+    assert res["published_shape"]["vocabs"] == [64000, 8195, 64000, 8195]
+    assert res["published_real_tokens_per_s"] > 0 and res["published_model_gflop_per_step"] > 0
+    assert res["published_logits_share_of_step"] > 0  # a ratio of two timings: above 1 is possible under load
+    assert res["published_logits_factorised_vs_table"] > 0 and res["published_goal_logits_factorised_vs_table"] == 1.3
+    assert set(res["published_logits_targets"]) == {"tok_rgb", "tok_rgb_next"}
 
 
 def _result(quick: bool, threads: int = 2, **figures) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmsuite.lightning_modules.fourm.masking import DirichletMasking, fixed_plan
 from mmsuite.lightning_modules.fourm.model import FourM, FourMNetSettings
@@ -227,9 +228,19 @@ def test_shared_tables_and_tied_heads():
     net = FourMNetSettings(dim=32, encoder_depth=1, decoder_depth=1, heads=2).build(shared)
     assert net.tok_emb[0] is net.tok_emb[2] and net.tok_emb[1] is net.tok_emb[3]
     h = torch.randn(3, 32)
-    assert torch.allclose(net.logits(3, h), h @ net.tok_emb[1].weight.T / 32**0.5)  # tied: h . embeddings / sqrt(D)
+    tied = h @ net.tok_emb[1].weight.T / 32**0.5  # tied: h . embeddings / sqrt(D) (rounding: scaled before)
+    assert torch.allclose(net.logits(3, h), tied, atol=1e-6)
     untied = FourMNetSettings(dim=32, encoder_depth=1, decoder_depth=1, heads=2, tie_heads=False).build(MODS)
     assert untied.logits(1, h).shape == (3, BINS + 3)
+    # the forward scores the targets of the modalities sharing a table in one matmul: the logits of each alone
+    tokens, plan = _tokens(4), _masking()(4, np.random.default_rng(2))
+    for model in (net, untied):
+        out = model(tokens, plan)
+        y, index, _, _ = model._states(tokens, plan, model.tables())
+        seg = model.segment[index]
+        assert len(out) == 4
+        for k, name in enumerate(model.names):
+            assert torch.allclose(out[name][0], model.logits(k, y[seg == k]), atol=1e-6)
     bad = [dict(m) for m in MODS]
     bad[2]["share_with"] = "coords"
     with pytest.raises(ValueError, match="vocab sizes differ"):
@@ -338,6 +349,97 @@ def test_factorised_image_embedding_sums_fsq_digits_and_is_the_tied_table():
         FourMNetSettings(dim=16).build([dict(spec, levels=[4, 4]), MODS[1]])
     with pytest.raises(ValueError, match="image_embedding"):
         FourMNetSettings(dim=16, image_embedding="digits").build([spec, MODS[1]])
+
+
+def test_adamw_is_fused_unless_told_otherwise_and_a_resumed_run_may_switch_it():
+    from mmsuite.callbacks.run_state import resume_config_differences
+
+    assert _module().configure_optimizers()["optimizer"].defaults["fused"] is True
+    loop = _module(optim={"lr": 1e-3, "fused": False}).configure_optimizers()["optimizer"]
+    assert not loop.defaults["fused"]
+    saved = {"model": {"optim": {"lr": 1e-3}, "compile": False}}
+    now = {"model": {"optim": {"lr": 1e-3, "fused": True}, "compile": True}}
+    assert resume_config_differences(saved, now) == []
+    assert resume_config_differences(saved, {"model": {"optim": {"lr": 2e-3}}})[0][0] == "model.optim.lr"
+
+
+def test_compile_compiles_each_block_in_place_and_gives_the_eager_outputs(monkeypatch):
+    """model.compile: every encoder and decoder block goes through torch.compile (dynamic shapes), the checkpoint
+    keys stay those of the eager model, and the outputs are the eager ones. Dynamo traces with its eager backend
+    here (the test checks the tracing, not inductor's code generation, which takes minutes on a small CPU)."""
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def compile_eager(self, *args, **kwargs):
+        compiled.append((type(self).__name__, kwargs.get("dynamic")))
+        return original(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    eager, comp = _module(), _module(compile=True)
+    assert compiled == [("Block", True), ("DecoderBlock", True)]
+    assert list(comp.state_dict()) == list(eager.state_dict())
+    tokens, plan = _tokens(4), _masking()(4, np.random.default_rng(1))
+    a, b = eager._losses(eager.net(tokens, plan))["loss"], comp._losses(comp.net(tokens, plan))["loss"]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_factorised_table_built_once_gives_a_plain_tables_logits_and_gradients(monkeypatch):
+    """The factorised table is assembled once per pass (by broadcasting over the FSQ digits) and shared by the input
+    embedding and both tied image heads: a net with a plain table holding the same rows gives the same logits and
+    loss, and the gradient reaching the rows is the same."""
+    from mmsuite.lightning_modules.fourm.model import FactorisedEmbedding
+
+    levels = [4, 3, 5]
+    mods = [dict(MODS[0], vocab=60, levels=levels), MODS[1], dict(MODS[2], vocab=60, share_with="tok_rgb"), MODS[3]]
+    torch.manual_seed(0)
+    fact = FourMNetSettings(dim=16, encoder_depth=1, decoder_depth=1, heads=2).build(mods)
+    torch.nn.init.normal_(fact.tok_emb[0].residual.weight)  # a trained residual, not the zero start
+    emb = fact.tok_emb[0]
+    assert isinstance(emb, FactorisedEmbedding)
+    codes = torch.arange(60)
+    assert torch.allclose(emb.weight, emb(codes), atol=1e-6)  # assembly == each code's digit rows + residual
+    table = FourMNetSettings(dim=16, encoder_depth=1, decoder_depth=1, heads=2, image_embedding="table").build(mods)
+    state = {k: v for k, v in fact.state_dict().items() if not k.startswith(("tok_emb.0.", "tok_emb.2."))}
+    state["tok_emb.0.weight"] = state["tok_emb.2.weight"] = emb.weight.detach().clone()
+    table.load_state_dict(state)
+    tokens, plan = _tokens(6), _masking()(6, np.random.default_rng(4))
+    tokens[:, :16] %= 60
+    tokens[:, 55:71] %= 60
+    built = []
+    assemble = FactorisedEmbedding.weight.fget
+    monkeypatch.setattr(FactorisedEmbedding, "weight", property(lambda self: built.append(1) or assemble(self)))
+    a, b = fact(tokens, plan), table(tokens, plan)
+    assert len(built) == 1  # once per pass: the input embedding and both tied heads read the same assembly
+    assert list(a) == list(b) and {"tok_rgb", "tok_rgb_next"} <= set(a)
+    for name in a:
+        assert torch.allclose(a[name][0], b[name][0], atol=1e-5)
+    sum(F.cross_entropy(a[n][0], a[n][1]) for n in a).backward()
+    sum(F.cross_entropy(b[n][0], b[n][1]) for n in b).backward()
+    # d loss / d table row: through the assembly, a row's residual gets exactly the plain table row's gradient
+    assert torch.allclose(emb.residual.weight.grad, table.tok_emb[0].weight.grad, atol=1e-5)
+    assert torch.allclose(fact.predict_logits(tokens, plan), table.predict_logits(tokens, plan), atol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [[7], [2, 3], [4, 3, 5], [8, 8, 8, 5, 5, 5]])
+def test_factorised_table_assembly_has_the_gradients_of_each_codes_digit_rows(levels):
+    """The hand-written assembly (one table-sized tensor each way) gives the table and the gradients, to the digit
+    rows and to the residual, of summing each code's digit rows and residual (forward of every code)."""
+    from mmsuite.lightning_modules.fourm.model import FactorisedEmbedding
+
+    torch.manual_seed(0)
+    emb = FactorisedEmbedding(levels, dim=8)
+    emb.reset_parameters()
+    torch.nn.init.normal_(emb.residual.weight)
+    params = [emb.digit_emb.weight, emb.residual.weight]
+    table, rows = emb.weight, emb(torch.arange(emb.num_embeddings))
+    assert table.shape == (emb.num_embeddings, 8) and torch.allclose(table, rows, atol=1e-5)
+    g = torch.randn_like(table)
+    expected = torch.autograd.grad(rows, params, g)
+    for a, b in zip(torch.autograd.grad(table, params, g), expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
+    emb.residual.weight.requires_grad_(False)  # a frozen residual still passes the gradient to the digits
+    (grad,) = torch.autograd.grad(emb.weight, [emb.digit_emb.weight], g)
+    assert torch.allclose(grad, expected[0], rtol=1e-4, atol=1e-3)
 
 
 def test_packing_buckets_pad_each_bucket_to_its_own_longest_sample():

@@ -67,10 +67,45 @@ class FactorisedEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.forward(torch.arange(self.num_embeddings, device=self.digits.device))
+        """The full ``[codes, dim]`` table (:class:`_AssembleCodeTable`): O(codes x dim) work forward and backward,
+        like reading a plain table, with one table-sized tensor each way. Equal to :meth:`forward` of every code
+        (tested)."""
+        return _AssembleCodeTable.apply(self.digit_emb.weight, self.residual.weight, tuple(self.levels))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.digit_emb(self.digits[ids] + self.starts).sum(-2) + self.residual(ids)
+
+
+class _AssembleCodeTable(torch.autograd.Function):
+    """Rows of every FSQ code: ``digit rows (one per channel, summed) + residual``. Hand-written (autograd of the
+    broadcast sums allocates a table-sized tensor per stage and copies the residual's gradient); here channel 0
+    varies fastest in a code, so the table is the last channel's rows broadcast-added to the (5x smaller) table of
+    the channels before it, written once into one new tensor, and the backward hands the table's gradient to the
+    residual as is and reduces it channel by channel (the last channel's rows sum over the others, and so on)."""
+
+    @staticmethod
+    def forward(ctx, digit_weight: torch.Tensor, residual: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+        ctx.levels = levels
+        rows = digit_weight.split(levels)
+        prefix = rows[0]
+        for r in rows[1:-1]:
+            prefix = (r[:, None] + prefix[None]).flatten(0, 1)
+        if len(rows) == 1:
+            return prefix + residual
+        out = torch.add(residual.view(levels[-1], -1, residual.shape[-1]), rows[-1][:, None])
+        return out.add_(prefix[None]).flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_digits = None
+        if ctx.needs_input_grad[0]:
+            parts, g = [], grad
+            for n in reversed(ctx.levels[1:]):
+                g = g.view(n, -1, g.shape[-1])
+                parts.append(g.sum(1))
+                g = g.sum(0)
+            grad_digits = torch.cat([g, *reversed(parts)])
+        return grad_digits, grad if ctx.needs_input_grad[1] else None, None
 
 
 class Modality:

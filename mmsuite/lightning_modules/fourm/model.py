@@ -110,6 +110,9 @@ class FourM(nn.Module):
                 raise ValueError(f"modality {m.name!r} shares {other!r}'s table but their vocab sizes differ")
             tables[m.name] = tables[other]
         self.tok_emb = nn.ModuleList(tables[n] for n in self.names)
+        # modalities grouped by the table they read (shared tables: one embedding lookup for all of them)
+        owner = {id(t): k for k, t in reversed(list(enumerate(self.tok_emb)))}
+        self.table_of = [owner[id(t)] for t in self.tok_emb]  # per modality: the first modality of its table
         self.tie_heads = bool(tie_heads)
         self.heads = nn.ModuleList(
             nn.Identity() if self.tie_heads else nn.Linear(dim, v, bias=False) for v in self.vocabs
@@ -136,6 +139,8 @@ class FourM(nn.Module):
         self.register_buffer("joint_id", torch.cat(joint), persistent=False)
         self.register_buffer("component_id", torch.cat(comp), persistent=False)
         self.register_buffer("is_pose", torch.cat(is_pose), persistent=False)
+        table_seg = torch.tensor(self.table_of)[torch.cat(seg)]
+        self.register_buffer("table_segment", table_seg, persistent=False)  # per position: its table's owner
         self.offsets = [sum(self.lengths[:k]) for k in range(len(self.lengths))]
 
         self.encoder = nn.ModuleList(Block(dim, heads, mlp_ratio, qk_norm) for _ in range(encoder_depth))
@@ -188,25 +193,39 @@ class FourM(nn.Module):
         pose = self.joint_emb(self.joint_id[index]) + self.component_emb(self.component_id[index])
         return self.fixed_pos[index] + pose * self.is_pose[index, None]
 
-    def embed_tokens(self, tokens: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def tables(self) -> list[torch.Tensor]:
+        """Each modality's token table ``[vocab, D]`` for one forward pass, built once per table: modalities that
+        share a table get the same tensor, and a factorised table is assembled once and then read by the input
+        embedding and by every tied head (its gradients meet there and flow back through the assembly once)."""
+        built = {k: self.tok_emb[k].weight for k in sorted(set(self.table_of))}
+        return [built[k] for k in self.table_of]
+
+    def embed_tokens(
+        self, tokens: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, tables: list | None = None
+    ) -> torch.Tensor:
         """Token embeddings ``[B, N, D]`` of ``tokens`` (local ids, ``[B, S]``) at positions ``index`` ``[B, N]``,
-        each with its modality's table; invalid (padding) entries are zero."""
+        each from its modality's table (``tables``: :meth:`tables`, built here if not given); invalid (padding)
+        entries are zero. One lookup per table, shared tables included."""
+        tables = self.tables() if tables is None else tables
         ids = tokens.gather(1, index)
-        seg = self.segment[index]
-        out = torch.zeros(*index.shape, self.dim, device=tokens.device, dtype=self.mod_emb.weight.dtype)
-        for k, table in enumerate(self.tok_emb):
-            sel = (seg == k) & valid
-            out = out + table(torch.where(sel, ids, 0).clamp_max(self.vocabs[k] - 1)) * sel[..., None]
+        owner = self.table_segment[index]
+        out = None
+        for k in sorted(set(self.table_of)):
+            sel = (owner == k) & valid
+            emb = F.embedding(torch.where(sel, ids, 0).clamp_max(self.vocabs[k] - 1), tables[k]) * sel[..., None]
+            out = emb if out is None else out + emb
         return out
 
     # -- forward ----------------------------------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, enc_index: torch.Tensor, enc_valid: torch.Tensor, host_valid=None):
+    def encode(
+        self, tokens: torch.Tensor, enc_index: torch.Tensor, enc_valid: torch.Tensor, host_valid=None, tables=None
+    ):
         """-> (context, its packing): ``[T, D]`` over the real inputs when packed (``packing`` None otherwise:
         ``[B, N, D]``)."""
         pack = Packing(enc_valid, self.attention_groups, host_valid) if self.packed else None
         seg = self.segment[enc_index]
         tags = self.mod_emb(seg) + self.positions(enc_index)
-        x = self.embed_tokens(tokens, enc_index, enc_valid) + tags
+        x = self.embed_tokens(tokens, enc_index, enc_valid, tables) + tags
         if pack is not None:
             x, tags = pack.pack(x), pack.pack(tags)
         for blk in self.encoder:
@@ -225,11 +244,11 @@ class FourM(nn.Module):
             y = blk(y, context, query_valid=dec_valid, context_valid=enc_valid, pack=pack, context_pack=context_pack)
         return self.decoder_norm(y), pack
 
-    def _states(self, tokens: torch.Tensor, plan):
+    def _states(self, tokens: torch.Tensor, plan, tables: list):
         """Decoder states of the real targets ``[T, D]`` with their concatenated positions ``[T]`` and batch
         rows ``[T]`` (row-major order)."""
         host = {k: getattr(plan, f"host_{k}", None) for k in ("enc_valid", "dec_valid")}
-        ctx, ctx_pack = self.encode(tokens, plan.enc_index, plan.enc_valid, host["enc_valid"])
+        ctx, ctx_pack = self.encode(tokens, plan.enc_index, plan.enc_valid, host["enc_valid"], tables)
         y, pack = self.decode(ctx, ctx_pack, plan.enc_valid, plan.dec_index, plan.dec_valid, host["dec_valid"])
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(plan.dec_index)
         valid = plan.dec_valid.reshape(-1)
@@ -241,14 +260,21 @@ class FourM(nn.Module):
     def forward(self, tokens: torch.Tensor, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """-> ``{modality: (logits [n, vocab], target ids [n], batch row of each [n])}`` over the real targets
         of each modality that has any in this batch (modalities without targets are absent)."""
-        y, index, rows, _ = self._states(tokens, plan)
+        tables = self.tables()
+        y, index, rows, _ = self._states(tokens, plan, tables)
         seg = self.segment[index]
         targets = tokens[rows, index]
-        out = {}
-        for k in self._target_modalities(plan, seg):
-            sel = seg == k
-            out[self.names[k]] = (self.logits(k, y[sel]), targets[sel], rows[sel])
-        return out
+        ks = self._target_modalities(plan, seg)
+        sel = {k: seg == k for k in ks}
+        heads: dict = {}  # tied heads reading one table score all their targets in one matmul
+        for k in ks:
+            heads.setdefault(self.table_of[k] if self.tie_heads else -1 - k, []).append(k)
+        logits = {}
+        for members in heads.values():
+            h = [y[sel[k]] for k in members]
+            parts = self.logits(members[0], torch.cat(h) if len(h) > 1 else h[0], tables).split([len(x) for x in h])
+            logits.update(zip(members, parts))
+        return {self.names[k]: (logits[k], targets[sel[k]], rows[sel[k]]) for k in ks}
 
     def _target_modalities(self, plan, seg: torch.Tensor) -> list[int]:
         """The modalities with real targets, in order: from the plan's host copies when it has them (no device
@@ -258,23 +284,26 @@ class FourM(nn.Module):
             return [k for k in range(len(self.specs)) if bool((seg == k).any())]
         return sorted(set(self.segment_host[index[valid]].tolist()))
 
-    def logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        """Modality ``k``'s logits over its own vocabulary for decoder states ``h [..., D]``."""
+    def logits(self, k: int, h: torch.Tensor, tables: list | None = None) -> torch.Tensor:
+        """Modality ``k``'s logits over its own vocabulary for decoder states ``h [..., D]`` (``tables``: this
+        pass's :meth:`tables`, so that a factorised table is not rebuilt per head)."""
         if self.tie_heads:  # unit-scale embeddings: 1/sqrt(D) keeps the logits of a LayerNormed state O(sqrt(D))
-            return F.linear(h, self.tok_emb[k].weight) * self.dim**-0.5
+            table = self.tok_emb[k].weight if tables is None else tables[k]
+            return F.linear(h * self.dim**-0.5, table)  # scaled on the states: [n, D], not the logits [n, vocab]
         return self.heads[k](h)
 
     @torch.no_grad()
     def predict_logits(self, tokens: torch.Tensor, plan) -> torch.Tensor:
         """Logits of every decoder slot ``[B, M, max vocab]`` (each slot scored by its modality's head; columns
         past that modality's vocabulary are -inf; padding slots are all -inf). For generation and evaluation."""
-        y, index, _, where = self._states(tokens, plan)
+        tables = self.tables()
+        y, index, _, where = self._states(tokens, plan, tables)
         seg = self.segment[index]
         flat = torch.full((plan.dec_index.numel(), max(self.vocabs)), float("-inf"), device=y.device)
         states = torch.full((y.shape[0], max(self.vocabs)), float("-inf"), device=y.device)
         for k in range(len(self.specs)):
             sel = seg == k
             if bool(sel.any()):
-                states[sel, : self.vocabs[k]] = self.logits(k, y[sel]).float()
+                states[sel, : self.vocabs[k]] = self.logits(k, y[sel], tables).float()
         flat[where] = states
         return flat.view(*plan.dec_index.shape, -1)

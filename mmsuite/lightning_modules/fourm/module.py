@@ -105,7 +105,7 @@ class FourMSettings:
     modalities: list[Any] = setting()  # the modalities group's list (FourM checks each entry)
     net: FourMNetSettings = setting(FourMNetSettings())
     masking: MaskingSettings = setting(MaskingSettings())
-    optim: AdamWSettings = setting(AdamWSettings(lr=0.002, betas=[0.9, 0.95], weight_decay=0.05))
+    optim: AdamWSettings = setting(AdamWSettings(lr=0.002, betas=[0.9, 0.95], weight_decay=0.05, fused=True))
     schedule: Any = setting({}, schema=TokenSchedule)  # = the schedule group (${schedule})
     loss: FourMLossSettings = setting(FourMLossSettings())
     pose_decode: str = setting("mean", choices=["mean", "argmax"])  # evaluation: x/y slots' mean bin | argmax
@@ -114,6 +114,7 @@ class FourMSettings:
     seed: int = setting(0, ge=0)  # masks are drawn from (seed, rank, step)
     generation: GenerationSettings = setting(GenerationSettings())
     image_tokenizer_ckpt: str | None = None  # decodes generated frames (sample grids, frame PSNR)
+    compile: bool = False  # torch.compile each transformer block (dynamic shapes; the attention buckets stay eager)
 
     def check(self, key: str) -> None:
         if self.pose is None and any(isinstance(m, dict) and m.get("kind") == "pose" for m in self.modalities):
@@ -130,6 +131,9 @@ class FourMModule(L.LightningModule):
         s = self.settings = parse(FourMSettings, settings, "model")
         self.save_hyperparameters(as_dict(s))
         self.net = s.net.build(s.modalities)
+        if s.compile:  # torch.compile of each transformer block, in place (checkpoint keys unchanged)
+            for block in (*self.net.encoder, *self.net.decoder):
+                block.compile(dynamic=True)
         self.names = self.net.names
         self.masking = DirichletMasking(lengths=self.net.lengths, **as_dict(s.masking))
         self.weighting = s.loss.weighting
@@ -219,10 +223,13 @@ class FourMModule(L.LightningModule):
         for name, p in self.net.named_parameters():
             # no weight decay on norms, biases, embeddings and the query token (4M's choice)
             (no_decay if p.ndim < 2 or "emb" in name or name == "query" else decay).append(p)
+        # optim.fused: one fused kernel for the whole update where torch has one (float tensors on CPU or CUDA)
+        fused = o.fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
             lr=o.lr,
             betas=tuple(o.betas),
+            fused=fused or None,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self.lr_factor())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
