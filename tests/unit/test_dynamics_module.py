@@ -166,37 +166,15 @@ def test_t1_rows_run_as_independent_frames():
     assert [c["shape"][:2] for c in calls] == [(1, 5), (10, 1)]
 
 
-def test_rising_pattern_is_an_option():
-    m = _module(global_step=0, noise={"pattern": "rising", "pattern_context": 2, "tau_ctx": 0.1})
-    calls = _record_calls(m)
-    m.training_step(_batch(b=2, t=6), 0)
-    want = C.rising_tau_indices(6, 2, 0.1, 64)
-    assert torch.equal(calls[0]["tau"], want.expand(2, -1))
-    m = _module(global_step=0)
-    calls = _record_calls(m)
-    torch.manual_seed(0)
-    m.training_step(_batch(b=2, t=6), 0)
-    assert not torch.equal(calls[0]["tau"], want.expand(2, -1))  # iid by default
-
-
-def _pattern_taus(pattern: str, steps: int = 20, period: int = 2, prefix_share: float = 0.0) -> torch.Tensor:
+def _pattern_taus(pattern: str, steps: int = 20, period: int = 2) -> torch.Tensor:
     """τ indices [rows, 6] the training step gives with ``pattern`` on every flow row (τ_ctx 0.1 -> index 6)."""
     noise = {"pattern": pattern, "pattern_fraction": 1.0, "tau_ctx": 0.1, "pattern_period": period}
-    if prefix_share:
-        noise["prefix_share"] = prefix_share
     m = _module(global_step=0, noise=noise)
     calls = _record_calls(m)
     torch.manual_seed(0)
     for _ in range(steps):
         m.training_step(_batch(b=2, t=6), 0)
     return torch.cat([c["tau"] for c in calls])
-
-
-def test_prefix_pattern_holds_a_random_prefix_at_tau_ctx():
-    taus = _pattern_taus("prefix")
-    assert (taus[:, 0] == 6).all()  # every row starts at the snapped tau_ctx
-    assert (taus != 6).any(dim=1).all()  # and keeps at least one iid target (the prefix is shorter than the row)
-    assert len({int((row == 6).cumprod(0).sum()) for row in taus}) > 2  # prefix lengths vary
 
 
 def test_interleave_pattern_holds_every_other_frame_at_tau_ctx():
@@ -220,25 +198,6 @@ def test_interleave_with_period_three_keeps_one_target_every_three_frames():
     assert phases == {0, 1, 2}
     with pytest.raises(ValueError, match="pattern_period"):
         _module(noise={"pattern": "interleave", "pattern_period": 1})
-
-
-def _is_prefix_row(row: torch.Tensor) -> bool:
-    """Held frames (τ index 6) only at the start, one run (an iid target may also land on 6 and count as held)."""
-    held = (row == 6).tolist()
-    first_free = held.index(False) if False in held else len(held)
-    return first_free >= 1 and not any(held[first_free:])
-
-
-def test_prefix_share_turns_that_share_of_interleave_rows_into_prefix_rows():
-    taus = _pattern_taus("interleave", steps=60, period=3, prefix_share=0.5)
-    share = sum(_is_prefix_row(row) for row in taus) / len(taus)
-    assert 0.35 < share < 0.65, share  # about half the rows hold a prefix, the others interleave
-    plain = _pattern_taus("interleave", steps=60, period=3)
-    assert not any(_is_prefix_row(row) for row in plain)  # period 3 over 6 frames never holds only a prefix
-    with pytest.raises(ValueError, match="prefix_share"):
-        _module(noise={"pattern": "interleave", "prefix_share": 1.5})
-    with pytest.raises(ValueError, match="needs noise.pattern=interleave"):
-        _module(noise={"pattern": "iid", "prefix_share": 0.5})
 
 
 def test_eval_metrics_are_per_horizon_means_over_every_clip_and_only_what_ran_is_logged(monkeypatch):
@@ -274,15 +233,6 @@ def test_bad_settings_raise():
 
 
 # -- new conventions -----------------------------------------------------------------------------------------
-
-
-def test_rising_pattern_holds_context_and_rises_to_pure_noise():
-    idx = C.rising_tau_indices(8, 4, 0.1, 64)
-    assert idx[:4].tolist() == [6] * 4 and idx[-1] == 64
-    assert (idx[4:].diff() > 0).all() and (idx >= 1).all()
-    assert C.rising_tau_indices(3, 0, 0.1, 64).tolist() == [25, 45, 64]
-    with pytest.raises(ValueError, match="context"):
-        C.rising_tau_indices(4, 4, 0.1, 64)
 
 
 def test_probe_tau_is_on_each_levels_grid():
@@ -712,29 +662,6 @@ def test_velocity_init_starts_as_that_multiple_of_the_last_change():
     torch.testing.assert_close(change[0, 2], 0.5 * (z[0, 1] - z[0, 0]))
 
 
-def test_velocity_learned_false_keeps_the_coefficients_at_velocity_init_through_training():
-    net = {**NET, "num_actions": 3, "prior": "previous", "velocity": True, "velocity_init": 0.5}
-    noise = {"pattern": "interleave", "pattern_period": 3, "tau_ctx": 2 / 64, "clean_prior": True}
-    fixed = _module(global_step=20, net={**net, "velocity_learned": False}, noise=noise)
-    learned = _module(global_step=20, net=net, noise=noise)
-    for m in (fixed, learned):
-        opt = torch.optim.AdamW([p for p in m.net.parameters() if p.requires_grad], lr=1e-2)
-        for step in range(3):
-            torch.manual_seed(step)
-            m.training_step(_batch(b=4, t=6, seed=step), 0).backward()
-            opt.step()
-            opt.zero_grad()
-    head = fixed.net.velocity_head
-    assert not any(p.requires_grad for p in head.parameters())
-    assert torch.equal(head.weight, torch.zeros_like(head.weight))
-    assert torch.equal(head.bias, torch.full_like(head.bias, 0.5))
-    assert fixed.net.head.weight.abs().max() > 0  # the rest of the net trains
-    assert (learned.net.velocity_head.bias - 0.5).abs().max() > 0  # learned: the same steps move the coefficients
-    in_optimizer = {id(p) for g in fixed.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
-    assert id(head.weight) not in in_optimizer and id(head.bias) not in in_optimizer
-    assert id(fixed.net.head.weight) in in_optimizer
-
-
 @pytest.mark.parametrize("cached", [True, False])
 def test_observed_velocity_rollout_uses_the_velocity_term_for_the_first_frame_only(cached):
     net = _net(prior="previous", copy_mask=True, velocity=True)
@@ -751,166 +678,3 @@ def test_observed_velocity_rollout_uses_the_velocity_term_for_the_first_frame_on
         run("sometimes")
     with pytest.raises(ValueError, match="rollout.velocity"):
         _module(rollout={"velocity": "sometimes"})
-
-
-@pytest.mark.parametrize("velocity_mode", ["observed", "all"])
-def test_own_context_rows_train_the_frame_after_the_models_own_prediction(velocity_mode):
-    net = {**NET, "num_actions": 3, "prior": "previous", "velocity": True, "velocity_init": 0.5}
-    noise = {"own_context": 1.0, "own_context_steps": 4, "pattern_period": 3, "tau_ctx": 2 / 64, "clean_prior": True}
-    m = _module(global_step=20, net=net, noise=noise, shortcut={"fraction": 0.0}, rollout={"velocity": velocity_mode})
-    torch.nn.init.normal_(m.net.head.weight, std=0.3)  # predictions that differ from the real frames
-    calls = []
-
-    def hook(_, args, kwargs, out):
-        calls.append(
-            {
-                "grad": torch.is_grad_enabled(),
-                "z": args[0].clone(),
-                "tau": args[1].clone(),
-                "out": out,
-                "level": args[2].clone(),
-                **{k: v for k, v in kwargs.items() if k != "checkpoint"},
-            }
-        )
-
-    m.net.register_forward_hook(hook, with_kwargs=True)
-    batch = _batch(b=3, t=8)
-    z0 = batch["latents"]
-    torch.manual_seed(4)
-    loss = m.training_step(batch, 0)
-    loss.backward()
-    assert torch.isfinite(loss) and m.net.head.weight.grad.abs().max() > 0
-    assert [c["grad"] for c in calls] == [False] * 4 + [True]  # four no-grad sampler steps, then the student
-    first, student = calls[0], calls[-1]
-    own = first["tau"] == 64  # the predicted frames start from pure noise
-    assert own.any() and not own[:, -1].any()
-    for r in range(3):  # one every pattern_period frames
-        pos = own[r].nonzero().flatten()
-        assert (pos.diff() == 3).all()
-    assert [int(c["tau"][own].unique()) for c in calls[:4]] == [64, 48, 32, 16]  # the 4-step schedule
-    assert (first["level"][own] == 2).all() and (first["level"][~own] == C.finest_level(64)).all()
-    assert (first["tau"][~own] == 2).all() and "velocity" not in first  # the real frames held, h1 keeps velocity
-    target = torch.zeros_like(own)
-    target[:, 1:] = own[:, :-1]
-    assert (student["tau"][~target] == 2).all() and (student["tau"][target] >= 1).all()  # predictions held
-    predicted = student["prior_z"][own]
-    assert not torch.allclose(predicted, z0[own], atol=1e-3)  # the prior reads the model's own frames there...
-    torch.testing.assert_close(student["prior_z"][~own & ~target], z0[~own & ~target])  # ...and real ones here
-    assert (student["prior_index"][own] == 0).all()
-    if velocity_mode == "observed":  # as in the rollout: no velocity term for a frame after a prediction
-        torch.testing.assert_close(student["velocity"], ~target)
-    else:
-        assert "velocity" not in student
-    assert m.net.velocity_head.weight.grad is not None  # used in every batch (DDP needs every parameter used)
-    # the predictions carry no loss: changing the real latents there leaves the loss as it was
-    m2 = _module(global_step=20, net=net, noise=noise, shortcut={"fraction": 0.0}, rollout={"velocity": velocity_mode})
-    m2.net.load_state_dict(m.net.state_dict())
-    batch2 = {**batch, "latents": z0.clone()}
-    batch2["latents"][own] += 5.0
-    torch.manual_seed(4)
-    with torch.no_grad():
-        loss_a = m2.training_step(batch, 0)
-        torch.manual_seed(4)
-        loss_b = m2.training_step(batch2, 0)
-    torch.testing.assert_close(loss_a, loss_b)  # nothing of the real frames behind the predictions is used
-    # (here: with loss.motion_floor the real clip's motion still weights the frames next to them)
-    torch.manual_seed(4)
-    batch2["latents"][target] += 5.0
-    with torch.no_grad():
-        assert not torch.allclose(m2.training_step(batch2, 0), loss_a)  # while the targets are
-    with pytest.raises(ValueError, match="own_context"):
-        _module(noise={"own_context": 1.5})
-
-
-def test_velocity_per_frame_mask_and_velocity_drop():
-    torch.manual_seed(0)
-    net = _tiny(prior="previous", velocity=True, velocity_init=0.5).eval()
-    z, lvl = torch.randn(2, 5, 4, 4, 4), torch.full((2, 5), 6)
-    tau = torch.tensor([[0, 0, 0, 0, 64], [0, 0, 0, 64, 64]])
-    keep = torch.tensor([[True, True, False, True, False], [False, True, True, False, True]])
-    with torch.no_grad():
-        on, off, mixed = net(z, tau, lvl), net(z, tau, lvl, velocity=False), net(z, tau, lvl, velocity=keep)
-    torch.testing.assert_close(mixed[keep], on[keep])
-    torch.testing.assert_close(mixed[~keep], off[~keep])
-    assert not torch.allclose(on[0, 2], off[0, 2])  # the dropped frame did have a velocity term
-    for bad in (keep.float(), keep[0]):
-        with pytest.raises(ValueError, match="velocity mask"):
-            net(z, tau, lvl, velocity=bad)
-    net_cfg = {**NET, "num_actions": 3, "prior": "previous", "velocity": True, "velocity_init": 0.5}
-    noise = {"velocity_drop": 0.5, "clean_prior": True, "tau_ctx": 2 / 64}
-    m = _module(global_step=20, net=net_cfg, noise=noise)
-    calls = []
-    m.net.register_forward_hook(lambda _, a, kw, out: calls.append(kw.get("velocity")), with_kwargs=True)
-    torch.manual_seed(2)
-    m.training_step(_batch(b=8, t=6), 0)
-    student, teachers = calls[0], calls[1:]
-    assert student.shape == (8, 6) and 0 < int(student.sum()) < 48  # about half the frames keep it
-    assert len(teachers) == 2 and all(torch.equal(t, student[8 - t.shape[0] :]) for t in teachers)
-    with pytest.raises(ValueError, match="velocity_drop"):
-        _module(noise={"velocity_drop": 1.0})
-    with pytest.raises(ValueError, match="velocity_drop needs"):
-        _module(noise={"velocity_drop": 0.5})  # no velocity term to drop
-
-
-def _tiny_decoder(monkeypatch):
-    """A random continuous image tokenizer (4 latent channels, 4x4 -> 8x8 px) in place of the checkpoint."""
-    from mmsuite.tokenizers.image import AutoencoderSettings, ImageTokenizer
-
-    torch.manual_seed(5)
-    net = AutoencoderSettings(
-        levels=None, downsample=2, channels=8, channel_mult=[1, 1], num_res_blocks=1, latent_channels=4, patch_size=1
-    ).build()
-    tok = ImageTokenizer(net, image_size=8)
-    monkeypatch.setattr("mmsuite.tokenizers.image.load_frame_tokenizer", lambda *a, **k: tok)
-    return tok
-
-
-def test_decoded_loss_is_the_weighted_pixel_mse_through_a_frozen_decoder(monkeypatch):
-    tok = _tiny_decoder(monkeypatch)
-    m = _module(global_step=0, shortcut={"fraction": 0.0}, loss={"decoded": 3.0, "decoded_frames": 1000})
-    m.latent_std.fill_(2.0)  # the decoder reads the tokenizer's own scale
-    batch = _batch(b=2, t=3)
-    x_hat = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
-    w = torch.rand(2, 3)
-    got = m._decoded_loss(x_hat, batch["latents"], w)
-    img = tok.net.decode(x_hat.flatten(0, 1) * 2.0)
-    ref = tok.net.decode(batch["latents"].flatten(0, 1) * 2.0)
-    want = (w.flatten() * ((img - ref) ** 2).flatten(1).mean(1) / 4).sum()  # every frame: exact
-    assert torch.allclose(got, want, rtol=1e-5)
-    got.backward()
-    assert x_hat.grad.abs().max() > 0  # the gradient reaches the latents ...
-    assert all(not p.requires_grad and p.grad is None for p in tok.net.parameters())  # ... not the decoder
-    # one frame of six, scaled up six times: an unbiased estimate of the sum
-    m.decoded_frames = 1
-    torch.manual_seed(0)
-    one = m._decoded_loss(x_hat.detach(), batch["latents"], w)
-    per = w.flatten() * ((img - ref) ** 2).flatten(1).mean(1).detach() / 4
-    assert torch.isclose(one, 6 * per).any()
-    # decoded_floor f: f*log(1 + mse/f), the MSE for small errors and its log for large ones
-    m.decoded_frames, m.decoded_floor = 1000, 1e-3
-    mse = ((img - ref) ** 2).flatten(1).mean(1).detach() / 4
-    want = (w.flatten() * 1e-3 * torch.log1p(mse / 1e-3)).sum()
-    assert torch.allclose(m._decoded_loss(x_hat.detach(), batch["latents"], w), want, rtol=1e-5)
-    with pytest.raises(ValueError, match="decoded_floor"):
-        _module(loss={"decoded": 1.0, "decoded_floor": 0.0})
-
-
-def test_decoded_loss_enters_training_only_when_on(monkeypatch):
-    _tiny_decoder(monkeypatch)
-    batch = _batch(b=4, t=5)
-
-    def loss_of(**kw):
-        m = _module(global_step=0, shortcut={"fraction": 0.0}, **kw)
-        torch.manual_seed(7)
-        return m, m.training_step(batch, 0)
-
-    _, plain = loss_of()
-    m, same = loss_of(loss={"decoded": 0.0})
-    assert torch.equal(plain, same) and m._decoder is None  # off: the decoder is not even loaded
-    m, more = loss_of(loss={"decoded": 2.0})
-    assert more > plain
-    more.backward()
-    assert m.net.head.weight.grad.abs().max() > 0
-    for bad in ({"decoded": -1.0}, {"decoded": 1.0, "decoded_frames": 0}):
-        with pytest.raises(ValueError, match="loss.decoded"):
-            _module(loss=bad)

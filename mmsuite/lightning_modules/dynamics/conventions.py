@@ -546,28 +546,8 @@ def clean_prior_source(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Optional training pattern and evaluation probes
+# Evaluation probes
 # ---------------------------------------------------------------------------------------------------------
-
-
-def rising_tau_indices(frames: int, context: int, tau_ctx: float, k_max: int = DEFAULT_K_MAX) -> torch.Tensor:
-    """The log's "context at τ_ctx, targets rising to 1" pattern: τ indices ``[frames]`` (long).
-
-    The first ``context`` frames sit at the snapped ``τ_ctx``; the ``n = frames − context`` targets rise linearly
-    over their position, target ``j = 1..n`` at ``round(i_ctx + (k_max − i_ctx)·j/n)``, so the last one is pure
-    noise and no target is clean. Position-coupled: a target's τ is fixed by where it sits, which starves the
-    (late position, high noise) pairs a rollout asks for — an option for comparison, not the default.
-    """
-    k_max = check_k_max(k_max)
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames must be a positive int, got {frames!r}")
-    if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context < frames:
-        raise ValueError(f"context must be an int in [0, frames={frames}), got {context!r}")
-    ctx = snap_context_tau(tau_ctx, k_max)
-    n = frames - context
-    j = torch.arange(1, n + 1, dtype=torch.float64)
-    rising = torch.round(ctx + (k_max - ctx) * j / n).long().clamp(min=1)
-    return torch.cat([torch.full((context,), ctx, dtype=torch.long), rising])
 
 
 def probe_tau_index(level: int, k_max: int = DEFAULT_K_MAX) -> int:

@@ -140,8 +140,6 @@ class DynamicsNetSettings:
     velocity: with ``prior: previous``, add predicted coefficients times the change between the two frames
         before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
         ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
-    velocity_learned: False keeps the coefficients at ``velocity_init`` (the velocity head's parameters are
-        frozen; the net learns only what the rule ``velocity_init`` times the last change leaves).
     input_skip: add the posterior weight times the frame's noisy input beyond the guess (the prior's base and
         velocity term), for a change of variance ``input_skip_var`` per latent number from the guess; 1 at
         τ = 0, 0 at τ = 1. No parameters.
@@ -169,7 +167,6 @@ class DynamicsNetSettings:
     copy_mask: bool = False
     velocity: bool = False
     velocity_init: float = 0.0
-    velocity_learned: bool = True
     input_skip: bool = False
     input_skip_var: float = setting(0.01, gt=0.0)
     input_skip_scale: bool = False
@@ -205,7 +202,6 @@ class DynamicsTransformer(nn.Module):
         copy_mask: bool,
         velocity: bool,
         velocity_init: float,
-        velocity_learned: bool,
         input_skip: bool,
         input_skip_var: float,
         input_skip_scale: bool,
@@ -284,7 +280,6 @@ class DynamicsTransformer(nn.Module):
                 nn.init.zeros_(extra.bias)
         if self.velocity_head is not None:
             nn.init.constant_(self.velocity_head.bias, float(velocity_init))
-            self.velocity_head.requires_grad_(bool(velocity_learned))  # frozen: the constant velocity_init
         for p in (self.slot_embed, self.register_tokens, self.action_base):
             nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.head.weight)  # zero-initialised output: ẑ0 = 0 at the start
@@ -357,13 +352,12 @@ class DynamicsTransformer(nn.Module):
         checkpoint: bool = False,
         prior_z: torch.Tensor | None = None,
         prior_index: torch.Tensor | None = None,
-        velocity: bool | torch.Tensor = True,
+        velocity: bool = True,
     ) -> torch.Tensor:
         """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
         (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what ``prior:
-        previous`` reads of each frame instead of ``(z, tau_index)``. ``velocity=False`` (or a bool ``[B, T]``, per
-        frame: where False) leaves out the ``velocity`` term (a rollout past its first frame, where the change before
-        is the model's own)."""
+        previous`` reads of each frame instead of ``(z, tau_index)``. ``velocity=False`` leaves out the ``velocity``
+        term (a rollout past its first frame, where the change before is the model's own)."""
         self._check_inputs(z, tau_index, step_level, actions)
         x = self.frame_tokens(z, tau_index, step_level, actions)
         rope = rope_tables(z.shape[1], self.head_dim, self.rope_base, device=z.device)
@@ -431,18 +425,9 @@ class DynamicsTransformer(nn.Module):
         if self.fixed_clean_gate_from is not None:  # a clean predecessor of a noisy enough frame: 1, no gradient
             gate = gate.masked_fill((pred_index == 0) & (tau_index >= self.fixed_clean_gate_from), 1.0)
         terms = [gate[..., None, None, None] * base]
-        on_frames = velocity if torch.is_tensor(velocity) else None  # per frame, else for all frames or none
-        if on_frames is not None and (on_frames.dtype != torch.bool or on_frames.shape != tau_index.shape):
-            raise ValueError(
-                f"a per-frame velocity mask must be bool with the shape of tau_index {tuple(tau_index.shape)}, got "
-                f"{on_frames.dtype} {tuple(on_frames.shape)}"
-            )
-        if self.velocity_head is not None and (on_frames is not None or velocity):  # where kept and both frames
-            # before are real and clean
+        if self.velocity_head is not None and velocity:  # where both frames before are real and clean
             pred2, pred2_index = before(2)
             on = clean_before & (pred2_index == 0) & (real - 2 >= pad)
-            if on_frames is not None:
-                on = on & on_frames.to(on.device)
             change = (pred - pred2) * on[..., None, None, None].to(pred.dtype)
             coef = self.unpatchify(self.velocity_head(feats))
             terms.append(coef * change.to(coef.dtype))
@@ -461,7 +446,7 @@ class DynamicsTransformer(nn.Module):
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
         prior_z: torch.Tensor | None = None,
         prior_index: torch.Tensor | None = None,
-        velocity: bool | torch.Tensor = True,
+        velocity: bool = True,
     ) -> tuple[torch.Tensor, list]:
         """:meth:`forward` for frames ``z`` ``[B, t, ...]`` that follow the frames already in ``cache``.
 

@@ -12,34 +12,15 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   onto the x-space target ``x*`` (equal to the paper's τ²-scaled velocity loss), ramp-weighted, plus a small flow
   anchor ``shortcut.anchor·w(τ)·‖ẑ0 − z0‖²`` on the same frames.
 * Rows flagged ``single`` by the data (T=1 rows) are run as independent one-frame sequences.
-* ``noise.pattern=rising`` replaces the τ of ``noise.pattern_fraction`` of the flow rows by the log's "context at
-  τ_ctx, targets rising to 1" pattern (for comparison; the default ``iid`` is the paper's). ``prefix`` instead
-  sets a random-length prefix of those rows to τ_ctx and leaves the later frames' iid τ alone (the rollout's
-  situation, without coupling a target's τ to its position). ``interleave`` sets every other frame (random phase)
-  to τ_ctx, so half the frames of the row are targets whose predecessor is clean-ish, as at a rollout's first step;
-  ``noise.pattern_period`` = p > 2 keeps one target every p frames and holds the p − 1 between (targets with two
-  clean predecessors, what ``net.velocity`` reads). ``noise.prefix_share``: that share of the interleave rows takes a
-  random-length prefix instead. Interleave never holds more than p − 1 frames in a row, but a rollout's context is
-  a run of held frames; after such a run a nearly clean frame came out 4–6× worse than after an interleaved context
-  (experiments/dynamics/README.md, twelfth round; off: it costs the 4-step rollout 0.2–0.4 dB).
+* ``noise.pattern=interleave`` holds frames of ``noise.pattern_fraction`` of the flow rows at τ_ctx: one target
+  every ``noise.pattern_period`` = p frames (random phase), the p − 1 between held, so targets have clean-ish
+  predecessors as at a rollout's first step (the default ``iid`` is the paper's: every frame its own τ).
 * ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
   of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
   context noise.
-* ``noise.velocity_drop``: that share of the frames is trained without ``net.velocity``'s term (a per-frame mask,
-  the teacher keeps it), so the model also learns a clean predecessor without it, which is what the rollout's
-  later frames see under ``rollout.velocity: observed``.
-* ``noise.own_context`` (self-forcing): that share of the sequence rows (after ``noise.own_context_start`` steps)
-  first predicts one frame every ``pattern_period`` frames from the frames before it (``own_context_steps`` Euler
-  steps, no grad, all of a row's predictions at once, so a later one sees the earlier ones half-denoised), then
-  trains the frame after each prediction with the prediction as its predecessor (held at τ_ctx, read by the prior
-  as given, and under ``rollout.velocity: observed`` without the velocity term), as a rollout's second step sees it.
-  The predicted frames carry no loss; the real held frames keep theirs.
-* ``loss.decoded`` (off): the flow rows' error also in decoded pixels, through the frozen frame decoder, on
-  ``loss.decoded_frames`` random frames a batch (``loss.decoded_floor``: per-frame ``f·log(1 + mse/f)``), as the
-  rollout is scored; measured no better than the latent loss alone (experiments/dynamics/README.md, eleventh round).
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
-Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/decoded_loss``,
+Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``,
 ``train/boot_rows``, ``train/seq_len`` and a console line ``S T=..`` / ``L T=..`` every ``log_every_n_steps``.
 
 Validation: ``val/loss`` (flow loss at d_min with fixed noise), one-step denoising PSNR per step size
@@ -75,7 +56,7 @@ from mmsuite.nn.metrics import psnr
 from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
 
-PATTERNS = ("iid", "rising", "prefix", "interleave")
+PATTERNS = ("iid", "interleave")
 
 
 @dataclass
@@ -91,27 +72,12 @@ class ShortcutSettings:
 class NoiseSettings:
     """Which τ each frame of a flow row gets (see the module docstring)."""
 
-    # iid (paper: per-frame tau on its grid) | rising (the log's ctx 0.1 -> targets to 1) | prefix (a random prefix at
-    # tau_ctx, later frames iid) | interleave (every other frame at tau_ctx, random phase; the rest iid)
+    # iid (paper: per-frame tau on its grid) | interleave (one target every pattern_period frames, the rest at tau_ctx)
     pattern: str = setting("iid", choices=list(PATTERNS))
-    pattern_fraction: float = setting(1.0, ge=0.0, le=1.0)  # rising / prefix / interleave: share of flow rows
-    pattern_context: int = setting(16, ge=0)  # rising: frames held at tau_ctx
+    pattern_fraction: float = setting(1.0, ge=0.0, le=1.0)  # interleave: share of flow rows
     pattern_period: int = setting(2, ge=2)  # interleave: one target every this many frames, the rest at tau_ctx
-    prefix_share: float = setting(0.0, ge=0.0, le=1.0)  # interleave: this share of rows holds a prefix instead
     tau_ctx: float = setting(0.1, ge=0.0, le=1.0)
     clean_prior: bool = False  # net.prior reads frames at tau <= tau_ctx clean (the rollout: the clean context)
-    velocity_drop: float = setting(0.0, ge=0.0, lt=1.0)  # share of frames trained without net.velocity's term
-    # self-forcing: share of sequence rows trained after the model's own prediction of the frame before (one every
-    # pattern_period frames, own_context_steps no-grad Euler steps)
-    own_context: float = setting(0.0, ge=0.0, le=1.0)
-    own_context_steps: int = setting(4, ge=1)
-    own_context_start: int = setting(0, ge=0)  # no self-forcing rows before this step
-
-    def check(self, key: str) -> None:
-        if self.prefix_share and self.pattern != "interleave":
-            fail(
-                f"{key}.prefix_share", "needs noise.pattern=interleave (it turns some interleave rows into prefix rows)"
-            )
 
 
 @dataclass
@@ -135,9 +101,6 @@ class RolloutSettings:
 @dataclass
 class DynamicsLossSettings:
     motion_floor: float | None = setting(None, gt=0.0)  # frames weigh 1/(change + floor), mean 1 (null: off)
-    decoded: float = setting(0.0, ge=0.0)  # + this x the flow frames' pixel MSE through the frozen decoder
-    decoded_frames: int = setting(16, ge=1)  # ... on this many random frames a batch, scaled to all of them
-    decoded_floor: float | None = setting(None, gt=0.0)  # f: a frame adds f*log(1 + mse/f), not its mse
 
 
 @dataclass
@@ -177,21 +140,17 @@ class DynamicsSettings:
     def check(self, key: str) -> None:
         if self.shortcut.fraction > 0 and self.net.k_max < 2:
             fail(f"{key}.shortcut.fraction", "> 0 needs net.k_max >= 2")
-        if self.noise.velocity_drop and not self.net.velocity:
-            fail(f"{key}.noise.velocity_drop", "needs model.net.velocity=true (there is no velocity term to drop)")
         if self.net.velocity and not self.noise.clean_prior:
             fail(
                 f"{key}.net.velocity",
                 "needs model.noise.clean_prior=true (it acts only where the prior reads two clean frames before, "
                 "which only clean_prior gives)",
             )
-        own = [self.noise.own_context_steps] if self.noise.own_context else []
-        for what, steps in (("noise.own_context_steps", own), ("rollout.steps", self.rollout.steps)):
-            for n in steps:
-                try:
-                    C.sampling_schedule(n, self.net.k_max)  # a power of two <= k_max
-                except ValueError as e:
-                    fail(f"{key}.{what}", str(e))
+        for n in self.rollout.steps:
+            try:
+                C.sampling_schedule(n, self.net.k_max)  # a power of two <= k_max
+            except ValueError as e:
+                fail(f"{key}.rollout.steps", str(e))
         try:
             C.snap_context_tau(self.rollout.tau_ctx, self.net.k_max)
         except ValueError as e:
@@ -214,19 +173,10 @@ class DynamicsModule(L.LightningModule):
         nz = s.noise
         self.pattern = nz.pattern
         self.pattern_fraction = nz.pattern_fraction
-        self.pattern_context = nz.pattern_context
         self.pattern_period = nz.pattern_period
-        self.prefix_share = nz.prefix_share
         self.pattern_tau_ctx = nz.tau_ctx
         self.clean_prior = nz.clean_prior
-        self.velocity_drop = nz.velocity_drop
-        self.own_context = nz.own_context
-        self.own_context_steps = nz.own_context_steps
-        self.own_context_start = nz.own_context_start
         self.motion_floor = s.loss.motion_floor
-        self.decoded_floor = s.loss.decoded_floor
-        self.decoded_weight = s.loss.decoded
-        self.decoded_frames = s.loss.decoded_frames
         self.rollout_cfg = as_dict(s.rollout)
         self.probe_batches = s.probe.batches
         self.ckpt_min_frames = s.activation_checkpointing.min_frames
@@ -271,14 +221,7 @@ class DynamicsModule(L.LightningModule):
             from mmsuite.tokenizers.image import load_frame_tokenizer
 
             self._decoder = load_frame_tokenizer(self.decoder_cfg, self.image_size, device=self.device)
-            for p in self._decoder_params():  # frozen: the pixel loss (loss.decoded) reaches the latents only
-                p.requires_grad_(False)
         return self._decoder
-
-    def _decoder_params(self):
-        net = getattr(self._decoder, "net", None)
-        net = getattr(self._decoder, "model", None) if net is None else net
-        return list(net.parameters()) if isinstance(net, torch.nn.Module) else []
 
     def _raw(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``[N, C, h, w]`` -> the tokenizer's own latent scale."""
@@ -290,26 +233,6 @@ class DynamicsModule(L.LightningModule):
         raw = self._raw(z.flatten(0, -4))
         frames = torch.cat([self.decoder().decode_latents(raw[i : i + 256]) for i in range(0, len(raw), 256)])
         return frames.reshape(*lead, *frames.shape[1:])
-
-    def _decoded_loss(self, x_hat: torch.Tensor, z0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``loss.decoded``: the frames' weighted pixel MSE through the frozen decoder (on the [0, 1] scale of the
-        rollout's PSNR, against the decoded truth as that PSNR is), on ``loss.decoded_frames`` frames drawn at random
-        from ``x_hat`` ``[B, T, ...]`` and scaled up to all of them (an unbiased estimate of the sum over every
-        frame: decoding all would cost more than the dynamics step). With ``loss.decoded_floor`` = f a frame adds
-        ``w·f·log(1 + mse/f)`` instead: its MSE below f, its log above (as PSNR counts a frame), so the frames with
-        large errors do not take over the term."""
-        x, z, wf = x_hat.flatten(0, 1), z0.flatten(0, 1), w.flatten()
-        n = x.shape[0]
-        k = min(self.decoded_frames, n)
-        pick = torch.randperm(n)[:k].to(x.device)
-        dec = self.decoder()
-        images = dec.decode_latents_float(self._raw(x[pick]))
-        with torch.no_grad():
-            truth = dec.decode_latents_float(self._raw(z[pick]))
-        mse = (images.float() - truth.float()).pow(2).flatten(1).mean(1) / 4  # [-1, 1] -> [0, 1] pixels
-        if self.decoded_floor is not None:
-            mse = self.decoded_floor * torch.log1p(mse / self.decoded_floor)
-        return (wf[pick] * mse).sum() * (n / k)
 
     # -- training -------------------------------------------------------------------------------------------
     def _actions(self, batch) -> torch.Tensor | None:
@@ -341,101 +264,32 @@ class DynamicsModule(L.LightningModule):
         tau_idx = C.sample_tau_indices(level, self.k_max)
         if self.pattern != "iid" and t > 1 and n_flow:
             rows = [r for r in range(n_flow) if float(torch.rand(())) < self.pattern_fraction]
-            if rows and self.pattern == "rising":
-                ctx = min(self.pattern_context, t - 1)
-                tau_idx[rows] = C.rising_tau_indices(t, ctx, self.pattern_tau_ctx, self.k_max).to(dev)
             held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
-            for r in rows if self.pattern != "rising" else []:  # frames held clean-ish; the others keep their iid tau
-                # prefix_share (interleave only): a run of held frames, as a rollout's context, on that share of rows
-                prefix = self.pattern == "prefix" or (
-                    self.prefix_share > 0 and float(torch.rand(())) < self.prefix_share
-                )
-                if prefix:  # a random-length prefix
-                    frames = slice(int(torch.randint(1, t, ())))
-                else:  # interleave: one target every pattern_period frames from a random phase, the rest held
-                    phase = int(torch.randint(0, self.pattern_period, ()))
-                    frames = [i for i in range(t) if (i - phase) % self.pattern_period]
-                tau_idx[r, frames] = held
+            for r in rows:  # interleave: one target every pattern_period frames from a random phase, the rest held
+                phase = int(torch.randint(0, self.pattern_period, ()))
+                tau_idx[r, [i for i in range(t) if (i - phase) % self.pattern_period]] = held
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
-        vkw = {}
-        if self.velocity_drop and self.net.velocity_head is not None:  # frames trained without the velocity term
-            vkw["velocity"] = torch.rand(b, t, device=dev) >= self.velocity_drop
-        x_hat = self.net(
-            z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx), **vkw
-        )
+        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx))
         w = C.ramp_weight(tau)
         if self.motion_floor is not None:  # nearly still frames weigh more (the rollout is scored in log MSE)
             w = w * C.motion_weight(z0, self.motion_floor)
         clean_err = w * C.per_frame_mse(x_hat, z0, 2)
         out = {"flow": clean_err[:n_flow].sum(), "n_flow": n_flow * t, "n": b * t, "n_boot": n_boot * t}
-        if self.decoded_weight and n_flow:  # the flow rows' error as the rollout is scored: in decoded pixels
-            wd = w if self.decoded_floor is None else C.ramp_weight(tau)  # the log weighs frames itself
-            out["decoded"] = self._decoded_loss(x_hat[:n_flow], z0[:n_flow], wd[:n_flow])
         if n_boot:
             zb, ib, lb = z_tau[n_flow:], tau_idx[n_flow:], level[n_flow:]
             ab = None if actions is None else actions[n_flow:]
-            vkb = {k: v[n_flow:] for k, v in vkw.items()}  # the teacher keeps the student's velocity frames
             with torch.no_grad():  # the teacher: two half steps of the same network
                 half = C.teacher_level(lb, self.k_max)
                 tau_b, d_b = tau[n_flow:], C.step_size(lb, self.k_max).to(dev)
-                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0[n_flow:], ib), **vkb)
+                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0[n_flow:], ib))
                 z_mid, tau_mid = C.teacher_midpoint(zb, x1, tau_b, d_b)
                 i_mid = C.tau_index(tau_mid, self.k_max)
-                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0[n_flow:], i_mid), **vkb)
+                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0[n_flow:], i_mid))
                 x_star = C.bootstrap_x_target(zb, z_mid, x1, x2, tau_b, d_b).detach()
             out["boot"] = (w[n_flow:] * C.bootstrap_loss_x(x_hat[n_flow:], x_star, 2)).sum()
             out["anchor"] = clean_err[n_flow:].sum()
         return out
-
-    def _own_context_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
-        """Self-forcing rows ``[B, T, ...]`` (``noise.own_context``): the model predicts one frame every
-        ``pattern_period`` frames (random phase, never the last frame) from the frames before it (the real ones held
-        at τ_ctx; all predictions of a row denoised together), in ``own_context_steps`` no-grad Euler steps; then
-        the frame after each prediction is a target (iid τ at the finest level) whose predecessor is that
-        prediction, held at τ_ctx and read by the prior as given. The predicted frames have no loss (the motion
-        weights still read the real clip)."""
-        b, t = z0.shape[:2]
-        dev = z0.device
-        fine = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=dev)
-        held = torch.full_like(fine, C.snap_context_tau(self.pattern_tau_ctx, self.k_max))
-        own = torch.zeros(b, t, dtype=torch.bool)  # built on the CPU: its count needs no device sync
-        for r in range(b):
-            own[r, int(torch.randint(0, self.pattern_period, ())) : t - 1 : self.pattern_period] = True
-        n = b * t - int(own.sum())  # the frames with a loss
-        own = own.to(dev)
-        target = torch.zeros_like(own)
-        target[:, 1:] = own[:, :-1]
-        mask = own[..., None, None, None]
-        indices, level = C.sampling_schedule(self.own_context_steps, self.k_max)
-        ctx = C.noise(z0, C.tau_value(held, self.k_max), torch.randn_like(z0))
-        z = torch.randn_like(z0)
-        lvl = fine.masked_fill(own, level)
-        d = C.step_size(torch.full_like(fine, level), self.k_max).to(dev)  # the step of every frame (only own kept)
-        with torch.no_grad():  # the model's own predictions of the frames in ``own``, from the real ones
-            for index in indices.tolist():
-                idx = held.masked_fill(own, index)
-                z_in = torch.where(mask, z, ctx)
-                reads = {}
-                if self.clean_prior:  # the real frames are read clean, the predicted ones as they are
-                    reads = {"prior_z": torch.where(mask, z_in, z0), "prior_index": idx.masked_fill(~own, 0)}
-                x_hat = self.net(z_in, idx, lvl, actions, **reads)
-                z = C.euler_step(z, x_hat, C.tau_value(torch.full_like(fine, index), self.k_max).to(dev), d)
-        z_own = torch.where(mask, z.detach(), z0)
-        tau_idx = torch.where(target, C.sample_tau_indices(fine, self.k_max), held)
-        tau = C.tau_value(tau_idx, self.k_max)
-        z_tau = C.noise(z_own, tau, torch.randn_like(z0))
-        vkw = {}  # observed: as in the rollout, no velocity term for a frame after a prediction (the others keep it)
-        if self.rollout_cfg["velocity"] == "observed" and self.net.velocity_head is not None:
-            vkw["velocity"] = ~target
-        x_hat = self.net(
-            z_tau, tau_idx, fine, actions, checkpoint=checkpoint, **self._prior(z_tau, z_own, tau_idx), **vkw
-        )
-        w = C.ramp_weight(tau) * (~own).float()
-        if self.motion_floor is not None:
-            w = w * C.motion_weight(z0, self.motion_floor)
-        err = (w * C.per_frame_mse(x_hat, z0, 2)).sum()
-        return {"flow": err, "n_flow": n, "n": n, "n_boot": 0}
 
     def training_step(self, batch, batch_idx):
         z0 = batch["latents"]
@@ -444,16 +298,8 @@ class DynamicsModule(L.LightningModule):
         single = list(batch.get("single") or [False] * b)
         seq_rows = [i for i in range(b) if not single[i]]
         one_rows = [i for i in range(b) if single[i]]
-        own_rows = []
-        if self.own_context and t >= 3 and self.global_step >= self.own_context_start:
-            own_rows = [i for i in seq_rows if float(torch.rand(())) < self.own_context]
-            seq_rows = [i for i in seq_rows if i not in own_rows]
         checkpoint = self.ckpt_min_frames is not None and t >= int(self.ckpt_min_frames)
         parts = []
-        if own_rows:
-            parts.append(
-                self._own_context_losses(z0[own_rows], None if actions is None else actions[own_rows], checkpoint)
-            )
         if seq_rows:
             parts.append(self._group_losses(z0[seq_rows], None if actions is None else actions[seq_rows], checkpoint))
         if one_rows:  # T=1 rows: every frame of the row on its own
@@ -464,14 +310,11 @@ class DynamicsModule(L.LightningModule):
         flow = sum(p["flow"] for p in parts)
         boot = sum(p.get("boot", 0.0) for p in parts)
         anchor = sum(p.get("anchor", 0.0) for p in parts)
-        decoded = sum(p.get("decoded", 0.0) for p in parts)
-        loss = (flow + boot + self.anchor * anchor + self.decoded_weight * decoded) / n
+        loss = (flow + boot + self.anchor * anchor) / n
         n_flow, n_boot = sum(p["n_flow"] for p in parts), sum(p["n_boot"] for p in parts)
         kind = batch.get("length", "S")
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/flow_loss", flow / max(n_flow, 1), batch_size=b)
-        if self.decoded_weight:
-            self.log("train/decoded_loss", decoded / max(n_flow, 1), batch_size=b)
         if n_boot:
             self.log("train/boot_loss", boot / n_boot, batch_size=b)
             self.log("train/anchor_loss", anchor / n_boot, batch_size=b)
