@@ -308,7 +308,7 @@ def linear_clean_estimate(z_tau: torch.Tensor, tau_index: torch.Tensor, k_max: i
     """The best linear guess of ``z0`` from ``z_τ`` for unit-variance latents: ``(1 − τ)/((1 − τ)² + τ²)·z_τ``.
 
     (``E[z0 | z_τ]`` when ``z0`` and ``ε`` are independent standard normals.) ``z_τ`` itself at τ = 0, zero at
-    τ = 1. ``tau_index`` ``[*F]`` per frame of ``z_τ`` ``[*F, ...]``. The model's ``prior: previous`` adds this
+    τ = 1. ``tau_index`` ``[*F]`` per frame of ``z_τ`` ``[*F, ...]``. The model's prior adds this
     estimate of frame ``t − 1`` to its prediction of frame ``t`` (the untrained model copies the last frame).
     """
     z_tau = _float(z_tau)
@@ -323,7 +323,7 @@ def input_skip_weight(tau_index: torch.Tensor, var: torch.Tensor | float, k_max:
     If ``z0 = g + δ`` with ``δ ~ N(0, var)`` per latent number, then ``E[z0 | z_τ, g] = g + w·(z_τ − (1 − τ)·g)``
     with ``w = var·(1 − τ)/(var·(1 − τ)² + τ²)``: 1 at τ = 0 (the input is the frame), 0 at τ = 1 (the guess).
     ``var`` (a float or per frame): how far the frame may be from the guess; 1 for no guess (``g = 0``, unit-variance
-    latents), where ``w`` is :func:`linear_clean_estimate`'s scale. The model's ``input_skip`` adds ``w`` times
+    latents), where ``w`` is :func:`linear_clean_estimate`'s scale. The model's input skip adds ``w`` times
     :func:`innovation`, so near the clean end it passes its input through instead of rebuilding it in the head.
     """
     tau, var = _skip_tau_var(tau_index, var, k_max)
@@ -348,7 +348,7 @@ def input_skip_head_scale(
 
     Under :func:`input_skip_weight`'s model the clean frame given its noisy input and the guess has variance
     ``var·τ²/(var·(1 − τ)² + τ²)``; this is its square root over ``sqrt(var)``: 0 at τ = 0, 1 at τ = 1, and
-    ≥ 0.98 for τ ≥ 1/4 at ``var`` 0.003. The model's ``input_skip_scale`` multiplies the head's output by it (the
+    ≥ 0.98 for τ ≥ 1/4 at ``var`` 0.003. The model multiplies its head's output by it (the
     output preconditioning of EDM, Karras et al. 2022, against a guess): the head's error then fades out where the
     input alone nearly gives the frame, so a zero head is the Gaussian posterior mean and a poor one cannot be
     worse than about the posterior's error at the clean end, where only a many-step sampler goes.
@@ -529,7 +529,7 @@ def corrupt_context(
 def clean_prior_source(
     z_tau: torch.Tensor, z0: torch.Tensor, tau_index: torch.Tensor, tau_ctx: float, k_max: int = DEFAULT_K_MAX
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``prior: previous`` reads of each frame under ``clean_prior``: frames at or below the snapped
+    """What the model's prior reads of each frame under ``clean_prior``: frames at or below the snapped
     ``τ_ctx`` are context, and the prior reads their clean latents ``z0`` at τ index 0; the others ``z_τ`` at
     their own index. Returns ``(prior_z, prior_index)``.
 

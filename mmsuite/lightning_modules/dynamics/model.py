@@ -20,42 +20,31 @@ within **its frame** otherwise (all S slots of one frame; shape ``[B·T, S, D]``
 SDPA attention (:class:`mmsuite.nn.transformer.Attention`) with QK-norm and optional grouped-query heads. Frame ``t``
 therefore never sees frames after ``t``. The output head (RMSNorm + linear on the patch slots) starts at zero.
 
-``prior``: what the head's output is added to. ``none``: nothing, so the untrained model predicts ẑ0 = 0.
-``previous``: the linear clean estimate of the frame before (:func:`.conventions.linear_clean_estimate` of
-``z_{t−1}`` at its τ; zero for the first frame) times a learned weight per pair (τ index of frame ``t − 1``,
-τ index of frame ``t``), which starts at 1 where the predecessor is the cleaner frame and at 0 elsewhere: the
-untrained model copies a cleaner last frame, and training learns what changes. (An unweighted estimate is
-worse: a noisy predecessor's noise then has to be cancelled by the network.) Consecutive latents of slow video
-are close (the copy-last baseline), and a small model trained from ``none`` spends its budget relearning the
-copy. Both measured in experiments/dynamics/README.md.
-The cached path needs the frame before the new ones for this (``prev`` of :meth:`forward_cached`).
-What the prior reads of each frame is ``(z, tau_index)`` unless the caller passes ``prior_z`` / ``prior_index``:
-with ``clean_prior`` (module and rollout) a context frame's clean latents at index 0 (the frame the context noise
-was added to), so the base does not carry the context noise (:func:`.conventions.clean_prior_source`).
-``copy_mask``: the head's output is multiplied by a sigmoid mask the network predicts per latent position, so a
-position that does not change can take the base exactly; ``fixed_clean_gate_from``: the weight of a clean
-predecessor is 1, not learned, for frames noisier than a given τ index (the learned weights are not weight-decayed:
-the module keeps ``prior_gate`` out of AdamW's decay).
-``velocity``: where the two frames before are both clean as the prior reads them (τ index 0: with ``clean_prior``,
-context frames), the output also gets ``a ⊙ (z_{t−1} − z_{t−2})`` with coefficients ``a`` the network predicts per
-latent number (starting at ``velocity_init``; at 0 an untrained model is unchanged). Slow, smooth motion (an idle
-figure, the camera pan) continues from one frame to the next, and a learned multiple of the last change says so
-exactly; a head that had to recompute that change from noisy inputs could not. The cached path then needs the last
-two cached frames.
-``input_skip``: the output also gets ``w·(z_τ − (1 − τ)·g)``, the frame's own noisy input beyond the guess ``g``
-(the prior's base and velocity term; 0 without a prior), at the fixed Gaussian posterior weight ``w`` for a change of
-variance ``input_skip_var`` (:func:`.conventions.input_skip_weight`; one variance for every frame, also those with
-no real guess: the first frame, T=1 rows, a noisy predecessor): near the clean end the output is then the input
-itself; at τ ≥ 1/4 the term is small. Without it the head has to rebuild a nearly clean input from the residual
-stream, and does so badly (a frame at τ 1/64 after a clean context came out 100× worse than its input), which is
-what a 64-step sampler's last steps ask of it. The weights are not learned: a learned weight per τ index drifted up
-to 0.7 at τ = 1/2 and 0.2 at τ = 1 and broke the rollout (experiments/dynamics/README.md, tenth round).
-``input_skip_scale``: the head's output is also multiplied by the posterior's spread over the guess's
-(:func:`.conventions.input_skip_head_scale`, EDM's output scaling): 0 at τ = 0, about 1 from τ = 1/4 at small
-variances. The skip alone left the head's own error in place near the clean end (on one seed of two the head worked
-against the skip there); scaled, a zero head is the Gaussian posterior mean, and the head's error fades out where only
-a many-step sampler goes. Off: with it the 64-step rollout gains 1.3–2.4 dB but the 4-step one loses 0.2–0.4 dB
-(experiments/dynamics/README.md, twelfth round).
+Output: ``ẑ0 = scale·head + g + w·(z_τ − (1 − τ)·g)``.
+
+* ``g``, the prior's guess of the frame: the linear clean estimate of the frame before
+  (:func:`.conventions.linear_clean_estimate` of ``z_{t−1}`` at its τ; zero for the first frame) times a learned
+  weight per pair (τ index of frame ``t − 1``, τ index of frame ``t``) that starts at 1 where the predecessor is the
+  cleaner frame and at 0 elsewhere: the untrained model copies a cleaner last frame, and the head learns what
+  changes. The cached path needs the frame before the new ones for this (``prev`` of :meth:`forward_cached`). What
+  the prior reads of each frame is ``(z, tau_index)`` unless the caller passes ``prior_z`` / ``prior_index``: with
+  ``clean_prior`` (module and rollout) a context frame's clean latents at index 0 (the frame the context noise was
+  added to), so the guess does not carry the context noise (:func:`.conventions.clean_prior_source`).
+* ``w·(z_τ − (1 − τ)·g)``, the input skip: the frame's own noisy input beyond the guess at the fixed Gaussian
+  posterior weight ``w`` for a change of variance ``skip_var`` (:func:`.conventions.input_skip_weight`): 1 at τ = 0,
+  so a clean input passes through; small from τ ≈ 1/4 on. ``scale`` (:func:`.conventions.input_skip_head_scale`,
+  EDM's output scaling) is the posterior's spread over the guess's: 0 at τ = 0, about 1 from τ = 1/4. A zero head
+  is thus the posterior mean, and the head's error fades out near the clean end, where the last steps of a
+  many-step sampler run; without the skip the head would have to rebuild a nearly clean input from the residual
+  stream. No parameters.
+* ``copy_mask``: the head's output is multiplied by a sigmoid mask the network predicts per latent position, so a
+  position that does not change can take the guess exactly; ``fixed_clean_gate_from``: the weight of a clean
+  predecessor is 1, not learned, for frames noisier than a given τ index (the learned weights are not
+  weight-decayed: the module keeps ``prior_gate`` out of AdamW's decay).
+* ``velocity``: where the two frames before are both clean as the prior reads them (τ index 0: with
+  ``clean_prior``, context frames), the guess also gets ``a ⊙ (z_{t−1} − z_{t−2})`` with coefficients ``a`` the
+  network predicts per latent number (starting at ``velocity_init``). The cached path then needs the last two
+  cached frames.
 """
 
 from __future__ import annotations
@@ -79,8 +68,6 @@ from mmsuite.lightning_modules.dynamics.conventions import (
 from mmsuite.nn import transformer
 from mmsuite.nn.transformer import rope_tables, swiglu_hidden
 from mmsuite.settings import as_dict, setting
-
-PRIORS = ("none", "previous")
 
 
 def _pair(x) -> tuple[int, int]:
@@ -130,23 +117,17 @@ class DynamicsNetSettings:
     registers: learned register tokens per frame. num_actions: discrete actions (0 = no action labels).
     k_max: the finest step count of :mod:`.conventions` (sizes of the τ and step embeddings).
     rope_base: RoPE frequency base over frame positions.
-    prior: ``none`` (ẑ0 = head output) or ``previous`` (ẑ0 = head output + the clean estimate of frame t − 1).
+    skip_var: the variance of a frame's change from the prior's guess that sets the input skip's weight and the
+        head's scale (see the module docstring).
     fixed_clean_gate_from: None (every weight of the prior is learned) or a τ index ``i`` ≥ 1: a clean predecessor
         (τ index 0) enters a frame whose τ index is ≥ ``i`` at weight 1, not learned (the head learns only what
         changes); below ``i`` the weight stays learned.
-    copy_mask: with ``prior: previous``, the head's output is multiplied by a per-position sigmoid mask that the
+    copy_mask: the head's output is multiplied by a per-position sigmoid mask that the
         network predicts (one value per latent position, shared by its channels), so a position that does not
         change can take the prior exactly (mask → 0) instead of through a head output that must cancel to 0.
-    velocity: with ``prior: previous``, add predicted coefficients times the change between the two frames
+    velocity: add predicted coefficients times the change between the two frames
         before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
         ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
-    input_skip: add the posterior weight times the frame's noisy input beyond the guess (the prior's base and
-        velocity term), for a change of variance ``input_skip_var`` per latent number from the guess; 1 at
-        τ = 0, 0 at τ = 1. No parameters.
-    input_skip_scale: with ``input_skip``, the head's output is also multiplied by
-        :func:`.conventions.input_skip_head_scale` (0 at τ = 0, about 1 from τ = 1/4 at small variances): the
-        head predicts the frame beyond the skip's posterior mean in units of the posterior's spread, so its
-        error fades out near the clean end (EDM's output scaling). No parameters.
     """
 
     latent_channels: int = setting(8, ge=1)
@@ -162,14 +143,11 @@ class DynamicsNetSettings:
     num_actions: int = setting(7, ge=0)  # toy-world actions; unlabelled video rows use the learned base alone
     k_max: int = setting(DEFAULT_K_MAX, ge=1)  # finest step d_min = 1/k_max; step sizes are the powers of two up to 1
     rope_base: float = setting(10_000.0, gt=0.0)
-    prior: str = setting("previous", choices=list(PRIORS))  # previous: the head adds to the frame before's estimate
+    skip_var: float = setting(0.003, gt=0.0)
     fixed_clean_gate_from: int | None = setting(None, ge=1)
     copy_mask: bool = False
     velocity: bool = False
     velocity_init: float = 0.0
-    input_skip: bool = False
-    input_skip_var: float = setting(0.01, gt=0.0)
-    input_skip_scale: bool = False
 
     def build(self) -> DynamicsTransformer:
         return DynamicsTransformer(**as_dict(self))
@@ -197,14 +175,11 @@ class DynamicsTransformer(nn.Module):
         num_actions: int,
         k_max: int,
         rope_base: float,
-        prior: str,
+        skip_var: float,
         fixed_clean_gate_from: int | None,
         copy_mask: bool,
         velocity: bool,
         velocity_init: float,
-        input_skip: bool,
-        input_skip_var: float,
-        input_skip_scale: bool,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
@@ -222,18 +197,15 @@ class DynamicsTransformer(nn.Module):
                 f"temporal_every {temporal_every} must be in [2, depth={depth}]: 1 leaves no layer attending within a "
                 "frame, more than depth none over time"
             )
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+        if not float(skip_var) > 0:
+            raise ValueError(f"skip_var must be > 0, got {skip_var}")
+        self.skip_var = float(skip_var)
         self.k_max = check_k_max(k_max)
         if fixed_clean_gate_from is not None and not 1 <= int(fixed_clean_gate_from) <= self.k_max:
             raise ValueError(
                 f"fixed_clean_gate_from must be null or a τ index in [1, {self.k_max}], got {fixed_clean_gate_from}"
             )
         self.fixed_clean_gate_from = None if fixed_clean_gate_from is None else int(fixed_clean_gate_from)
-        if copy_mask and prior != "previous":
-            raise ValueError("copy_mask needs prior='previous' (the mask chooses between the prior and the head)")
-        if velocity and prior != "previous":
-            raise ValueError("velocity needs prior='previous' (it extends the copy of the frame before)")
         if registers < 0 or num_actions < 0:
             raise ValueError(f"registers and num_actions must be >= 0, got {registers}, {num_actions}")
         self.latent_channels, self.latent_size, self.patch = int(latent_channels), (h, w), int(patch)
@@ -257,22 +229,14 @@ class DynamicsTransformer(nn.Module):
         )
         self.norm_out = nn.RMSNorm(dim)
         self.head = nn.Linear(dim, self.patch_dim)
-        # prior: previous — a learned weight of the predecessor's estimate per (its τ index, this frame's τ index),
-        # 1 where the predecessor is the cleaner of the two, 0 elsewhere, to start
-        self.prior_gate = None
-        if prior == "previous":
-            self.prior_gate = nn.Parameter(torch.ones(self.k_max + 1, self.k_max + 1).triu(diagonal=1))
+        # the prior's learned weight of the predecessor's estimate per (its τ index, this frame's τ index), 1 where
+        # the predecessor is the cleaner of the two, 0 elsewhere, to start
+        self.prior_gate = nn.Parameter(torch.ones(self.k_max + 1, self.k_max + 1).triu(diagonal=1))
         # copy_mask: logits of the per-position mask (p² per patch slot); starts at 0 (mask 1/2)
         self.mask_head = nn.Linear(dim, patch * patch) if copy_mask else None
         # velocity: a coefficient per latent number on the change between the two clean frames before, from
         # velocity_init
         self.velocity_head = nn.Linear(dim, self.patch_dim) if velocity else None
-        if input_skip and not float(input_skip_var) > 0:
-            raise ValueError(f"input_skip_var must be > 0, got {input_skip_var}")
-        self.input_skip, self.input_skip_var = bool(input_skip), float(input_skip_var)
-        if input_skip_scale and not input_skip:
-            raise ValueError("input_skip_scale needs input_skip (it scales the head against the skip's posterior)")
-        self.input_skip_scale = bool(input_skip_scale)
         self.apply(self._init_weights)
         for extra in (self.mask_head, self.velocity_head):
             if extra is not None:
@@ -355,8 +319,8 @@ class DynamicsTransformer(nn.Module):
         velocity: bool = True,
     ) -> torch.Tensor:
         """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
-        (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what ``prior:
-        previous`` reads of each frame instead of ``(z, tau_index)``. ``velocity=False`` leaves out the ``velocity``
+        (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what the prior reads of
+        each frame instead of ``(z, tau_index)``. ``velocity=False`` leaves out the ``velocity``
         term (a rollout past its first frame, where the change before is the model's own)."""
         self._check_inputs(z, tau_index, step_level, actions)
         x = self.frame_tokens(z, tau_index, step_level, actions)
@@ -369,34 +333,24 @@ class DynamicsTransformer(nn.Module):
         return self._output(x, z, tau_index, None, prior_z, prior_index, velocity)
 
     def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None, velocity=True) -> torch.Tensor:
-        """Head on the patch slots, plus the prior's guess (:meth:`_guess_terms`; for the first frame from ``prev`` =
-        ``(z [B, k, ...], tau_index [B, k])``, the ``k`` frames before, or zero) and, with ``input_skip``, the
-        weighted input beyond that guess."""
+        """``scale·head + g + w·(z − (1 − τ)·g)`` (the module docstring), with the prior's guess ``g`` from
+        :meth:`_guess_terms` (for the first frame from ``prev`` = ``(z [B, k, ...], tau_index [B, k])``, the ``k``
+        frames before, or zero)."""
         feats = self.norm_out(x[:, :, -self.num_patches :])
         out = self.head(feats)
         if self.mask_head is not None:  # [B, T, N, p²] -> the same mask for every channel of a position
             out = out * torch.sigmoid(self.mask_head(feats)).repeat(1, 1, 1, self.latent_channels)
         out = self.unpatchify(out)
         terms = self._guess_terms(feats, z, tau_index, prev, prior_z, prior_index, velocity)
-        if not self.input_skip:
-            for term in terms:
-                out = out + term.to(out.dtype)
-            return out
         # the guess plus the frame's own input beyond it at the posterior weight, summed in float32 and rounded once
         guess = sum((term.float() for term in terms), torch.zeros_like(z, dtype=torch.float32))
-        w = input_skip_weight(tau_index, self.input_skip_var, self.k_max)[..., None, None, None]
-        if self.input_skip_scale:  # the head's share fades out towards the clean end (0 at τ = 0)
-            out = out * input_skip_head_scale(tau_index, self.input_skip_var, self.k_max)[..., None, None, None].to(
-                out.dtype
-            )
-        return out + (guess + w * innovation(z, guess, tau_index, self.k_max)).to(out.dtype)
+        w = input_skip_weight(tau_index, self.skip_var, self.k_max)[..., None, None, None]
+        scale = input_skip_head_scale(tau_index, self.skip_var, self.k_max)[..., None, None, None]
+        return out * scale.to(out.dtype) + (guess + w * innovation(z, guess, tau_index, self.k_max)).to(out.dtype)
 
     def _guess_terms(self, feats, z, tau_index, prev, prior_z, prior_index, velocity) -> list[torch.Tensor]:
-        """What ``prior: previous`` guesses of each frame, as the terms added to the head's output: the
-        predecessor's weighted clean estimate and, with ``velocity``, the predicted coefficients times the change
-        between the two frames before (no terms without a prior)."""
-        if self.prior_gate is None:  # prior: none
-            return []
+        """The prior's guess of each frame as a sum of terms: the predecessor's weighted clean estimate and, with
+        ``velocity``, the predicted coefficients times the change between the two frames before."""
         if (prior_z is None) != (prior_index is None):
             raise ValueError("prior_z and prior_index go together (what the prior reads of each frame)")
         if prior_z is not None and (prior_z.shape != z.shape or prior_index.shape != tau_index.shape):
@@ -455,7 +409,7 @@ class DynamicsTransformer(nn.Module):
         ``(ẑ0 of the new frames, their keys/values per temporal layer)``; extend the cache with
         :func:`extend_cache` only once the frames are final (a frame being denoised changes at every step).
         Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested). With
-        ``prior: previous`` and a non-empty cache, ``prev`` = ``(z [B, 1, ...], tau_index [B, 1])`` of the last
+        a non-empty cache, ``prev`` = ``(z [B, 1, ...], tau_index [B, 1])`` of the last
         cached frame as the prior reads it (its ``prior_z`` / ``prior_index`` when those were given, else its input);
         with ``velocity``, the last two cached frames (``[B, 2, ...]``; one is enough when only one is cached).
         """
@@ -465,8 +419,8 @@ class DynamicsTransformer(nn.Module):
         if len(cache) != len(temporal):
             raise ValueError(f"cache has {len(cache)} entries, the model has {len(temporal)} temporal layers")
         start = 0 if cache[0] is None else cache[0][0].shape[2]
-        if self.prior_gate is not None and start > 0 and prev is None:
-            raise ValueError("prior='previous' with a cache needs prev = (z, tau_index) of the last cached frame")
+        if start > 0 and prev is None:
+            raise ValueError("a cache needs prev = (z, tau_index) of the last cached frame (the prior reads it)")
         t = z.shape[1]
         cos, sin = rope_tables(start + t, self.head_dim, self.rope_base, device=z.device)
         rope = (cos[start:], sin[start:])

@@ -12,12 +12,14 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   onto the x-space target ``x*`` (equal to the paper's τ²-scaled velocity loss), ramp-weighted, plus a small flow
   anchor ``shortcut.anchor·w(τ)·‖ẑ0 − z0‖²`` on the same frames.
 * Rows flagged ``single`` by the data (T=1 rows) are run as independent one-frame sequences.
-* ``noise.pattern=interleave`` holds frames of ``noise.pattern_fraction`` of the flow rows at τ_ctx: one target
-  every ``noise.pattern_period`` = p frames (random phase), the p − 1 between held, so targets have clean-ish
-  predecessors as at a rollout's first step (the default ``iid`` is the paper's: every frame its own τ).
-* ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
-  of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
-  context noise.
+* **Held context** (:func:`held_frames`): ``noise.held_fraction`` of the rows, flow and bootstrap rows alike, hold
+  some frames at τ_ctx (finest level), as a rollout holds its context: one target every ``noise.held_period`` = p
+  frames, the p − 1 between held, so targets follow clean-ish frames. ``noise.held_prefix`` of those rows first hold
+  a run of random length (a rollout's context is a run of held frames) and interleave after it. Held frames keep
+  the flow loss; on bootstrap rows they stay as they are in both teacher passes (only the other frames take half
+  steps), so the shortcut sampler is trained in the context it runs in.
+* ``noise.clean_prior``: the model's prior reads a held frame's (τ ≤ τ_ctx) clean latents instead of its noisy
+  input, in training and (``rollout.clean_prior``) in the rollout, so the copied guess carries no context noise.
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``,
@@ -56,8 +58,6 @@ from mmsuite.nn.metrics import psnr
 from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
 
-PATTERNS = ("iid", "interleave")
-
 
 @dataclass
 class ShortcutSettings:
@@ -70,12 +70,11 @@ class ShortcutSettings:
 
 @dataclass
 class NoiseSettings:
-    """Which τ each frame of a flow row gets (see the module docstring)."""
+    """Which frames are held at τ_ctx as context (see the module docstring); the others draw their own τ."""
 
-    # iid (paper: per-frame tau on its grid) | interleave (one target every pattern_period frames, the rest at tau_ctx)
-    pattern: str = setting("iid", choices=list(PATTERNS))
-    pattern_fraction: float = setting(1.0, ge=0.0, le=1.0)  # interleave: share of flow rows
-    pattern_period: int = setting(2, ge=2)  # interleave: one target every this many frames, the rest at tau_ctx
+    held_fraction: float = setting(0.0, ge=0.0, le=1.0)  # share of rows (flow and bootstrap) with held frames
+    held_period: int = setting(2, ge=2)  # one target every this many frames, the rest held
+    held_prefix: float = setting(0.0, ge=0.0, le=1.0)  # share of held rows that start with a run of held frames
     tau_ctx: float = setting(0.1, ge=0.0, le=1.0)
     clean_prior: bool = False  # net.prior reads frames at tau <= tau_ctx clean (the rollout: the clean context)
 
@@ -157,6 +156,30 @@ class DynamicsSettings:
             fail(f"{key}.rollout.tau_ctx", str(e))
 
 
+def held_frames(rows: int, frames: int, fraction: float, period: int, prefix: float) -> torch.Tensor:
+    """Which frames of ``rows`` rows of ``frames`` frames are held at τ_ctx: bool ``[rows, frames]`` (CPU draws).
+
+    A row holds frames with probability ``fraction``. A held row keeps one target every ``period`` frames and holds
+    the ``period − 1`` between; with probability ``prefix`` it first holds a run of ``L`` frames, ``L`` uniform in
+    ``1 … frames − 1`` (a rollout's context), and its targets are frames ``L, L + period, …``; otherwise they start at
+    a random phase. Single frames (``frames`` = 1) are never held."""
+    held = torch.zeros(rows, frames, dtype=torch.bool)
+    if frames < 2:
+        return held
+    for r in range(rows):
+        if float(torch.rand(())) >= fraction:
+            continue
+        if prefix > 0 and float(torch.rand(())) < prefix:
+            start = int(torch.randint(1, frames, ()))
+            held[r, :start] = True
+        else:
+            start = int(torch.randint(0, period, ()))
+            held[r, :start] = True
+        after = torch.arange(frames - start)
+        held[r, start:] = after % period != 0
+    return held
+
+
 class DynamicsModule(L.LightningModule):
     Settings = DynamicsSettings
 
@@ -171,10 +194,7 @@ class DynamicsModule(L.LightningModule):
         self._ema_updates, self._ema_step = 0, -1
         self.boot_fraction, self.boot_start, self.anchor = s.shortcut.fraction, s.shortcut.start_step, s.shortcut.anchor
         nz = s.noise
-        self.pattern = nz.pattern
-        self.pattern_fraction = nz.pattern_fraction
-        self.pattern_period = nz.pattern_period
-        self.pattern_tau_ctx = nz.tau_ctx
+        self.noise = nz
         self.clean_prior = nz.clean_prior
         self.motion_floor = s.loss.motion_floor
         self.rollout_cfg = as_dict(s.rollout)
@@ -249,25 +269,22 @@ class DynamicsModule(L.LightningModule):
         rollout reads the clean context); otherwise nothing is passed and it reads the noisy input."""
         if not self.clean_prior:
             return {}
-        prior_z, prior_index = C.clean_prior_source(z_tau, z0, tau_idx, self.pattern_tau_ctx, self.k_max)
+        prior_z, prior_index = C.clean_prior_source(z_tau, z0, tau_idx, self.noise.tau_ctx, self.k_max)
         return {"prior_z": prior_z, "prior_index": prior_index}
 
     def _group_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
-        """Sums and counts of the per-frame losses of one group of rows ``[B, T, ...]``."""
+        """Sums and counts of the per-frame losses of one group of rows ``[B, T, ...]``: bootstrap rows last."""
         b, t = z0.shape[:2]
         dev = z0.device
         n_boot = self._boot_rows(b)
         n_flow = b - n_boot
+        nz = self.noise
+        held = held_frames(b, t, nz.held_fraction, nz.held_period, nz.held_prefix).to(dev)  # [B, T]
         level = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=dev)
         if n_boot:
             level[n_flow:] = C.sample_step_levels((n_boot, t), self.k_max, include_finest=False, device=dev)
-        tau_idx = C.sample_tau_indices(level, self.k_max)
-        if self.pattern != "iid" and t > 1 and n_flow:
-            rows = [r for r in range(n_flow) if float(torch.rand(())) < self.pattern_fraction]
-            held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
-            for r in rows:  # interleave: one target every pattern_period frames from a random phase, the rest held
-                phase = int(torch.randint(0, self.pattern_period, ()))
-                tau_idx[r, [i for i in range(t) if (i - phase) % self.pattern_period]] = held
+        level = level.masked_fill(held, C.finest_level(self.k_max))
+        tau_idx = C.sample_tau_indices(level, self.k_max).masked_fill(held, C.snap_context_tau(nz.tau_ctx, self.k_max))
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
         x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx))
@@ -275,20 +292,26 @@ class DynamicsModule(L.LightningModule):
         if self.motion_floor is not None:  # nearly still frames weigh more (the rollout is scored in log MSE)
             w = w * C.motion_weight(z0, self.motion_floor)
         clean_err = w * C.per_frame_mse(x_hat, z0, 2)
-        out = {"flow": clean_err[:n_flow].sum(), "n_flow": n_flow * t, "n": b * t, "n_boot": n_boot * t}
-        if n_boot:
-            zb, ib, lb = z_tau[n_flow:], tau_idx[n_flow:], level[n_flow:]
-            ab = None if actions is None else actions[n_flow:]
-            with torch.no_grad():  # the teacher: two half steps of the same network
-                half = C.teacher_level(lb, self.k_max)
-                tau_b, d_b = tau[n_flow:], C.step_size(lb, self.k_max).to(dev)
-                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0[n_flow:], ib))
-                z_mid, tau_mid = C.teacher_midpoint(zb, x1, tau_b, d_b)
-                i_mid = C.tau_index(tau_mid, self.k_max)
-                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0[n_flow:], i_mid))
-                x_star = C.bootstrap_x_target(zb, z_mid, x1, x2, tau_b, d_b).detach()
-            out["boot"] = (w[n_flow:] * C.bootstrap_loss_x(x_hat[n_flow:], x_star, 2)).sum()
-            out["anchor"] = clean_err[n_flow:].sum()
+        boot = torch.zeros_like(held)
+        boot[n_flow:] = ~held[n_flow:]  # the frames that bootstrap: bootstrap rows' frames that are not held
+        n_boot_frames = int(boot.sum())
+        out = {"flow": clean_err[~boot].sum(), "n_flow": b * t - n_boot_frames, "n": b * t, "n_boot": n_boot_frames}
+        if n_boot_frames:
+            rows = slice(n_flow, b)
+            zb, ib, lb, fb, z0b = z_tau[rows], tau_idx[rows], level[rows], boot[rows], z0[rows]
+            ab = None if actions is None else actions[rows]
+            with torch.no_grad():  # the teacher: two half steps of the same network; held frames stay as they are
+                half = lb.clone()
+                half[fb] = C.teacher_level(lb[fb], self.k_max)
+                tau_b, d_b = tau[rows][fb], C.step_size(lb[fb], self.k_max).to(dev)
+                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0b, ib))
+                z_mid, i_mid = zb.clone(), ib.clone()
+                z_mid[fb], tau_mid = C.teacher_midpoint(zb[fb], x1[fb], tau_b, d_b)
+                i_mid[fb] = C.tau_index(tau_mid, self.k_max)
+                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0b, i_mid))
+                x_star = C.bootstrap_x_target(zb[fb], z_mid[fb], x1[fb], x2[fb], tau_b, d_b).detach()
+            out["boot"] = (w[boot] * C.bootstrap_loss_x(x_hat[boot], x_star, 1)).sum()
+            out["anchor"] = clean_err[boot].sum()
         return out
 
     def training_step(self, batch, batch_idx):
@@ -519,8 +542,9 @@ class DynamicsModule(L.LightningModule):
         # the prior's weights are mixing weights whose neutral value is 1 (copy), not 0: no weight decay on them
         # (``optim.weight_decay`` 0.01 at lr 3e-3 alone pulls an unused entry from 1 to 0.91 in 3000 steps)
         gate = self.net.prior_gate
-        params = [{"params": [p for p in self.net.parameters() if p is not gate and p.requires_grad]}]
-        if gate is not None:
-            params.append({"params": [gate], "weight_decay": 0.0})
+        params = [
+            {"params": [p for p in self.net.parameters() if p is not gate]},
+            {"params": [gate], "weight_decay": 0.0},
+        ]
         s = self.settings
         return adamw_warmup_cosine(params, s.optim, s.schedule, self.trainer.max_steps, "DynamicsModule")
