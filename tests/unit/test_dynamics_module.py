@@ -274,6 +274,41 @@ def test_eval_metrics_are_per_horizon_means_over_every_clip_and_only_what_ran_is
     assert logged == {}
 
 
+def test_rollout_scores_the_three_baselines_and_a_rollout_with_shuffled_actions(monkeypatch):
+    from mmsuite.nn.metrics import psnr
+
+    m = _module(rollout={"context": 3, "horizon": 2, "steps": [4, 64], "gifs": 0, "batches": 1})
+    logged, calls = {}, []
+    monkeypatch.setattr(m, "log", lambda key, value, **kw: logged.__setitem__(key, value))
+    decode = lambda z: (z.float()[..., :3, :, :].movedim(-3, -1) * 20 + 128).clamp(0, 255).round().to(torch.uint8)  # noqa: E731
+    monkeypatch.setattr(m, "decode", decode)
+
+    def fake_rollout(net, context, horizon, steps, tau_ctx, actions, gen, cached, **kw):
+        calls.append((steps, actions.clone()))
+        return context[:, -1:].expand(-1, horizon, *context.shape[2:]) + (actions[:, -horizon:, None, None, None] == 1)
+
+    monkeypatch.setattr(M, "rollout", fake_rollout)
+    batch = _batch(b=3, t=5)
+    z0, acts = batch["latents"], batch["actions"]
+    m._rollout_eval(z0, acts, torch.Generator().manual_seed(0), 0, "val")
+    m._log_eval("val")
+    assert [(s, torch.equal(a, acts)) for s, a in calls] == [(4, True), (64, True), (4, False)]
+    assert torch.equal(calls[2][1], acts.roll(1, dims=0))  # each clip with another clip's actions
+    target = decode(z0[:, 3:5])
+    change = z0[:, 2:3] - z0[:, 1:2]
+    linear = torch.cat([z0[:, 2:3] + change, z0[:, 2:3] + 2 * change], dim=1)
+    half = (z0[:, 2:3] + change / 2).expand(-1, 2, -1, -1, -1)
+    for name, pred in (("linear", linear), ("half_change", half)):
+        want = psnr(decode(pred), target, data_range=255).mean(0)
+        assert [logged[f"val/{name}/psnr_h{i}"] for i in (1, 2)] == pytest.approx(want.tolist(), rel=1e-5)
+    best = max(logged[f"val/{b}/psnr_h1_4"] for b in M.BASELINES)
+    k4 = logged["val/rollout_k4/psnr_h1_4"]
+    assert logged["val/rollout_k4/gain_over_best_h1_4"] == pytest.approx(k4 - best)
+    shuffled = logged["val/rollout_k4_shuffled/psnr_h1_4"]
+    assert logged["val/rollout_k4/shuffle_loss_h1_4"] == pytest.approx(k4 - shuffled)
+    assert "val/rollout_k64/shuffle_loss_h1_4" not in logged  # only the fewest-step sampler is shuffled
+
+
 def test_bad_settings_raise():
     with pytest.raises(ValueError, match="noise.held_fraction"):
         _module(noise={"held_fraction": 1.5})

@@ -79,6 +79,9 @@ class NoiseSettings:
     clean_prior: bool = False  # net.prior reads frames at tau <= tau_ctx clean (the rollout: the clean context)
 
 
+BASELINES = ("copy_last", "linear", "half_change")  # the rollout's baselines, no learning (see _rollout_eval)
+
+
 @dataclass
 class RolloutSettings:
     """The autoregressive rollout of validation (eval.py rollout.context=.. rollout.steps=[..] override these)."""
@@ -95,6 +98,7 @@ class RolloutSettings:
     clean_prior: bool = False  # must match training (noise.clean_prior)
     # net.velocity: all (every frame) | observed (only the first predicted frame, whose change before is given)
     velocity: str = setting("all", choices=list(VELOCITY_MODES))
+    shuffled: bool = True  # also roll out the fewest-step sampler with the actions of another clip (shuffle loss)
 
 
 @dataclass
@@ -213,11 +217,15 @@ class DynamicsModule(L.LightningModule):
     def _eval_metrics(self) -> dict:
         """Validation/test metrics, means (or sums) over every evaluated clip of every rank: the denoising probe's PSNR
         per step size, and per horizon step (``[B, horizon]`` updates) the rollout's and copy-last's pixel PSNR, pixel
-        MSE and latent MSE, with each sampler's seconds and frames."""
+        MSE and latent MSE (also of the baselines ``linear``: latent linear extrapolation, ``half_change``: half the
+        last change, then hold; and of the fewest-step sampler with shuffled actions), with each sampler's seconds and
+        frames."""
         horizon = int(self.rollout_cfg["horizon"])
         per_step = lambda: MultioutputWrapper(MeanMetric(), horizon, output_dim=1, remove_nans=False)  # noqa: E731
         out = {f"denoise/psnr_k{2**lvl}": MeanMetric() for lvl in range(C.num_levels(self.k_max))}
-        for name in ["copy_last", *(f"rollout_k{s}" for s in self.rollout_cfg["steps"])]:
+        fast = min(self.rollout_cfg["steps"])
+        names = [*BASELINES, *(f"rollout_k{s}" for s in self.rollout_cfg["steps"]), f"rollout_k{fast}_shuffled"]
+        for name in names:
             out |= {f"{name}/{key}": per_step() for key in ("psnr", "mse", "latent_mse")}
         for s in self.rollout_cfg["steps"]:
             out |= {f"rollout_k{s}/seconds": SumMetric(), f"rollout_k{s}/frames": SumMetric()}
@@ -441,9 +449,22 @@ class DynamicsModule(L.LightningModule):
         if c > 0:
             last = z0[:, c - 1 : c].float().expand(-1, h, *z0.shape[2:])
             self._update("copy_last/latent_mse", C.per_frame_mse(last, z0[:, c : c + h].float(), 2))
+        if c > 1:  # the latent baselines: linear extrapolation of the last change, and half of it then hold
+            last, change = z0[:, c - 1 : c].float(), (z0[:, c - 1 : c] - z0[:, c - 2 : c - 1]).float()
+            k = torch.arange(1, h + 1, device=z0.device, dtype=torch.float32).view(1, h, *[1] * (z0.dim() - 2))
+            half = (last + change / 2).expand(-1, h, *z0.shape[2:])
+            for name, pred in (("linear", last + k * change), ("half_change", half)):
+                frames = self.decode(pred)
+                self._update(f"{name}/psnr", psnr(frames, target, data_range=255))
+                self._update(f"{name}/mse", (frames.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
+                self._update(f"{name}/latent_mse", C.per_frame_mse(pred, z0[:, c : c + h].float(), 2))
         acts = None if actions is None else actions[:, : c + h]
         videos = {"truth": truth}
-        for steps in cfg["steps"]:
+        runs = [(s, acts, f"rollout_k{s}") for s in cfg["steps"]]
+        if cfg["shuffled"] and acts is not None and b > 1:  # every clip gets the next clip's actions
+            fast = min(cfg["steps"])
+            runs.append((fast, acts.roll(1, dims=0), f"rollout_k{fast}_shuffled"))
+        for steps, acts, name in runs:
             gen = torch.Generator().manual_seed(int(cfg["seed"]) * 1000 + batch_idx)  # same noise for every sampler
             if z0.is_cuda:
                 torch.cuda.synchronize()
@@ -464,10 +485,11 @@ class DynamicsModule(L.LightningModule):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             frames = self.decode(pred)
-            name = f"rollout_k{steps}"
             self._update(f"{name}/psnr", psnr(frames, target, data_range=255))
             self._update(f"{name}/mse", (frames.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
             self._update(f"{name}/latent_mse", C.per_frame_mse(pred, z0[:, c : c + h].float(), 2))
+            if name.endswith("_shuffled"):
+                continue
             self._update(f"{name}/seconds", torch.tensor(seconds))
             self._update(f"{name}/frames", torch.tensor(float(b * h)))
             videos[name] = torch.cat([truth[:, :c], frames], dim=1)
@@ -515,6 +537,11 @@ class DynamicsModule(L.LightningModule):
                 out[f"{name}/seconds"] = secs
                 if "copy_last/psnr_h1_4" in out:
                     out[f"{name}/gain_over_copy_h1_4"] = out[f"{name}/psnr_h1_4"] - out["copy_last/psnr_h1_4"]
+                best = [out[f"{b}/psnr_h1_4"] for b in BASELINES if f"{b}/psnr_h1_4" in out]
+                if best:
+                    out[f"{name}/gain_over_best_h1_4"] = out[f"{name}/psnr_h1_4"] - max(best)
+                if f"{name}_shuffled/psnr_h1_4" in out:  # > 0: the actions are used
+                    out[f"{name}/shuffle_loss_h1_4"] = out[f"{name}/psnr_h1_4"] - out[f"{name}_shuffled/psnr_h1_4"]
         fast, slow = min(self.rollout_cfg["steps"]), max(self.rollout_cfg["steps"])
         if fast != slow and f"rollout_k{fast}/seconds" in out:
             pair = f"k{fast}_vs_k{slow}"
