@@ -36,6 +36,14 @@ REMOVED = [
     "model.noise.pattern=prefix",
     "model.noise.pattern_fraction=0.5",
     "model.noise.pattern_period=3",
+    # measured not to help on the controllable world
+    "model.net.copy_mask=true",
+    "model.net.velocity=true",
+    "model.net.velocity_init=0.5",
+    "model.net.fixed_clean_gate_from=32",
+    "model.noise.clean_prior=true",
+    "model.rollout.clean_prior=true",
+    "model.rollout.velocity=observed",
 ]
 
 

@@ -365,30 +365,26 @@ def test_uncached_rollout_labels_context_with_the_snapped_tau_ctx():
     assert tau[0, :4].tolist() == [6, 6, 6, 6] and level[0, :4].tolist() == [6, 6, 6, 6]  # 3 context + 1 generated
 
 
-def _net(seed=0, actions=3, copy_mask=False, velocity=False):
+def _net(seed=0, actions=3):
     torch.manual_seed(seed)
-    net = _tiny(num_actions=actions, copy_mask=copy_mask, velocity=velocity).eval()
+    net = _tiny(num_actions=actions).eval()
     torch.nn.init.normal_(net.head.weight, std=0.3)
-    if velocity:
-        torch.nn.init.normal_(net.velocity_head.weight, std=0.05)
     return net
 
 
-@pytest.mark.parametrize("kind", ["plain", "velocity", "mask+velocity"])
-def test_cached_forward_equals_the_full_forward(kind):
-    net = _net(velocity="velocity" in kind, copy_mask="mask" in kind)
+def test_cached_forward_equals_the_full_forward():
+    net = _net()
     z = torch.randn(2, 7, 4, 4, 4)
     tau, lvl, act = torch.randint(0, 65, (2, 7)), torch.randint(0, 7, (2, 7)), torch.randint(-1, 3, (2, 7))
-    tau[0, :5] = 0  # clean frames, so the velocity term acts (frames 2..5 of row 0)
-    keep = 2 if net.velocity_head is not None else 1  # the cached frames the prior needs
+    tau[0, :5] = 0  # clean frames too (the skip passes them through)
     with torch.no_grad():
         full = net(z, tau, lvl, act)
     out, cache = net.forward_cached(z[:, :3], tau[:, :3], lvl[:, :3], act[:, :3])
     torch.testing.assert_close(out, full[:, :3], atol=1e-5, rtol=0)
-    prev = (z[:, 3 - keep : 3], tau[:, 3 - keep : 3])  # the last cached frame(s), for the prior
+    prev = (z[:, 2:3], tau[:, 2:3])  # the last cached frame, for the prior
     two, kv = net.forward_cached(z[:, 3:5], tau[:, 3:5], lvl[:, 3:5], act[:, 3:5], cache, prev)
     torch.testing.assert_close(two, full[:, 3:5], atol=1e-5, rtol=0)
-    prev = (z[:, 5 - keep : 5], tau[:, 5 - keep : 5])
+    prev = (z[:, 4:5], tau[:, 4:5])
     one, _ = net.forward_cached(z[:, 5:6], tau[:, 5:6], lvl[:, 5:6], act[:, 5:6], extend_cache(cache, kv), prev)
     torch.testing.assert_close(one, full[:, 5:6], atol=1e-5, rtol=0)
 
@@ -416,7 +412,7 @@ def test_prior_previous_starts_as_the_estimate_of_the_last_frame_and_the_cache_a
 
 
 def test_the_input_skip_gives_the_input_at_the_clean_end_and_the_guess_at_pure_noise():
-    net = _net(velocity=True)  # a random, non-zero head
+    net = _net()  # a random, non-zero head
     assert not any("skip" in name for name, _ in net.named_parameters())  # the skip has no parameters
     z0, eps, lvl = torch.randn(2, 5, 4, 4, 4), torch.randn(2, 5, 4, 4, 4), torch.full((2, 5), 6)
     tau = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 0, 1, 64]])
@@ -438,59 +434,6 @@ def test_the_input_skip_gives_the_input_at_the_clean_end_and_the_guess_at_pure_n
         _tiny(skip_var=0.0)
 
 
-def test_fixed_clean_gate_copies_a_clean_predecessor_at_weight_one_and_learns_the_rest():
-    net = _tiny(fixed_clean_gate_from=16)  # zero head: the output is the prior's guess and the skip
-    net.prior_gate.data.fill_(0.5)  # what a learned gate might have drifted to
-    z = torch.randn(2, 4, 4, 4, 4)
-    tau = torch.tensor([[0, 48, 40, 40], [5, 0, 20, 3]])  # (0 → 48) and (0 → 20): a clean predecessor, noisier frame
-    lvl = torch.full((2, 4), 6)
-    out = net(z, tau, lvl)
-    est = C.linear_clean_estimate(z[:, :-1], tau[:, :-1])
-    gate = torch.full((2, 3), 0.5)
-    gate[0, 0] = gate[1, 1] = 1.0  # weight 1, however the parameter drifted; the others learned
-    torch.testing.assert_close(out[:, 1:], _skip(gate[..., None, None, None] * est, z[:, 1:], tau[:, 1:]))
-    out.sum().backward()
-    grad = net.prior_gate.grad
-    assert float(grad[0, 48]) == 0.0 and float(grad[0, 20]) == 0.0  # the fixed entries get no gradient
-    assert all(float(grad[i, j].abs()) > 0 for i, j in ((48, 40), (40, 40), (20, 3)))  # the learned ones do
-    assert float(grad[5, 0]) == 0.0  # a clean frame is its input, whatever the guess
-    learned = _tiny()
-    learned.prior_gate.data.fill_(0.5)
-    with torch.no_grad():  # the default learns that weight too
-        torch.testing.assert_close(learned(z, tau, lvl)[0, 1], _skip(0.5 * z[0, :1], z[0, 1:2], tau[0, 1:2])[0])
-    low_tau = torch.tensor([[0, 8, 0, 0], [5, 0, 20, 3]])
-    with torch.no_grad():  # below the threshold (0 → 8) the weight stays learned
-        low = net(z, low_tau, lvl)
-    torch.testing.assert_close(low[0, 1], _skip(0.5 * z[0, :1], z[0, 1:2], low_tau[0, 1:2])[0])
-    for bad in (0, 65):
-        with pytest.raises(ValueError, match="fixed_clean_gate_from"):
-            _tiny(fixed_clean_gate_from=bad)
-
-
-def test_copy_mask_lets_a_position_take_the_prior_exactly():
-    net = _tiny(copy_mask=True).eval()
-    torch.nn.init.normal_(net.head.weight, std=0.3)  # a head that outputs something everywhere
-    z = torch.randn(2, 3, 4, 4, 4)
-    tau, lvl = torch.tensor([[0, 64, 64], [0, 48, 16]]), torch.full((2, 3), 6)
-    with torch.no_grad():
-        half = net(z, tau, lvl)  # mask logits start at 0: the head's output counts half
-        net.mask_head.bias.fill_(-40.0)  # mask 0 everywhere
-        copied = net(z, tau, lvl)
-        net.mask_head.bias.fill_(40.0)  # mask 1: the plain head
-        full = net(z, tau, lvl)
-        net.mask_head.bias.copy_(torch.tensor([-40.0, 40.0, 40.0, 40.0]))  # the first position of each patch copies
-        mixed = net(z, tau, lvl)
-    base = net.prior_gate[tau[:, :-1], tau[:, 1:]][..., None, None, None] * C.linear_clean_estimate(
-        z[:, :-1], tau[:, :-1]
-    )
-    torch.testing.assert_close(copied[:, 1:], _skip(base, z[:, 1:], tau[:, 1:]))  # the guess, whatever the head says
-    torch.testing.assert_close(copied[:, 0], z[:, 0])  # the first frame: no guess, and clean
-    assert float((full - copied).abs().max()) > 0.1  # the head does add something where the mask is open
-    torch.testing.assert_close(half - copied, 0.5 * (full - copied))
-    torch.testing.assert_close(mixed[..., 0::2, 0::2], copied[..., 0::2, 0::2])  # every channel of that position
-    torch.testing.assert_close(mixed[..., 1::2, :], full[..., 1::2, :])
-
-
 def test_linear_clean_estimate_is_the_least_squares_scale():
     z0, eps = torch.randn(200_000), torch.randn(200_000)
     for index in (0, 6, 32, 48, 64):
@@ -500,80 +443,15 @@ def test_linear_clean_estimate_is_the_least_squares_scale():
         torch.testing.assert_close(est, best * z, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("kind", ["plain", "clean", "clean+mask", "clean+mask+velocity"])
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("with_actions", [False, True])
-def test_cached_rollout_matches_the_uncached_one(context, with_actions, kind):
-    kinds = kind.split("+")
-    net = _net(copy_mask="mask" in kinds, velocity="velocity" in kinds)
-    if net.mask_head is not None:
-        torch.nn.init.normal_(net.mask_head.weight, std=0.3)
+def test_cached_rollout_matches_the_uncached_one(context, with_actions):
+    net = _net()
     ctx = torch.randn(2, context, 4, 4, 4)
     actions = torch.randint(-1, 3, (2, context + 3)) if with_actions else None
-    clean = "clean" in kinds
-    runs = [
-        rollout(net, ctx, 3, 4, 0.1, actions, torch.Generator().manual_seed(1), cached=cached, clean_prior=clean)
-        for cached in (1, 0)
-    ]
+    runs = [rollout(net, ctx, 3, 4, 0.1, actions, torch.Generator().manual_seed(1), cached=c) for c in (1, 0)]
     assert runs[0].shape == (2, 3, 4, 4, 4)
     torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=0)
-
-
-def test_prior_reads_what_it_is_given_and_checks_its_shapes():
-    net = _net().eval()
-    z, clean = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
-    tau, lvl = torch.tensor([[2, 2, 40, 64], [1, 30, 2, 9]]), torch.full((2, 4), 6)
-    with torch.no_grad():
-        plain, same = net(z, tau, lvl), net(z, tau, lvl, prior_z=z, prior_index=tau)
-        other = net(z, tau, lvl, prior_z=clean, prior_index=torch.zeros_like(tau))
-    torch.testing.assert_close(plain, same)  # the default is the input itself
-    gate = net.prior_gate[torch.zeros_like(tau[:, :-1]), tau[:, 1:]][..., None, None, None]
-    base_plain = net.prior_gate[tau[:, :-1], tau[:, 1:]][..., None, None, None] * C.linear_clean_estimate(
-        z[:, :-1], tau[:, :-1]
-    )
-    moved = _skip(gate * clean[:, :-1], z[:, 1:], tau[:, 1:]) - _skip(base_plain, z[:, 1:], tau[:, 1:])
-    torch.testing.assert_close(other[:, 1:] - plain[:, 1:], moved)  # only the guess moves
-    torch.testing.assert_close(other[:, :1], plain[:, :1])  # the first frame has no predecessor
-    with pytest.raises(ValueError, match="go together"):
-        net(z, tau, lvl, prior_z=clean)
-    with pytest.raises(ValueError, match="shapes"):
-        net(z, tau, lvl, prior_z=clean[:, :2], prior_index=tau[:, :2])
-
-
-def test_clean_prior_rollout_of_an_untrained_model_copies_the_clean_last_frame():
-    net = _tiny(skip_var=1e-9).eval()  # zero head and (almost) no skip: ẑ0 is the gated guess alone
-    ctx = torch.randn(2, 3, 4, 4, 4)
-    clean = rollout(net, ctx, 3, 4, 2 / 64, generator=torch.Generator().manual_seed(0), clean_prior=True)
-    torch.testing.assert_close(clean, ctx[:, -1:].expand_as(clean), atol=1e-4, rtol=0)  # no context noise in it
-    noisy = rollout(net, ctx, 3, 4, 2 / 64, generator=torch.Generator().manual_seed(0))
-    assert float((noisy - ctx[:, -1:]).abs().max()) > 1e-3  # without it the base is the noisy frame's estimate
-
-
-def test_clean_prior_training_passes_the_clean_latents_of_context_frames():
-    m = _module(global_step=20, noise={"held_fraction": 1.0, "tau_ctx": 2 / 64, "clean_prior": True})
-    seen = []
-    m.net.register_forward_hook(lambda _, args, kwargs, out: seen.append((args, kwargs)), with_kwargs=True)
-    batch = _batch()
-    torch.manual_seed(5)
-    loss = m.training_step(batch, 0)
-    assert torch.isfinite(loss)
-    (z_tau, tau, _, _), kwargs = seen[0]
-    held = tau <= 2
-    assert held.any() and (~held).any()
-    frames = held[..., None, None, None].expand_as(z_tau)
-    torch.testing.assert_close(kwargs["prior_z"][frames], batch["latents"][frames])
-    torch.testing.assert_close(kwargs["prior_z"][~frames], z_tau[~frames])
-    assert torch.equal(kwargs["prior_index"], torch.where(held, 0, tau))
-    assert all("prior_z" in kw for _, kw in seen)  # the teacher passes read the same way
-    assert all("prior_z" not in kw for _, kw in _calls_without_clean_prior())
-
-
-def _calls_without_clean_prior():
-    m = _module(global_step=20)
-    seen = []
-    m.net.register_forward_hook(lambda _, args, kwargs, out: seen.append((args, kwargs)), with_kwargs=True)
-    m.training_step(_batch(), 0)
-    return seen
 
 
 def test_rollout_is_reproducible_and_depends_on_the_noise():
@@ -647,53 +525,3 @@ def test_motion_floor_weights_the_training_loss_by_frame_motion():
     assert not torch.allclose(loss_of(mixed, loss={"motion_floor": 0.01}), loss_of(mixed))
     with pytest.raises(ValueError, match="motion_floor"):
         _module(loss={"motion_floor": 0.0})
-
-
-def test_velocity_starts_off_and_extrapolates_only_from_two_clean_frames_before():
-    with pytest.raises(ValueError, match="clean_prior"):
-        _module(net={**NET, "velocity": True})
-    torch.manual_seed(0)
-    plain = _tiny().eval()
-    torch.manual_seed(0)
-    net = _tiny(velocity=True).eval()
-    z = torch.randn(2, 5, 4, 4, 4)
-    tau = torch.tensor([[0, 0, 64, 64, 64], [0, 32, 0, 64, 64]])  # pure-noise frames: no skip, the guess itself
-    lvl = torch.full((2, 5), 6)
-    with torch.no_grad():
-        torch.testing.assert_close(net(z, tau, lvl), plain(z, tau, lvl))  # coefficient 0 at the start
-        net.velocity_head.bias.fill_(1.0)  # coefficient 1 everywhere: linear extrapolation where it acts
-        out, base = net(z, tau, lvl), plain(z, tau, lvl)
-    change = out - base
-    torch.testing.assert_close(change[0, 2], z[0, 1] - z[0, 0])  # two clean frames before
-    torch.testing.assert_close(change[1, 4], torch.zeros_like(z[1, 4]))  # the frame before is noisy
-    for row, t in [(0, 0), (0, 1), (0, 3), (0, 4), (1, 1), (1, 2), (1, 3)]:  # no frame or a noisy one among the two
-        assert change[row, t].abs().max() == 0, (row, t)
-
-
-def test_velocity_init_starts_as_that_multiple_of_the_last_change():
-    torch.manual_seed(0)
-    plain = _tiny().eval()
-    torch.manual_seed(0)
-    net = _tiny(velocity=True, velocity_init=0.5).eval()
-    z, tau, lvl = torch.randn(1, 3, 4, 4, 4), torch.tensor([[0, 0, 64]]), torch.full((1, 3), 6)
-    with torch.no_grad():
-        change = net(z, tau, lvl) - plain(z, tau, lvl)
-    torch.testing.assert_close(change[0, 2], 0.5 * (z[0, 1] - z[0, 0]))
-
-
-@pytest.mark.parametrize("cached", [True, False])
-def test_observed_velocity_rollout_uses_the_velocity_term_for_the_first_frame_only(cached):
-    net = _net(copy_mask=True, velocity=True)
-    ctx, actions = torch.randn(2, 3, 4, 4, 4), torch.randint(-1, 3, (2, 6))
-
-    def run(velocity):
-        g = torch.Generator().manual_seed(1)
-        return rollout(net, ctx, 3, 4, 0.1, actions, g, cached=cached, clean_prior=True, velocity=velocity)
-
-    every, observed = run("all"), run("observed")
-    torch.testing.assert_close(observed[:, 0], every[:, 0], atol=1e-6, rtol=0)  # frame 1: changes between given frames
-    assert (observed[:, 1:] - every[:, 1:]).abs().max() > 1e-3  # later frames follow a generated one
-    with pytest.raises(ValueError, match="velocity"):
-        run("sometimes")
-    with pytest.raises(ValueError, match="rollout.velocity"):
-        _module(rollout={"velocity": "sometimes"})

@@ -526,25 +526,6 @@ def corrupt_context(
     return noise(z_ctx, tau_value(tau_idx, k_max), eps), tau_idx, level
 
 
-def clean_prior_source(
-    z_tau: torch.Tensor, z0: torch.Tensor, tau_index: torch.Tensor, tau_ctx: float, k_max: int = DEFAULT_K_MAX
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the model's prior reads of each frame under ``clean_prior``: frames at or below the snapped
-    ``τ_ctx`` are context, and the prior reads their clean latents ``z0`` at τ index 0; the others ``z_τ`` at
-    their own index. Returns ``(prior_z, prior_index)``.
-
-    In a rollout every context frame is at ``τ_ctx`` and its clean latents are known (the given context, or the
-    generated frame before its context noise), so the base copies the last frame without the context noise; the
-    network still sees the noisy frame. In training the same rule holds for frames held at ``τ_ctx`` (and for the
-    few iid draws at or below it).
-    """
-    _same_shape(z_tau=z_tau, z0=z0)
-    tau_index = torch.as_tensor(tau_index)
-    context = tau_index <= snap_context_tau(tau_ctx, k_max)
-    mask = _per_frame("tau_index", context, z_tau)
-    return torch.where(mask, z0.to(z_tau.dtype), z_tau), torch.where(context, torch.zeros_like(tau_index), tau_index)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation probes
 # ---------------------------------------------------------------------------------------------------------

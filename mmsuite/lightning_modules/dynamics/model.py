@@ -26,10 +26,8 @@ Output: ``ẑ0 = scale·head + g + w·(z_τ − (1 − τ)·g)``.
   (:func:`.conventions.linear_clean_estimate` of ``z_{t−1}`` at its τ; zero for the first frame) times a learned
   weight per pair (τ index of frame ``t − 1``, τ index of frame ``t``) that starts at 1 where the predecessor is the
   cleaner frame and at 0 elsewhere: the untrained model copies a cleaner last frame, and the head learns what
-  changes. The cached path needs the frame before the new ones for this (``prev`` of :meth:`forward_cached`). What
-  the prior reads of each frame is ``(z, tau_index)`` unless the caller passes ``prior_z`` / ``prior_index``: with
-  ``clean_prior`` (module and rollout) a context frame's clean latents at index 0 (the frame the context noise was
-  added to), so the guess does not carry the context noise (:func:`.conventions.clean_prior_source`).
+  changes. The cached path needs the frame before the new ones for this (``prev`` of :meth:`forward_cached`). The
+  weights are not weight-decayed (the module keeps ``prior_gate`` out of AdamW's decay).
 * ``w·(z_τ − (1 − τ)·g)``, the input skip: the frame's own noisy input beyond the guess at the fixed Gaussian
   posterior weight ``w`` for a change of variance ``skip_var`` (:func:`.conventions.input_skip_weight`): 1 at τ = 0,
   so a clean input passes through; small from τ ≈ 1/4 on. ``scale`` (:func:`.conventions.input_skip_head_scale`,
@@ -37,14 +35,6 @@ Output: ``ẑ0 = scale·head + g + w·(z_τ − (1 − τ)·g)``.
   is thus the posterior mean, and the head's error fades out near the clean end, where the last steps of a
   many-step sampler run; without the skip the head would have to rebuild a nearly clean input from the residual
   stream. No parameters.
-* ``copy_mask``: the head's output is multiplied by a sigmoid mask the network predicts per latent position, so a
-  position that does not change can take the guess exactly; ``fixed_clean_gate_from``: the weight of a clean
-  predecessor is 1, not learned, for frames noisier than a given τ index (the learned weights are not
-  weight-decayed: the module keeps ``prior_gate`` out of AdamW's decay).
-* ``velocity``: where the two frames before are both clean as the prior reads them (τ index 0: with
-  ``clean_prior``, context frames), the guess also gets ``a ⊙ (z_{t−1} − z_{t−2})`` with coefficients ``a`` the
-  network predicts per latent number (starting at ``velocity_init``). The cached path then needs the last two
-  cached frames.
 """
 
 from __future__ import annotations
@@ -119,15 +109,6 @@ class DynamicsNetSettings:
     rope_base: RoPE frequency base over frame positions.
     skip_var: the variance of a frame's change from the prior's guess that sets the input skip's weight and the
         head's scale (see the module docstring).
-    fixed_clean_gate_from: None (every weight of the prior is learned) or a τ index ``i`` ≥ 1: a clean predecessor
-        (τ index 0) enters a frame whose τ index is ≥ ``i`` at weight 1, not learned (the head learns only what
-        changes); below ``i`` the weight stays learned.
-    copy_mask: the head's output is multiplied by a per-position sigmoid mask that the
-        network predicts (one value per latent position, shared by its channels), so a position that does not
-        change can take the prior exactly (mask → 0) instead of through a head output that must cancel to 0.
-    velocity: add predicted coefficients times the change between the two frames
-        before, where both are clean (τ index 0 as the prior reads them); the coefficients start at
-        ``velocity_init`` (0: the untrained model is unchanged; 0.5: it starts as half the last change).
     """
 
     latent_channels: int = setting(8, ge=1)
@@ -144,10 +125,6 @@ class DynamicsNetSettings:
     k_max: int = setting(DEFAULT_K_MAX, ge=1)  # finest step d_min = 1/k_max; step sizes are the powers of two up to 1
     rope_base: float = setting(10_000.0, gt=0.0)
     skip_var: float = setting(0.003, gt=0.0)
-    fixed_clean_gate_from: int | None = setting(None, ge=1)
-    copy_mask: bool = False
-    velocity: bool = False
-    velocity_init: float = 0.0
 
     def build(self) -> DynamicsTransformer:
         return DynamicsTransformer(**as_dict(self))
@@ -176,10 +153,6 @@ class DynamicsTransformer(nn.Module):
         k_max: int,
         rope_base: float,
         skip_var: float,
-        fixed_clean_gate_from: int | None,
-        copy_mask: bool,
-        velocity: bool,
-        velocity_init: float,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else int(kv_heads)
@@ -201,11 +174,6 @@ class DynamicsTransformer(nn.Module):
             raise ValueError(f"skip_var must be > 0, got {skip_var}")
         self.skip_var = float(skip_var)
         self.k_max = check_k_max(k_max)
-        if fixed_clean_gate_from is not None and not 1 <= int(fixed_clean_gate_from) <= self.k_max:
-            raise ValueError(
-                f"fixed_clean_gate_from must be null or a τ index in [1, {self.k_max}], got {fixed_clean_gate_from}"
-            )
-        self.fixed_clean_gate_from = None if fixed_clean_gate_from is None else int(fixed_clean_gate_from)
         if registers < 0 or num_actions < 0:
             raise ValueError(f"registers and num_actions must be >= 0, got {registers}, {num_actions}")
         self.latent_channels, self.latent_size, self.patch = int(latent_channels), (h, w), int(patch)
@@ -232,18 +200,7 @@ class DynamicsTransformer(nn.Module):
         # the prior's learned weight of the predecessor's estimate per (its τ index, this frame's τ index), 1 where
         # the predecessor is the cleaner of the two, 0 elsewhere, to start
         self.prior_gate = nn.Parameter(torch.ones(self.k_max + 1, self.k_max + 1).triu(diagonal=1))
-        # copy_mask: logits of the per-position mask (p² per patch slot); starts at 0 (mask 1/2)
-        self.mask_head = nn.Linear(dim, patch * patch) if copy_mask else None
-        # velocity: a coefficient per latent number on the change between the two clean frames before, from
-        # velocity_init
-        self.velocity_head = nn.Linear(dim, self.patch_dim) if velocity else None
         self.apply(self._init_weights)
-        for extra in (self.mask_head, self.velocity_head):
-            if extra is not None:
-                nn.init.zeros_(extra.weight)
-                nn.init.zeros_(extra.bias)
-        if self.velocity_head is not None:
-            nn.init.constant_(self.velocity_head.bias, float(velocity_init))
         for p in (self.slot_embed, self.register_tokens, self.action_base):
             nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.head.weight)  # zero-initialised output: ẑ0 = 0 at the start
@@ -314,14 +271,9 @@ class DynamicsTransformer(nn.Module):
         step_level: torch.Tensor,
         actions: torch.Tensor | None = None,
         checkpoint: bool = False,
-        prior_z: torch.Tensor | None = None,
-        prior_index: torch.Tensor | None = None,
-        velocity: bool = True,
     ) -> torch.Tensor:
         """Predicted clean latents ``[B, T, C, H, W]``; ``checkpoint`` recomputes block activations in backward
-        (for long batches). ``prior_z`` / ``prior_index`` (shapes of ``z`` / ``tau_index``): what the prior reads of
-        each frame instead of ``(z, tau_index)``. ``velocity=False`` leaves out the ``velocity``
-        term (a rollout past its first frame, where the change before is the model's own)."""
+        (for long batches)."""
         self._check_inputs(z, tau_index, step_level, actions)
         x = self.frame_tokens(z, tau_index, step_level, actions)
         rope = rope_tables(z.shape[1], self.head_dim, self.rope_base, device=z.device)
@@ -330,62 +282,30 @@ class DynamicsTransformer(nn.Module):
                 x = activation_checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        return self._output(x, z, tau_index, None, prior_z, prior_index, velocity)
+        return self._output(x, z, tau_index, None)
 
-    def _output(self, x, z, tau_index, prev, prior_z=None, prior_index=None, velocity=True) -> torch.Tensor:
+    def _output(self, x, z, tau_index, prev) -> torch.Tensor:
         """``scale·head + g + w·(z − (1 − τ)·g)`` (the module docstring), with the prior's guess ``g`` from
-        :meth:`_guess_terms` (for the first frame from ``prev`` = ``(z [B, k, ...], tau_index [B, k])``, the ``k``
-        frames before, or zero)."""
-        feats = self.norm_out(x[:, :, -self.num_patches :])
-        out = self.head(feats)
-        if self.mask_head is not None:  # [B, T, N, p²] -> the same mask for every channel of a position
-            out = out * torch.sigmoid(self.mask_head(feats)).repeat(1, 1, 1, self.latent_channels)
-        out = self.unpatchify(out)
-        terms = self._guess_terms(feats, z, tau_index, prev, prior_z, prior_index, velocity)
-        # the guess plus the frame's own input beyond it at the posterior weight, summed in float32 and rounded once
-        guess = sum((term.float() for term in terms), torch.zeros_like(z, dtype=torch.float32))
+        :meth:`_guess` (for the first frame from ``prev`` = ``(z [B, k, ...], tau_index [B, k])``, the frames
+        before, or zero)."""
+        out = self.unpatchify(self.head(self.norm_out(x[:, :, -self.num_patches :])))
+        guess = self._guess(z, tau_index, prev).float()  # the guess and skip in float32, rounded once
         w = input_skip_weight(tau_index, self.skip_var, self.k_max)[..., None, None, None]
         scale = input_skip_head_scale(tau_index, self.skip_var, self.k_max)[..., None, None, None]
         return out * scale.to(out.dtype) + (guess + w * innovation(z, guess, tau_index, self.k_max)).to(out.dtype)
 
-    def _guess_terms(self, feats, z, tau_index, prev, prior_z, prior_index, velocity) -> list[torch.Tensor]:
-        """The prior's guess of each frame as a sum of terms: the predecessor's weighted clean estimate and, with
-        ``velocity``, the predicted coefficients times the change between the two frames before."""
-        if (prior_z is None) != (prior_index is None):
-            raise ValueError("prior_z and prior_index go together (what the prior reads of each frame)")
-        if prior_z is not None and (prior_z.shape != z.shape or prior_index.shape != tau_index.shape):
-            raise ValueError(
-                f"prior_z {tuple(prior_z.shape)} / prior_index {tuple(prior_index.shape)} must have the shapes "
-                f"of z {tuple(z.shape)} / tau_index {tuple(tau_index.shape)}"
-            )
-        reads, reads_index = (z, tau_index) if prior_z is None else (prior_z, prior_index)
-        # the frames as the prior reads them, after ``prev`` and after clean zero frames (estimate 0, not real) that
-        # pad the sequence to the predecessors it needs; the gate's column is the frame's own input τ index
+    def _guess(self, z, tau_index, prev) -> torch.Tensor:
+        """The prior's guess of each frame: the frame before's clean estimate at the learned weight of the pair
+        (its τ index, this frame's τ index); the first frame's predecessor is the last of ``prev``, or none (0)."""
         b, t = tau_index.shape
         prev_z, prev_index = (z[:, :0], tau_index[:, :0]) if prev is None else prev
-        pad = max((2 if self.velocity_head is not None else 1) - prev_z.shape[1], 0)
-        seq = torch.cat([z.new_zeros(b, pad, *z.shape[2:]), prev_z.to(z.dtype), reads.to(z.dtype)], dim=1)
-        seq_index = torch.cat([tau_index.new_zeros(b, pad), prev_index, reads_index], dim=1)
-        first = pad + prev_z.shape[1]  # position of frame 0 in seq
-
-        def before(n: int):  # the frames n before each frame, with their τ indices
-            return seq[:, first - n : first - n + t], seq_index[:, first - n : first - n + t]
-
-        pred, pred_index = before(1)
-        real = torch.arange(t, device=tau_index.device) + first  # positions in seq; the pad comes first
-        clean_before = (pred_index == 0) & (real - 1 >= pad)  # a real clean frame before
-        base = linear_clean_estimate(pred, pred_index, self.k_max)
+        pad = max(1 - prev_z.shape[1], 0)  # a clean zero frame (estimate 0) where there is no frame before
+        pred = torch.cat([z.new_zeros(b, pad, *z.shape[2:]), prev_z.to(z.dtype), z[:, :-1]], dim=1)
+        pred_index = torch.cat([tau_index.new_zeros(b, pad), prev_index, tau_index[:, :-1]], dim=1)
+        first = pred.shape[1] - t  # the frame before frame 0
+        pred, pred_index = pred[:, first:], pred_index[:, first:]
         gate = self.prior_gate[pred_index, tau_index]  # [B, T]
-        if self.fixed_clean_gate_from is not None:  # a clean predecessor of a noisy enough frame: 1, no gradient
-            gate = gate.masked_fill((pred_index == 0) & (tau_index >= self.fixed_clean_gate_from), 1.0)
-        terms = [gate[..., None, None, None] * base]
-        if self.velocity_head is not None and velocity:  # where both frames before are real and clean
-            pred2, pred2_index = before(2)
-            on = clean_before & (pred2_index == 0) & (real - 2 >= pad)
-            change = (pred - pred2) * on[..., None, None, None].to(pred.dtype)
-            coef = self.unpatchify(self.velocity_head(feats))
-            terms.append(coef * change.to(coef.dtype))
-        return terms
+        return gate[..., None, None, None] * linear_clean_estimate(pred, pred_index, self.k_max)
 
     # --- incremental (cached) forward for rollouts ----------------------------------------------------------
 
@@ -398,9 +318,6 @@ class DynamicsTransformer(nn.Module):
         actions: torch.Tensor | None = None,
         cache: list | None = None,
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
-        prior_z: torch.Tensor | None = None,
-        prior_index: torch.Tensor | None = None,
-        velocity: bool = True,
     ) -> tuple[torch.Tensor, list]:
         """:meth:`forward` for frames ``z`` ``[B, t, ...]`` that follow the frames already in ``cache``.
 
@@ -408,10 +325,8 @@ class DynamicsTransformer(nn.Module):
         as returned here; the new frames sit at positions ``P .. P + t − 1`` after the ``P`` cached ones. Returns
         ``(ẑ0 of the new frames, their keys/values per temporal layer)``; extend the cache with
         :func:`extend_cache` only once the frames are final (a frame being denoised changes at every step).
-        Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested). With
-        a non-empty cache, ``prev`` = ``(z [B, 1, ...], tau_index [B, 1])`` of the last
-        cached frame as the prior reads it (its ``prior_z`` / ``prior_index`` when those were given, else its input);
-        with ``velocity``, the last two cached frames (``[B, 2, ...]``; one is enough when only one is cached).
+        Equal to :meth:`forward` over all ``P + t`` frames, restricted to the new ones (tested). With a non-empty
+        cache, ``prev`` = ``(z [B, 1, ...], tau_index [B, 1])``: the last cached frame's input, which the prior reads.
         """
         self._check_inputs(z, tau_index, step_level, actions)
         temporal = [block for block in self.blocks if block.temporal]
@@ -431,7 +346,7 @@ class DynamicsTransformer(nn.Module):
             if block.temporal:
                 new.append(kv)
                 i += 1
-        out = self._output(x, z, tau_index, prev if start > 0 else None, prior_z, prior_index, velocity)
+        out = self._output(x, z, tau_index, prev if start > 0 else None)
         return out, new
 
 

@@ -18,8 +18,6 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   a run of random length (a rollout's context is a run of held frames) and interleave after it. Held frames keep
   the flow loss; on bootstrap rows they stay as they are in both teacher passes (only the other frames take half
   steps), so the shortcut sampler is trained in the context it runs in.
-* ``noise.clean_prior``: the model's prior reads a held frame's (τ ≤ τ_ctx) clean latents instead of its noisy
-  input, in training and (``rollout.clean_prior``) in the rollout, so the copied guess carries no context noise.
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``,
@@ -53,7 +51,7 @@ from torchmetrics.wrappers import MultioutputWrapper
 
 from mmsuite.lightning_modules.dynamics import conventions as C
 from mmsuite.lightning_modules.dynamics.model import DynamicsNetSettings, DynamicsTransformer
-from mmsuite.lightning_modules.dynamics.sampling import VELOCITY_MODES, rollout
+from mmsuite.lightning_modules.dynamics.sampling import rollout
 from mmsuite.nn.metrics import psnr
 from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
@@ -76,7 +74,6 @@ class NoiseSettings:
     held_period: int = setting(2, ge=2)  # one target every this many frames, the rest held
     held_prefix: float = setting(0.0, ge=0.0, le=1.0)  # share of held rows that start with a run of held frames
     tau_ctx: float = setting(0.1, ge=0.0, le=1.0)
-    clean_prior: bool = False  # net.prior reads frames at tau <= tau_ctx clean (the rollout: the clean context)
 
 
 BASELINES = ("copy_last", "linear", "half_change")  # the rollout's baselines, no learning (see _rollout_eval)
@@ -95,9 +92,6 @@ class RolloutSettings:
     during_fit: str = setting("final", choices=["final", "every", "never"])  # final: the last validation of train.py
     gifs: int = setting(4, ge=0)
     seed: int = setting(0, ge=0)
-    clean_prior: bool = False  # must match training (noise.clean_prior)
-    # net.velocity: all (every frame) | observed (only the first predicted frame, whose change before is given)
-    velocity: str = setting("all", choices=list(VELOCITY_MODES))
     shuffled: bool = True  # also roll out the fewest-step sampler with the actions of another clip (shuffle loss)
 
 
@@ -143,12 +137,6 @@ class DynamicsSettings:
     def check(self, key: str) -> None:
         if self.shortcut.fraction > 0 and self.net.k_max < 2:
             fail(f"{key}.shortcut.fraction", "> 0 needs net.k_max >= 2")
-        if self.net.velocity and not self.noise.clean_prior:
-            fail(
-                f"{key}.net.velocity",
-                "needs model.noise.clean_prior=true (it acts only where the prior reads two clean frames before, "
-                "which only clean_prior gives)",
-            )
         for n in self.rollout.steps:
             try:
                 C.sampling_schedule(n, self.net.k_max)  # a power of two <= k_max
@@ -197,9 +185,7 @@ class DynamicsModule(L.LightningModule):
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False) if self.ema_decay > 0 else None
         self._ema_updates, self._ema_step = 0, -1
         self.boot_fraction, self.boot_start, self.anchor = s.shortcut.fraction, s.shortcut.start_step, s.shortcut.anchor
-        nz = s.noise
-        self.noise = nz
-        self.clean_prior = nz.clean_prior
+        self.noise = s.noise
         self.motion_floor = s.loss.motion_floor
         self.rollout_cfg = as_dict(s.rollout)
         self.probe_batches = s.probe.batches
@@ -272,14 +258,6 @@ class DynamicsModule(L.LightningModule):
             return 0
         return min(rows, int(math.floor(self.boot_fraction * rows + float(torch.rand(())))))
 
-    def _prior(self, z_tau: torch.Tensor, z0: torch.Tensor, tau_idx: torch.Tensor) -> dict:
-        """``noise.clean_prior``: the model's prior reads the clean latents of frames at or below τ_ctx (as the
-        rollout reads the clean context); otherwise nothing is passed and it reads the noisy input."""
-        if not self.clean_prior:
-            return {}
-        prior_z, prior_index = C.clean_prior_source(z_tau, z0, tau_idx, self.noise.tau_ctx, self.k_max)
-        return {"prior_z": prior_z, "prior_index": prior_index}
-
     def _group_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
         """Sums and counts of the per-frame losses of one group of rows ``[B, T, ...]``: bootstrap rows last."""
         b, t = z0.shape[:2]
@@ -295,7 +273,7 @@ class DynamicsModule(L.LightningModule):
         tau_idx = C.sample_tau_indices(level, self.k_max).masked_fill(held, C.snap_context_tau(nz.tau_ctx, self.k_max))
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
-        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx))
+        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint)
         w = C.ramp_weight(tau)
         if self.motion_floor is not None:  # nearly still frames weigh more (the rollout is scored in log MSE)
             w = w * C.motion_weight(z0, self.motion_floor)
@@ -306,17 +284,17 @@ class DynamicsModule(L.LightningModule):
         out = {"flow": clean_err[~boot].sum(), "n_flow": b * t - n_boot_frames, "n": b * t, "n_boot": n_boot_frames}
         if n_boot_frames:
             rows = slice(n_flow, b)
-            zb, ib, lb, fb, z0b = z_tau[rows], tau_idx[rows], level[rows], boot[rows], z0[rows]
+            zb, ib, lb, fb = z_tau[rows], tau_idx[rows], level[rows], boot[rows]
             ab = None if actions is None else actions[rows]
             with torch.no_grad():  # the teacher: two half steps of the same network; held frames stay as they are
                 half = lb.clone()
                 half[fb] = C.teacher_level(lb[fb], self.k_max)
                 tau_b, d_b = tau[rows][fb], C.step_size(lb[fb], self.k_max).to(dev)
-                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0b, ib))
+                x1 = self.net(zb, ib, half, ab)
                 z_mid, i_mid = zb.clone(), ib.clone()
                 z_mid[fb], tau_mid = C.teacher_midpoint(zb[fb], x1[fb], tau_b, d_b)
                 i_mid[fb] = C.tau_index(tau_mid, self.k_max)
-                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0b, i_mid))
+                x2 = self.net(z_mid, i_mid, half, ab)
                 x_star = C.bootstrap_x_target(zb[fb], z_mid[fb], x1[fb], x2[fb], tau_b, d_b).detach()
             out["boot"] = (w[boot] * C.bootstrap_loss_x(x_hat[boot], x_star, 1)).sum()
             out["anchor"] = clean_err[boot].sum()
@@ -469,18 +447,7 @@ class DynamicsModule(L.LightningModule):
             if z0.is_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            pred = rollout(
-                self.eval_net,
-                z0[:, :c],
-                h,
-                steps,
-                float(cfg["tau_ctx"]),
-                acts,
-                gen,
-                bool(cfg["cached"]),
-                clean_prior=bool(cfg["clean_prior"]),
-                velocity=str(cfg["velocity"]),
-            )
+            pred = rollout(self.eval_net, z0[:, :c], h, steps, float(cfg["tau_ctx"]), acts, gen, bool(cfg["cached"]))
             if z0.is_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
