@@ -332,8 +332,13 @@ class DynamicsModule(L.LightningModule):
         self._lengths.append((int(self.global_step), kind, t, b))
         every = max(int(getattr(self.trainer, "log_every_n_steps", 50) or 50), 1)
         if self.trainer.is_global_zero and self.global_step % every == 0:
-            print(f"[dynamics] step {self.global_step} {kind} T={t} B={b} boot_frames={n_boot}", flush=True)
+            self.print(f"[dynamics] step {self.global_step} {kind} T={t} B={b} boot_frames={n_boot}")  # above the bar
         return loss
+
+    def throughput_counts(self, batch) -> tuple[int, int]:
+        """Clips and tokens (frames x the transformer's slots per frame) of a batch (mmsuite.callbacks.perf)."""
+        b, t = batch["latents"].shape[:2]
+        return int(b), int(b * t * self.net.slots)
 
     @property
     def eval_net(self) -> DynamicsTransformer:
