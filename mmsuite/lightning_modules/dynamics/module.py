@@ -107,8 +107,7 @@ class ProbeSettings:
 
 @dataclass
 class EMASettings:
-    # > 0: validation, the probes and the rollout use an EMA of the weights (dynamics.md e.7); the bootstrap teacher
-    # stays the online network
+    # > 0: validation, the probes and the rollout use an EMA of the weights; the bootstrap teacher stays the online net
     decay: float = setting(0.0, ge=0.0, lt=1.0)
 
 
@@ -343,8 +342,7 @@ class DynamicsModule(L.LightningModule):
     @property
     def eval_net(self) -> DynamicsTransformer:
         """The network validation, test, the denoising probe and the rollout use: the EMA copy when ``ema.decay``
-        > 0 (dynamics.md §e.7: "keep an EMA of the weights for eval"), else the online one. The bootstrap teacher
-        is always the online network (the paper's and nicklashansen's choice)."""
+        > 0, else the online one. The bootstrap teacher is always the online network (as in the paper)."""
         return self.net if self.net_ema is None else self.net_ema
 
     @torch.no_grad()
