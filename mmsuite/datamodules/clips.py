@@ -27,14 +27,14 @@ from mmsuite.datamodules.shards import (
     split_shards,
 )
 from mmsuite.settings import fail, setting
-from mmsuite.sources import toyworld
+from mmsuite.sources import controllable
 from mmsuite.sources.splits import split_by_item
 from mmsuite.tokenizers.token_space import settings_hash
 
 
 def _clip_members(args) -> tuple[int, dict]:
     cfg, index = args
-    clip = toyworld.make_clip(cfg, index)
+    clip = controllable.render_clip(cfg, index)
     return index, {
         "frames.npy": clip.frames,
         "joints.npy": clip.joints,
@@ -48,8 +48,9 @@ def _clip_members(args) -> tuple[int, dict]:
 def build_toyworld(
     out_dir: Path, world: dict, n_clips: int, splits: dict, samples_per_shard: int, workers: int = 2
 ) -> Path:
-    """Render ``n_clips`` toy-world clips and write them as shards, split by clip, with a progress bar."""
-    cfg = toyworld.ToyWorldConfig(**world)
+    """Render ``n_clips`` clips of either toy world (:func:`mmsuite.sources.controllable.world_config`) and write
+    them as shards, split by clip, with a progress bar."""
+    cfg = controllable.world_config(world)
     split_of = split_by_item(range(n_clips), splits, seed=cfg.seed)
     info = {
         "source": {"kind": "toyworld", "world": dataclasses.asdict(cfg), "n_clips": n_clips, "splits": dict(splits)},
@@ -79,15 +80,16 @@ class _Serial:
 class ClipSettings(ShardSettings):
     """What every data set made from toy-world clips states: the world, the number of clips and the split."""
 
-    # the toy world's settings (mmsuite.sources.toyworld.ToyWorldConfig); the data configs state the ones they change
-    # or interpolate (image_size, frames, seed), and the data set's name hashes them as stated
+    # the toy world's settings (mmsuite.sources.toyworld.ToyWorldConfig; with kind: control the controllable world's,
+    # mmsuite.sources.controllable); the data configs state the ones they change or interpolate (image_size, frames,
+    # seed), and the data set's name hashes them as stated
     world: dict[str, Any] = setting({})
     n_clips: int = setting(1200, ge=1)
     splits: dict[str, float] = setting({"train": 0.8, "val": 0.1, "test": 0.1}, ge=0.0)  # by clip, never by frame
 
     def check(self, key: str) -> None:
         try:
-            toyworld.ToyWorldConfig(**self.world)  # with the toy world's own messages
+            controllable.world_config(self.world)  # with the toy world's own messages
         except (TypeError, ValueError) as e:
             fail(f"{key}.world", f"is invalid: {e}")
 
@@ -118,7 +120,7 @@ class ToyWorldDataModule(ShardDataModule):
             "splits": self.splits,
             "samples_per_shard": self.samples_per_shard,
             "writer": WRITER_VERSION,
-            "render": toyworld.RENDER_VERSION,
+            "render": controllable.render_version(self.world),
         }
         return f"toyworld-{self.world.get('image_size', 64)}px-{settings_hash(settings)}"
 
@@ -138,7 +140,7 @@ class FramesSettings(ToyWorldSettings):
 
     def check(self, key: str) -> None:
         super().check(key)
-        frames = toyworld.ToyWorldConfig(**self.world).frames
+        frames = controllable.world_config(self.world).frames
         if self.frames_per_clip is not None and self.frames_per_clip > frames:
             fail(f"{key}.frames_per_clip", f"must be in [1, {frames}] (the clip's frames), got {self.frames_per_clip}")
 
@@ -150,7 +152,7 @@ class FramesDataModule(ToyWorldDataModule):
 
     def __init__(self, token_space=None, **settings):
         super().__init__(token_space, **settings)
-        n_frames = toyworld.ToyWorldConfig(**self.world).frames
+        n_frames = controllable.world_config(self.world).frames
         frames_per_clip = self.settings.frames_per_clip
         k = n_frames if frames_per_clip is None else frames_per_clip
         self.frame_index = np.linspace(0, n_frames - 1, k).round().astype(int)

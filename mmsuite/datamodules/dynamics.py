@@ -1,9 +1,10 @@
 """Latent-sequence shards for the dynamics world model, read as strided windows of alternating lengths.
 
 Build (``prepare.py experiment=dynamics``, or the first ``train.py`` that lacks it): clips of ``clip_frames``
-frames, from the toy world (``source.kind=toyworld``: rendered here, with their per-frame action ids) or from a
-folder of real videos (``source.kind=video``: decoded with PyAV at ``source.fps`` from ``source.start_s`` for
-``source.span_s`` seconds, cut into consecutive clips, unlabelled), are encoded ONCE by a frozen frame encoder and
+frames, from a toy world (``source.kind=toyworld``, either world of :func:`mmsuite.sources.controllable.world_config`:
+rendered here, with their per-frame action ids) or from a folder of real videos (``source.kind=video``: decoded with
+PyAV at ``source.fps`` from ``source.start_s`` for ``source.span_s`` seconds, cut into consecutive clips,
+unlabelled), are encoded ONCE by a frozen frame encoder and
 written as one sample per clip: ``latents.npy`` (float16 ``[L, C, h, w]``), ``actions.npy`` (int64 ``[L]``, -1 =
 no label) and ``clip.json``. Splits are by clip for the toy world and by video for a folder. The encoder is the
 image tokenizer's continuous variant (``tokenizer=continuous``: its checkpoint, trained first by a subprocess
@@ -47,7 +48,7 @@ from mmsuite.datamodules.shards import (
     split_shards,
 )
 from mmsuite.settings import as_dict, fail, setting
-from mmsuite.sources import toyworld
+from mmsuite.sources import controllable
 from mmsuite.sources.splits import split_by_item
 from mmsuite.tokenizers.image import PRETRAINED_FRAME_KINDS, load_frame_tokenizer
 from mmsuite.tokenizers.token_space import checkpoint_sha256, settings_hash
@@ -208,7 +209,7 @@ class DynamicsDataSettings(ShardSettings):
     def check(self, key: str) -> None:
         if self.source.kind == "toyworld":
             try:
-                toyworld.ToyWorldConfig(**{**self.world, "frames": self.clip_frames, "image_size": self.image_size})
+                controllable.world_config({**self.world, "frames": self.clip_frames, "image_size": self.image_size})
             except (TypeError, ValueError) as e:
                 fail(f"{key}.world", f"is invalid: {e}")
         for what, n in (("seq_len", self.seq_len), ("long_seq_len", self.long_seq_len)):
@@ -267,7 +268,7 @@ class DynamicsLatentDataModule(ShardDataModule):
     @property
     def dataset_name(self) -> str:
         if self.source["kind"] == "toyworld":
-            clips = {"world": self.world, "n_clips": self.n_clips, "render": toyworld.RENDER_VERSION}
+            clips = {"world": self.world, "n_clips": self.n_clips, "render": controllable.render_version(self.world)}
         else:
             root = Path(self.source["root"])
             files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -343,11 +344,12 @@ class DynamicsLatentDataModule(ShardDataModule):
     def _iter_clips(self, skipped: list):
         """``(split, key, frames uint8 [L,S,S,3], actions int64 [L], meta)`` for every clip."""
         if self.source["kind"] == "toyworld":
-            cfg = toyworld.ToyWorldConfig(**self.world)
+            cfg = controllable.world_config(self.world)
             split_of = split_by_item(range(self.n_clips), self.splits, seed=cfg.seed)
+            names = controllable.action_names(cfg)
             for i in tqdm(range(self.n_clips), desc="dynamics latents (toy world)", unit="clip"):
-                clip = toyworld.make_clip(cfg, i)
-                meta = {"clip": i, "action": toyworld.ACTIONS[int(clip.actions[0])], "caption": clip.caption}
+                clip = controllable.render_clip(cfg, i)
+                meta = {"clip": i, "action": names[int(clip.actions[0])], "caption": clip.caption}
                 yield split_of[i], f"clip{i:07d}", clip.frames, clip.actions, meta
             return
         from mmsuite.sources import video

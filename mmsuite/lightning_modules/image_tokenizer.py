@@ -49,13 +49,6 @@ class ImageTokenizerSettings:
     loss: ImageLossSettings = setting(ImageLossSettings())
     n_sample_images: int = setting(8, ge=0)  # originals | reconstructions logged at each validation
     image_size: int = setting(64, ge=1)  # the tokenizer's default input size (ImageTokenizer.from_checkpoint)
-    # training only: the decoder reads latents + N(0, latent_noise²), so a small latent error (a world model's
-    # prediction) decodes to a small pixel error; continuous bottleneck only (FSQ rounds noise away)
-    latent_noise: float = setting(0.0, ge=0.0)
-
-    def check(self, key: str) -> None:
-        if self.latent_noise > 0 and self.net.levels is not None:
-            fail(f"{key}.latent_noise", f"needs the continuous bottleneck (net.levels: null), got {self.latent_noise}")
 
 
 class ImageTokenizerModule(L.LightningModule):
@@ -69,7 +62,6 @@ class ImageTokenizerModule(L.LightningModule):
         self.image_size = s.image_size
         self.w_l1, self.w_mse = s.loss.l1, s.loss.mse
         self.n_sample_images = s.n_sample_images
-        self.latent_noise = s.latent_noise
         # evaluation metrics (validation and test in turn): means over images, and code usage with a quantiser
         self.eval_loss = MeanMetric()
         self.eval_psnr = MeanMetric()  # of per-image PSNR
@@ -94,11 +86,7 @@ class ImageTokenizerModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x = self._images(batch)
-        if self.latent_noise > 0:
-            z, _ = self.net.encode(x)
-            recon = self.net.decode(z + self.latent_noise * torch.randn_like(z))
-        else:
-            recon, _ = self.net(x)
+        recon, _ = self.net(x)
         out = self._losses(recon.float(), x)
         bs = x.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)

@@ -440,6 +440,12 @@ def _animate(rng, action: str, n_frames: int, size: int, height_range) -> tuple[
         fore = upper + _SIDE * 0.1
         x = x + 0.01 * size * np.sin(phase)
 
+    return _skeleton(x, ground, height, lean, lift, torso, upper, fore, thigh, shin), height
+
+
+def _skeleton(x, ground, height: float, lean, lift, torso, upper, fore, thigh, shin) -> np.ndarray:
+    """Joint positions [T, 13, 2] from per-frame pelvis x, ground line (the lowest foot stands on it), spine lean,
+    lift off the ground, torso stretch ([T] each) and limb angles ([T, 2]: left, right)."""
     up = np.stack([np.sin(lean), -np.cos(lean)], axis=-1)[:, None]  # [T, 1, 2] spine direction
     across = np.stack([np.cos(lean), np.sin(lean)], axis=-1)[:, None]  # [T, 1, 2] towards the image right
     side = _SIDE[None, :, None]
@@ -454,8 +460,7 @@ def _animate(rng, action: str, n_frames: int, size: int, height_range) -> tuple[
     elbow = shoulder + UPPER_ARM * height * _direction(upper)
     wrist = elbow + FOREARM * height * _direction(fore)
     limbs = [head, shoulder, elbow, wrist, pelvis + hip, pelvis + knee, pelvis + ankle]
-    joints = np.concatenate(limbs, axis=1)
-    return joints, height
+    return np.concatenate(limbs, axis=1)
 
 
 # -- rendering ----------------------------------------------------------------------------------------

@@ -241,8 +241,8 @@ class Decoder(nn.Module):
 
 @dataclass
 class AutoencoderSettings:
-    """:class:`ImageAutoencoder`'s settings (``model.net`` of ``model=image_tokenizer``; levels, downsample,
-    latent_channels and latent_bound come from the ``tokenizer`` group)."""
+    """:class:`ImageAutoencoder`'s settings (``model.net`` of ``model=image_tokenizer``; levels, downsample and
+    latent_channels come from the ``tokenizer`` group)."""
 
     levels: list[int] | None = setting([8, 8, 8, 8], ge=2)  # FSQ levels per latent channel; null: continuous
     downsample: int = setting(8, ge=1)  # image side / latent side
@@ -251,7 +251,6 @@ class AutoencoderSettings:
     channel_mult: list[int] = setting([1, 2], ge=1)  # width per level; log2(downsample / patch_size) + 1 entries
     num_res_blocks: Any = setting([2, 2])  # per level, or one number for every level
     latent_channels: int = setting(8, ge=1)  # continuous bottleneck only (FSQ has len(levels) channels)
-    latent_bound: str | None = setting(None, choices=["tanh"])  # continuous only: tanh squashes into (-1, 1)
 
     def build(self) -> ImageAutoencoder:
         return ImageAutoencoder(**as_dict(self))
@@ -262,8 +261,6 @@ class ImageAutoencoder(nn.Module):
     are the fields of :class:`AutoencoderSettings` (``AutoencoderSettings(...).build()`` fills in the defaults).
 
     Inputs are float images ``[B, 3, H, W]`` in ``[-1, 1]`` with ``H, W`` divisible by ``downsample``.
-    ``latent_bound`` (continuous only): ``tanh`` squashes the latents into ``(-1, 1)`` (DreamerV4's bottleneck), so
-    noise added to them in training (``ImageTokenizerModule(latent_noise=...)``) cannot be outgrown by scaling up.
     """
 
     def __init__(
@@ -276,16 +273,10 @@ class ImageAutoencoder(nn.Module):
         num_res_blocks: int | Sequence[int],
         latent_channels: int,
         patch_size: int,
-        latent_bound: str | None,
     ):
         super().__init__()
         self.downsample = int(downsample)
         self.quantizer = FSQ(levels) if levels is not None else None
-        if latent_bound not in (None, "tanh"):
-            raise ValueError(f"latent_bound must be null or 'tanh', got {latent_bound!r}")
-        if latent_bound is not None and self.quantizer is not None:
-            raise ValueError("latent_bound is for the continuous bottleneck (levels: null); FSQ bounds its own")
-        self.latent_bound = latent_bound
         self.latent_channels = self.quantizer.dim if self.quantizer is not None else int(latent_channels)
         kw = dict(
             downsample=downsample,
@@ -312,7 +303,7 @@ class ImageAutoencoder(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by the downsample factor {self.downsample}")
         z = self.encoder(x)
         if self.quantizer is None:
-            return (torch.tanh(z) if self.latent_bound == "tanh" else z), None
+            return z, None
         return self.quantizer(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -398,6 +389,8 @@ class ImageTokenizer:
             net_kwargs = dict(hp["net"])
         except KeyError:
             raise ValueError(f"{path}: not an image tokenizer checkpoint (no hyper_parameters['net'])") from None
+        if net_kwargs.pop("latent_bound", None) is not None:  # a setting that no longer exists; null meant no bound
+            raise ValueError(f"{path}: trained with net.latent_bound, which this version no longer has; retrain it")
         state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         if not state:
             raise ValueError(f"{path}: checkpoint state_dict has no 'net.*' entries")
@@ -406,7 +399,7 @@ class ImageTokenizer:
         if image_size is None:
             image_size = hp.get("image_size") or 64
         tok = cls(net, token_space, range_name, image_size=image_size, device=map_location)
-        tok.hyper_parameters = dict(hp)  # how it was trained (e.g. latent_noise)
+        tok.hyper_parameters = dict(hp)  # how it was trained
         return tok
 
     # -- properties -----------------------------------------------------------------------------------
@@ -508,7 +501,7 @@ PRETRAINED_FRAME_KINDS = ("autoencoder_kl",)  # pretrained continuous tokenizers
 def load_frame_tokenizer(encoder: Mapping, image_size: int, device="cpu", ckpt: str | Path | None = None):
     """The frozen frame encoder/decoder of the dynamics family, named by ``encoder`` (``data.encoder``): a diffusers
     AutoencoderKL from a local folder (``encoder.tokenizer.kind=autoencoder_kl``) or the continuous image tokenizer
-    checkpoint ``ckpt`` (default ``encoder.ckpt``), whose tokenizer settings must match the config's.
+    checkpoint ``ckpt`` (default ``encoder.ckpt``).
     ``encode_latents(uint8 [N, S, S, 3])`` / ``decode_latents`` at ``image_size``."""
     tok = dict(encoder.get("tokenizer") or {})
     if tok.get("kind") in PRETRAINED_FRAME_KINDS:
@@ -524,13 +517,4 @@ def load_frame_tokenizer(encoder: Mapping, image_size: int, device="cpu", ckpt: 
             f"{path} is a quantised (FSQ) image tokenizer; the dynamics model needs continuous latents: "
             "train one with tokenizer=continuous (data.encoder.train_overrides) or use tokenizer=sd_vae"
         )
-    # the config's tokenizer settings, where it has them, must be the ones the checkpoint was trained with
-    saved = {"latent_bound": enc.net.latent_bound, "latent_noise": float(enc.hyper_parameters.get("latent_noise", 0.0))}
-    wanted = {"latent_bound": tok.get("latent_bound"), "latent_noise": float(tok.get("latent_noise") or 0.0)}
-    for key in saved:
-        if key in tok and wanted[key] != saved[key]:
-            raise ValueError(
-                f"{path} was trained with tokenizer.{key}={saved[key]}, but the config asks for {wanted[key]}: give "
-                "the other tokenizer its own data.encoder.run and pass the setting in data.encoder.train_overrides"
-            )
     return enc

@@ -24,7 +24,7 @@ def test_benches_compose_the_config_train_runs():
     """A bench's model comes from the composed, checked train config: interpolations resolve (a YAML file read alone
     hands the net ``${oc.select:...}`` strings) and a bad key stops the bench naming it."""
     cfg = run.compose("train", ["experiment=image_tokenizer"])
-    assert cfg.model.net.latent_bound is None and cfg.model.net.levels == [8, 8, 8, 8]
+    assert cfg.model.net.latent_channels == 8 and cfg.model.net.levels == [8, 8, 8, 8]  # an oc.select default
     assert cfg.paths.run_dir is None  # a bench has no run folder
     with pytest.raises(ValueError, match=r"model\.net\.bogus"):
         run.compose("train", ["experiment=image_tokenizer", "+model.net.bogus=1"])

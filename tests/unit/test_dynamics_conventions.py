@@ -283,19 +283,6 @@ def test_bad_arguments_raise_value_errors_naming_them(name, call):
         call()
 
 
-def test_clean_prior_source_reads_context_frames_clean_at_index_zero():
-    z0, z_tau = torch.randn(2, 5, 3, 2, 2), torch.randn(2, 5, 3, 2, 2)
-    tau = torch.tensor([[0, 1, 2, 3, 64], [6, 2, 2, 40, 1]])
-    prior_z, prior_index = C.clean_prior_source(z_tau, z0, tau, 2 / 64, K_MAX)
-    context = tau <= 2  # the snapped tau_ctx: index 2
-    assert torch.equal(prior_index, torch.where(context, 0, tau))
-    for b in range(2):
-        for t in range(5):
-            assert torch.equal(prior_z[b, t], z0[b, t] if context[b, t] else z_tau[b, t])
-    with pytest.raises(ValueError, match="shapes"):
-        C.clean_prior_source(z_tau[:, :2], z0, tau, 2 / 64, K_MAX)
-
-
 def test_motion_weight_favours_still_frames_and_has_mean_one():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 1, 3, 4, 4, generator=g).repeat(1, 5, 1, 1, 1)  # still clips

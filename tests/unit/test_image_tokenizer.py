@@ -266,39 +266,6 @@ def test_fit_checkpoint_from_checkpoint_weights_only(tmp_path):
     assert torch.equal(plain.encode(imgs), ids - 300)
 
 
-def test_tanh_bound_and_latent_noise_train_the_decoder_on_noisy_latents_only(tmp_path):
-    net = _tiny(levels=None, latent_channels=5, latent_bound="tanh")
-    x = torch.from_numpy(_images(2)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    with torch.no_grad():
-        net.encoder.apply(lambda m: m.weight.mul_(50) if isinstance(m, torch.nn.Conv2d) else None)  # large pre-tanh
-        z, _ = net.encode(x)
-    assert float(z.abs().max()) <= 1.0 and float(z.abs().max()) > 0.99  # squashed into (-1, 1)
-    with pytest.raises(ValueError, match="continuous"):
-        _tiny(latent_bound="tanh")  # FSQ bounds its own channels
-    with pytest.raises(ValueError, match="latent_bound"):
-        _tiny(levels=None, latent_bound="clip")
-    cont = {**TINY, "levels": None, "latent_channels": 5, "latent_bound": "tanh"}
-    with pytest.raises(ValueError, match="continuous"):
-        _module(latent_noise=0.1)  # FSQ rounds the noise away
-    with pytest.raises(ValueError, match="latent_noise"):
-        _module(net=cont, latent_noise=-1.0)
-    module = _module(net=cont, latent_noise=0.5)
-    batch = {"image": torch.from_numpy(_images(2)).permute(0, 3, 1, 2).contiguous()}
-    torch.manual_seed(3)
-    noisy = [float(module.training_step(batch, 0)) for _ in range(2)]
-    assert noisy[0] != noisy[1]  # a fresh noise draw each step
-    module.latent_noise = 0.0
-    clean = [float(module.training_step(batch, 0)) for _ in range(2)]
-    assert clean[0] == clean[1]
-    path = tmp_path / "tanh.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
-    loaded = ImageTokenizer.from_checkpoint(path, image_size=32)
-    assert loaded.net.latent_bound == "tanh"  # the bound travels with the checkpoint's hyper-parameters
-    torch.testing.assert_close(
-        loaded.encode_latents(_images(2)), ImageTokenizer(module.net, image_size=32).encode_latents(_images(2))
-    )
-
-
 def test_schedule_needs_max_steps():
     import lightning as L
 
@@ -349,3 +316,28 @@ def test_patch_size_stem_shapes_and_validation():
         AutoencoderSettings(downsample=8, patch_size=4, channel_mult=[1, 2, 4]).build()
     with _pytest.raises(ValueError, match="patch_size"):
         AutoencoderSettings(downsample=8, patch_size=16, channel_mult=[1]).build()
+
+
+def test_a_checkpoint_with_the_removed_latent_bound_loads_only_without_a_bound(tmp_path):
+    module = _module(net={**TINY, "levels": None, "latent_channels": 5})
+    hp = dict(module.hparams)
+    for bound, ok in ((None, True), ("tanh", False)):
+        path = tmp_path / f"{bound}.ckpt"
+        torch.save(
+            {
+                "hyper_parameters": {**hp, "net": {**hp["net"], "latent_bound": bound}},
+                "state_dict": module.state_dict(),
+            },
+            path,
+        )
+        if ok:  # null meant no bound: the same tokenizer
+            torch.testing.assert_close(
+                ImageTokenizer.from_checkpoint(path, image_size=32).encode_latents(_images(2)),
+                ImageTokenizer(module.net, image_size=32).encode_latents(_images(2)),
+            )
+        else:
+            with pytest.raises(ValueError, match="latent_bound"):
+                ImageTokenizer.from_checkpoint(path, image_size=32)
+    for key in ("latent_noise", "net.latent_bound"):  # removed settings are unknown keys
+        with pytest.raises(ValueError, match=key.split(".")[-1]):
+            _module(**({key: 0.1} if "." not in key else {"net": {**TINY, "latent_bound": "tanh"}}))

@@ -308,7 +308,7 @@ def linear_clean_estimate(z_tau: torch.Tensor, tau_index: torch.Tensor, k_max: i
     """The best linear guess of ``z0`` from ``z_τ`` for unit-variance latents: ``(1 − τ)/((1 − τ)² + τ²)·z_τ``.
 
     (``E[z0 | z_τ]`` when ``z0`` and ``ε`` are independent standard normals.) ``z_τ`` itself at τ = 0, zero at
-    τ = 1. ``tau_index`` ``[*F]`` per frame of ``z_τ`` ``[*F, ...]``. The model's ``prior: previous`` adds this
+    τ = 1. ``tau_index`` ``[*F]`` per frame of ``z_τ`` ``[*F, ...]``. The model's prior adds this
     estimate of frame ``t − 1`` to its prediction of frame ``t`` (the untrained model copies the last frame).
     """
     z_tau = _float(z_tau)
@@ -323,7 +323,7 @@ def input_skip_weight(tau_index: torch.Tensor, var: torch.Tensor | float, k_max:
     If ``z0 = g + δ`` with ``δ ~ N(0, var)`` per latent number, then ``E[z0 | z_τ, g] = g + w·(z_τ − (1 − τ)·g)``
     with ``w = var·(1 − τ)/(var·(1 − τ)² + τ²)``: 1 at τ = 0 (the input is the frame), 0 at τ = 1 (the guess).
     ``var`` (a float or per frame): how far the frame may be from the guess; 1 for no guess (``g = 0``, unit-variance
-    latents), where ``w`` is :func:`linear_clean_estimate`'s scale. The model's ``input_skip`` adds ``w`` times
+    latents), where ``w`` is :func:`linear_clean_estimate`'s scale. The model's input skip adds ``w`` times
     :func:`innovation`, so near the clean end it passes its input through instead of rebuilding it in the head.
     """
     tau, var = _skip_tau_var(tau_index, var, k_max)
@@ -348,7 +348,7 @@ def input_skip_head_scale(
 
     Under :func:`input_skip_weight`'s model the clean frame given its noisy input and the guess has variance
     ``var·τ²/(var·(1 − τ)² + τ²)``; this is its square root over ``sqrt(var)``: 0 at τ = 0, 1 at τ = 1, and
-    ≥ 0.98 for τ ≥ 1/4 at ``var`` 0.003. The model's ``input_skip_scale`` multiplies the head's output by it (the
+    ≥ 0.98 for τ ≥ 1/4 at ``var`` 0.003. The model multiplies its head's output by it (the
     output preconditioning of EDM, Karras et al. 2022, against a guess): the head's error then fades out where the
     input alone nearly gives the frame, so a zero head is the Gaussian posterior mean and a poor one cannot be
     worse than about the posterior's error at the clean end, where only a many-step sampler goes.
@@ -526,48 +526,9 @@ def corrupt_context(
     return noise(z_ctx, tau_value(tau_idx, k_max), eps), tau_idx, level
 
 
-def clean_prior_source(
-    z_tau: torch.Tensor, z0: torch.Tensor, tau_index: torch.Tensor, tau_ctx: float, k_max: int = DEFAULT_K_MAX
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``prior: previous`` reads of each frame under ``clean_prior``: frames at or below the snapped
-    ``τ_ctx`` are context, and the prior reads their clean latents ``z0`` at τ index 0; the others ``z_τ`` at
-    their own index. Returns ``(prior_z, prior_index)``.
-
-    In a rollout every context frame is at ``τ_ctx`` and its clean latents are known (the given context, or the
-    generated frame before its context noise), so the base copies the last frame without the context noise; the
-    network still sees the noisy frame. In training the same rule holds for frames held at ``τ_ctx`` (and for the
-    few iid draws at or below it).
-    """
-    _same_shape(z_tau=z_tau, z0=z0)
-    tau_index = torch.as_tensor(tau_index)
-    context = tau_index <= snap_context_tau(tau_ctx, k_max)
-    mask = _per_frame("tau_index", context, z_tau)
-    return torch.where(mask, z0.to(z_tau.dtype), z_tau), torch.where(context, torch.zeros_like(tau_index), tau_index)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Optional training pattern and evaluation probes
+# Evaluation probes
 # ---------------------------------------------------------------------------------------------------------
-
-
-def rising_tau_indices(frames: int, context: int, tau_ctx: float, k_max: int = DEFAULT_K_MAX) -> torch.Tensor:
-    """The log's "context at τ_ctx, targets rising to 1" pattern: τ indices ``[frames]`` (long).
-
-    The first ``context`` frames sit at the snapped ``τ_ctx``; the ``n = frames − context`` targets rise linearly
-    over their position, target ``j = 1..n`` at ``round(i_ctx + (k_max − i_ctx)·j/n)``, so the last one is pure
-    noise and no target is clean. Position-coupled: a target's τ is fixed by where it sits, which starves the
-    (late position, high noise) pairs a rollout asks for — an option for comparison, not the default.
-    """
-    k_max = check_k_max(k_max)
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames must be a positive int, got {frames!r}")
-    if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context < frames:
-        raise ValueError(f"context must be an int in [0, frames={frames}), got {context!r}")
-    ctx = snap_context_tau(tau_ctx, k_max)
-    n = frames - context
-    j = torch.arange(1, n + 1, dtype=torch.float64)
-    rising = torch.round(ctx + (k_max - ctx) * j / n).long().clamp(min=1)
-    return torch.cat([torch.full((context,), ctx, dtype=torch.long), rising])
 
 
 def probe_tau_index(level: int, k_max: int = DEFAULT_K_MAX) -> int:

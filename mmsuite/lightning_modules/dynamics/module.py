@@ -12,34 +12,15 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   onto the x-space target ``x*`` (equal to the paper's τ²-scaled velocity loss), ramp-weighted, plus a small flow
   anchor ``shortcut.anchor·w(τ)·‖ẑ0 − z0‖²`` on the same frames.
 * Rows flagged ``single`` by the data (T=1 rows) are run as independent one-frame sequences.
-* ``noise.pattern=rising`` replaces the τ of ``noise.pattern_fraction`` of the flow rows by the log's "context at
-  τ_ctx, targets rising to 1" pattern (for comparison; the default ``iid`` is the paper's). ``prefix`` instead
-  sets a random-length prefix of those rows to τ_ctx and leaves the later frames' iid τ alone (the rollout's
-  situation, without coupling a target's τ to its position). ``interleave`` sets every other frame (random phase)
-  to τ_ctx, so half the frames of the row are targets whose predecessor is clean-ish, as at a rollout's first step;
-  ``noise.pattern_period`` = p > 2 keeps one target every p frames and holds the p − 1 between (targets with two
-  clean predecessors, what ``net.velocity`` reads). ``noise.prefix_share``: that share of the interleave rows takes a
-  random-length prefix instead. Interleave never holds more than p − 1 frames in a row, but a rollout's context is
-  a run of held frames; after such a run a nearly clean frame came out 4–6× worse than after an interleaved context
-  (experiments/dynamics/README.md; off: it costs the 4-step rollout 0.2–0.4 dB).
-* ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
-  of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
-  context noise.
-* ``noise.velocity_drop``: that share of the frames is trained without ``net.velocity``'s term (a per-frame mask,
-  the teacher keeps it), so the model also learns a clean predecessor without it, which is what the rollout's
-  later frames see under ``rollout.velocity: observed``.
-* ``noise.own_context`` (self-forcing): that share of the sequence rows (after ``noise.own_context_start`` steps)
-  first predicts one frame every ``pattern_period`` frames from the frames before it (``own_context_steps`` Euler
-  steps, no grad, all of a row's predictions at once, so a later one sees the earlier ones half-denoised), then
-  trains the frame after each prediction with the prediction as its predecessor (held at τ_ctx, read by the prior
-  as given, and under ``rollout.velocity: observed`` without the velocity term), as a rollout's second step sees it.
-  The predicted frames carry no loss; the real held frames keep theirs.
-* ``loss.decoded`` (off): the flow rows' error also in decoded pixels, through the frozen frame decoder, on
-  ``loss.decoded_frames`` random frames a batch (``loss.decoded_floor``: per-frame ``f·log(1 + mse/f)``), as the
-  rollout is scored; measured no better than the latent loss alone (experiments/dynamics/README.md).
+* **Held context** (:func:`held_frames`): ``noise.held_fraction`` of the rows, flow and bootstrap rows alike, hold
+  some frames at τ_ctx (finest level), as a rollout holds its context: one target every ``noise.held_period`` = p
+  frames, the p − 1 between held, so targets follow clean-ish frames. ``noise.held_prefix`` of those rows first hold
+  a run of random length (a rollout's context is a run of held frames) and interleave after it. Held frames keep
+  the flow loss; on bootstrap rows they stay as they are in both teacher passes (only the other frames take half
+  steps), so the shortcut sampler is trained in the context it runs in.
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
-Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/decoded_loss``,
+Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``,
 ``train/boot_rows``, ``train/seq_len`` and a console line ``S T=..`` / ``L T=..`` every ``log_every_n_steps``.
 
 Validation: ``val/loss`` (flow loss at d_min with fixed noise), one-step denoising PSNR per step size
@@ -70,12 +51,10 @@ from torchmetrics.wrappers import MultioutputWrapper
 
 from mmsuite.lightning_modules.dynamics import conventions as C
 from mmsuite.lightning_modules.dynamics.model import DynamicsNetSettings, DynamicsTransformer
-from mmsuite.lightning_modules.dynamics.sampling import VELOCITY_MODES, rollout
+from mmsuite.lightning_modules.dynamics.sampling import rollout
 from mmsuite.nn.metrics import psnr
 from mmsuite.nn.schedule import AdamWSettings, StepSchedule, adamw_warmup_cosine
 from mmsuite.settings import as_dict, fail, parse, setting
-
-PATTERNS = ("iid", "rising", "prefix", "interleave")
 
 
 @dataclass
@@ -89,29 +68,15 @@ class ShortcutSettings:
 
 @dataclass
 class NoiseSettings:
-    """Which τ each frame of a flow row gets (see the module docstring)."""
+    """Which frames are held at τ_ctx as context (see the module docstring); the others draw their own τ."""
 
-    # iid (paper: per-frame tau on its grid) | rising (the log's ctx 0.1 -> targets to 1) | prefix (a random prefix at
-    # tau_ctx, later frames iid) | interleave (every other frame at tau_ctx, random phase; the rest iid)
-    pattern: str = setting("iid", choices=list(PATTERNS))
-    pattern_fraction: float = setting(1.0, ge=0.0, le=1.0)  # rising / prefix / interleave: share of flow rows
-    pattern_context: int = setting(16, ge=0)  # rising: frames held at tau_ctx
-    pattern_period: int = setting(2, ge=2)  # interleave: one target every this many frames, the rest at tau_ctx
-    prefix_share: float = setting(0.0, ge=0.0, le=1.0)  # interleave: this share of rows holds a prefix instead
+    held_fraction: float = setting(0.0, ge=0.0, le=1.0)  # share of rows (flow and bootstrap) with held frames
+    held_period: int = setting(2, ge=2)  # one target every this many frames, the rest held
+    held_prefix: float = setting(0.0, ge=0.0, le=1.0)  # share of held rows that start with a run of held frames
     tau_ctx: float = setting(0.1, ge=0.0, le=1.0)
-    clean_prior: bool = False  # net.prior reads frames at tau <= tau_ctx clean (the rollout: the clean context)
-    velocity_drop: float = setting(0.0, ge=0.0, lt=1.0)  # share of frames trained without net.velocity's term
-    # self-forcing: share of sequence rows trained after the model's own prediction of the frame before (one every
-    # pattern_period frames, own_context_steps no-grad Euler steps)
-    own_context: float = setting(0.0, ge=0.0, le=1.0)
-    own_context_steps: int = setting(4, ge=1)
-    own_context_start: int = setting(0, ge=0)  # no self-forcing rows before this step
 
-    def check(self, key: str) -> None:
-        if self.prefix_share and self.pattern != "interleave":
-            fail(
-                f"{key}.prefix_share", "needs noise.pattern=interleave (it turns some interleave rows into prefix rows)"
-            )
+
+BASELINES = ("copy_last", "linear", "half_change")  # the rollout's baselines, no learning (see _rollout_eval)
 
 
 @dataclass
@@ -127,17 +92,12 @@ class RolloutSettings:
     during_fit: str = setting("final", choices=["final", "every", "never"])  # final: the last validation of train.py
     gifs: int = setting(4, ge=0)
     seed: int = setting(0, ge=0)
-    clean_prior: bool = False  # must match training (noise.clean_prior)
-    # net.velocity: all (every frame) | observed (only the first predicted frame, whose change before is given)
-    velocity: str = setting("all", choices=list(VELOCITY_MODES))
+    shuffled: bool = True  # also roll out the fewest-step sampler with the actions of another clip (shuffle loss)
 
 
 @dataclass
 class DynamicsLossSettings:
     motion_floor: float | None = setting(None, gt=0.0)  # frames weigh 1/(change + floor), mean 1 (null: off)
-    decoded: float = setting(0.0, ge=0.0)  # + this x the flow frames' pixel MSE through the frozen decoder
-    decoded_frames: int = setting(16, ge=1)  # ... on this many random frames a batch, scaled to all of them
-    decoded_floor: float | None = setting(None, gt=0.0)  # f: a frame adds f*log(1 + mse/f), not its mse
 
 
 @dataclass
@@ -147,8 +107,7 @@ class ProbeSettings:
 
 @dataclass
 class EMASettings:
-    # > 0: validation, the probes and the rollout use an EMA of the weights (dynamics.md e.7); the bootstrap teacher
-    # stays the online network
+    # > 0: validation, the probes and the rollout use an EMA of the weights; the bootstrap teacher stays the online net
     decay: float = setting(0.0, ge=0.0, lt=1.0)
 
 
@@ -177,25 +136,39 @@ class DynamicsSettings:
     def check(self, key: str) -> None:
         if self.shortcut.fraction > 0 and self.net.k_max < 2:
             fail(f"{key}.shortcut.fraction", "> 0 needs net.k_max >= 2")
-        if self.noise.velocity_drop and not self.net.velocity:
-            fail(f"{key}.noise.velocity_drop", "needs model.net.velocity=true (there is no velocity term to drop)")
-        if self.net.velocity and not self.noise.clean_prior:
-            fail(
-                f"{key}.net.velocity",
-                "needs model.noise.clean_prior=true (it acts only where the prior reads two clean frames before, "
-                "which only clean_prior gives)",
-            )
-        own = [self.noise.own_context_steps] if self.noise.own_context else []
-        for what, steps in (("noise.own_context_steps", own), ("rollout.steps", self.rollout.steps)):
-            for n in steps:
-                try:
-                    C.sampling_schedule(n, self.net.k_max)  # a power of two <= k_max
-                except ValueError as e:
-                    fail(f"{key}.{what}", str(e))
+        for n in self.rollout.steps:
+            try:
+                C.sampling_schedule(n, self.net.k_max)  # a power of two <= k_max
+            except ValueError as e:
+                fail(f"{key}.rollout.steps", str(e))
         try:
             C.snap_context_tau(self.rollout.tau_ctx, self.net.k_max)
         except ValueError as e:
             fail(f"{key}.rollout.tau_ctx", str(e))
+
+
+def held_frames(rows: int, frames: int, fraction: float, period: int, prefix: float) -> torch.Tensor:
+    """Which frames of ``rows`` rows of ``frames`` frames are held at τ_ctx: bool ``[rows, frames]`` (CPU draws).
+
+    A row holds frames with probability ``fraction``. A held row keeps one target every ``period`` frames and holds
+    the ``period − 1`` between; with probability ``prefix`` it first holds a run of ``L`` frames, ``L`` uniform in
+    ``1 … frames − 1`` (a rollout's context), and its targets are frames ``L, L + period, …``; otherwise they start at
+    a random phase. Single frames (``frames`` = 1) are never held."""
+    held = torch.zeros(rows, frames, dtype=torch.bool)
+    if frames < 2:
+        return held
+    for r in range(rows):
+        if float(torch.rand(())) >= fraction:
+            continue
+        if prefix > 0 and float(torch.rand(())) < prefix:
+            start = int(torch.randint(1, frames, ()))
+            held[r, :start] = True
+        else:
+            start = int(torch.randint(0, period, ()))
+            held[r, :start] = True
+        after = torch.arange(frames - start)
+        held[r, start:] = after % period != 0
+    return held
 
 
 class DynamicsModule(L.LightningModule):
@@ -211,22 +184,8 @@ class DynamicsModule(L.LightningModule):
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False) if self.ema_decay > 0 else None
         self._ema_updates, self._ema_step = 0, -1
         self.boot_fraction, self.boot_start, self.anchor = s.shortcut.fraction, s.shortcut.start_step, s.shortcut.anchor
-        nz = s.noise
-        self.pattern = nz.pattern
-        self.pattern_fraction = nz.pattern_fraction
-        self.pattern_context = nz.pattern_context
-        self.pattern_period = nz.pattern_period
-        self.prefix_share = nz.prefix_share
-        self.pattern_tau_ctx = nz.tau_ctx
-        self.clean_prior = nz.clean_prior
-        self.velocity_drop = nz.velocity_drop
-        self.own_context = nz.own_context
-        self.own_context_steps = nz.own_context_steps
-        self.own_context_start = nz.own_context_start
+        self.noise = s.noise
         self.motion_floor = s.loss.motion_floor
-        self.decoded_floor = s.loss.decoded_floor
-        self.decoded_weight = s.loss.decoded
-        self.decoded_frames = s.loss.decoded_frames
         self.rollout_cfg = as_dict(s.rollout)
         self.probe_batches = s.probe.batches
         self.ckpt_min_frames = s.activation_checkpointing.min_frames
@@ -243,11 +202,15 @@ class DynamicsModule(L.LightningModule):
     def _eval_metrics(self) -> dict:
         """Validation/test metrics, means (or sums) over every evaluated clip of every rank: the denoising probe's PSNR
         per step size, and per horizon step (``[B, horizon]`` updates) the rollout's and copy-last's pixel PSNR, pixel
-        MSE and latent MSE, with each sampler's seconds and frames."""
+        MSE and latent MSE (also of the baselines ``linear``: latent linear extrapolation, ``half_change``: half the
+        last change, then hold; and of the fewest-step sampler with shuffled actions), with each sampler's seconds and
+        frames."""
         horizon = int(self.rollout_cfg["horizon"])
         per_step = lambda: MultioutputWrapper(MeanMetric(), horizon, output_dim=1, remove_nans=False)  # noqa: E731
         out = {f"denoise/psnr_k{2**lvl}": MeanMetric() for lvl in range(C.num_levels(self.k_max))}
-        for name in ["copy_last", *(f"rollout_k{s}" for s in self.rollout_cfg["steps"])]:
+        fast = min(self.rollout_cfg["steps"])
+        names = [*BASELINES, *(f"rollout_k{s}" for s in self.rollout_cfg["steps"]), f"rollout_k{fast}_shuffled"]
+        for name in names:
             out |= {f"{name}/{key}": per_step() for key in ("psnr", "mse", "latent_mse")}
         for s in self.rollout_cfg["steps"]:
             out |= {f"rollout_k{s}/seconds": SumMetric(), f"rollout_k{s}/frames": SumMetric()}
@@ -271,14 +234,7 @@ class DynamicsModule(L.LightningModule):
             from mmsuite.tokenizers.image import load_frame_tokenizer
 
             self._decoder = load_frame_tokenizer(self.decoder_cfg, self.image_size, device=self.device)
-            for p in self._decoder_params():  # frozen: the pixel loss (loss.decoded) reaches the latents only
-                p.requires_grad_(False)
         return self._decoder
-
-    def _decoder_params(self):
-        net = getattr(self._decoder, "net", None)
-        net = getattr(self._decoder, "model", None) if net is None else net
-        return list(net.parameters()) if isinstance(net, torch.nn.Module) else []
 
     def _raw(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``[N, C, h, w]`` -> the tokenizer's own latent scale."""
@@ -291,26 +247,6 @@ class DynamicsModule(L.LightningModule):
         frames = torch.cat([self.decoder().decode_latents(raw[i : i + 256]) for i in range(0, len(raw), 256)])
         return frames.reshape(*lead, *frames.shape[1:])
 
-    def _decoded_loss(self, x_hat: torch.Tensor, z0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``loss.decoded``: the frames' weighted pixel MSE through the frozen decoder (on the [0, 1] scale of the
-        rollout's PSNR, against the decoded truth as that PSNR is), on ``loss.decoded_frames`` frames drawn at random
-        from ``x_hat`` ``[B, T, ...]`` and scaled up to all of them (an unbiased estimate of the sum over every
-        frame: decoding all would cost more than the dynamics step). With ``loss.decoded_floor`` = f a frame adds
-        ``w·f·log(1 + mse/f)`` instead: its MSE below f, its log above (as PSNR counts a frame), so the frames with
-        large errors do not take over the term."""
-        x, z, wf = x_hat.flatten(0, 1), z0.flatten(0, 1), w.flatten()
-        n = x.shape[0]
-        k = min(self.decoded_frames, n)
-        pick = torch.randperm(n)[:k].to(x.device)
-        dec = self.decoder()
-        images = dec.decode_latents_float(self._raw(x[pick]))
-        with torch.no_grad():
-            truth = dec.decode_latents_float(self._raw(z[pick]))
-        mse = (images.float() - truth.float()).pow(2).flatten(1).mean(1) / 4  # [-1, 1] -> [0, 1] pixels
-        if self.decoded_floor is not None:
-            mse = self.decoded_floor * torch.log1p(mse / self.decoded_floor)
-        return (wf[pick] * mse).sum() * (n / k)
-
     # -- training -------------------------------------------------------------------------------------------
     def _actions(self, batch) -> torch.Tensor | None:
         return batch.get("actions") if self.net.num_actions else None
@@ -321,121 +257,47 @@ class DynamicsModule(L.LightningModule):
             return 0
         return min(rows, int(math.floor(self.boot_fraction * rows + float(torch.rand(())))))
 
-    def _prior(self, z_tau: torch.Tensor, z0: torch.Tensor, tau_idx: torch.Tensor) -> dict:
-        """``noise.clean_prior``: the model's prior reads the clean latents of frames at or below τ_ctx (as the
-        rollout reads the clean context); otherwise nothing is passed and it reads the noisy input."""
-        if not self.clean_prior:
-            return {}
-        prior_z, prior_index = C.clean_prior_source(z_tau, z0, tau_idx, self.pattern_tau_ctx, self.k_max)
-        return {"prior_z": prior_z, "prior_index": prior_index}
-
     def _group_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
-        """Sums and counts of the per-frame losses of one group of rows ``[B, T, ...]``."""
+        """Sums and counts of the per-frame losses of one group of rows ``[B, T, ...]``: bootstrap rows last."""
         b, t = z0.shape[:2]
         dev = z0.device
         n_boot = self._boot_rows(b)
         n_flow = b - n_boot
+        nz = self.noise
+        held = held_frames(b, t, nz.held_fraction, nz.held_period, nz.held_prefix).to(dev)  # [B, T]
         level = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=dev)
         if n_boot:
             level[n_flow:] = C.sample_step_levels((n_boot, t), self.k_max, include_finest=False, device=dev)
-        tau_idx = C.sample_tau_indices(level, self.k_max)
-        if self.pattern != "iid" and t > 1 and n_flow:
-            rows = [r for r in range(n_flow) if float(torch.rand(())) < self.pattern_fraction]
-            if rows and self.pattern == "rising":
-                ctx = min(self.pattern_context, t - 1)
-                tau_idx[rows] = C.rising_tau_indices(t, ctx, self.pattern_tau_ctx, self.k_max).to(dev)
-            held = C.snap_context_tau(self.pattern_tau_ctx, self.k_max)
-            for r in rows if self.pattern != "rising" else []:  # frames held clean-ish; the others keep their iid tau
-                # prefix_share (interleave only): a run of held frames, as a rollout's context, on that share of rows
-                prefix = self.pattern == "prefix" or (
-                    self.prefix_share > 0 and float(torch.rand(())) < self.prefix_share
-                )
-                if prefix:  # a random-length prefix
-                    frames = slice(int(torch.randint(1, t, ())))
-                else:  # interleave: one target every pattern_period frames from a random phase, the rest held
-                    phase = int(torch.randint(0, self.pattern_period, ()))
-                    frames = [i for i in range(t) if (i - phase) % self.pattern_period]
-                tau_idx[r, frames] = held
+        level = level.masked_fill(held, C.finest_level(self.k_max))
+        tau_idx = C.sample_tau_indices(level, self.k_max).masked_fill(held, C.snap_context_tau(nz.tau_ctx, self.k_max))
         tau = C.tau_value(tau_idx, self.k_max)
         z_tau = C.noise(z0, tau, torch.randn_like(z0))
-        vkw = {}
-        if self.velocity_drop and self.net.velocity_head is not None:  # frames trained without the velocity term
-            vkw["velocity"] = torch.rand(b, t, device=dev) >= self.velocity_drop
-        x_hat = self.net(
-            z_tau, tau_idx, level, actions, checkpoint=checkpoint, **self._prior(z_tau, z0, tau_idx), **vkw
-        )
+        x_hat = self.net(z_tau, tau_idx, level, actions, checkpoint=checkpoint)
         w = C.ramp_weight(tau)
         if self.motion_floor is not None:  # nearly still frames weigh more (the rollout is scored in log MSE)
             w = w * C.motion_weight(z0, self.motion_floor)
         clean_err = w * C.per_frame_mse(x_hat, z0, 2)
-        out = {"flow": clean_err[:n_flow].sum(), "n_flow": n_flow * t, "n": b * t, "n_boot": n_boot * t}
-        if self.decoded_weight and n_flow:  # the flow rows' error as the rollout is scored: in decoded pixels
-            wd = w if self.decoded_floor is None else C.ramp_weight(tau)  # the log weighs frames itself
-            out["decoded"] = self._decoded_loss(x_hat[:n_flow], z0[:n_flow], wd[:n_flow])
-        if n_boot:
-            zb, ib, lb = z_tau[n_flow:], tau_idx[n_flow:], level[n_flow:]
-            ab = None if actions is None else actions[n_flow:]
-            vkb = {k: v[n_flow:] for k, v in vkw.items()}  # the teacher keeps the student's velocity frames
-            with torch.no_grad():  # the teacher: two half steps of the same network
-                half = C.teacher_level(lb, self.k_max)
-                tau_b, d_b = tau[n_flow:], C.step_size(lb, self.k_max).to(dev)
-                x1 = self.net(zb, ib, half, ab, **self._prior(zb, z0[n_flow:], ib), **vkb)
-                z_mid, tau_mid = C.teacher_midpoint(zb, x1, tau_b, d_b)
-                i_mid = C.tau_index(tau_mid, self.k_max)
-                x2 = self.net(z_mid, i_mid, half, ab, **self._prior(z_mid, z0[n_flow:], i_mid), **vkb)
-                x_star = C.bootstrap_x_target(zb, z_mid, x1, x2, tau_b, d_b).detach()
-            out["boot"] = (w[n_flow:] * C.bootstrap_loss_x(x_hat[n_flow:], x_star, 2)).sum()
-            out["anchor"] = clean_err[n_flow:].sum()
+        boot = torch.zeros_like(held)
+        boot[n_flow:] = ~held[n_flow:]  # the frames that bootstrap: bootstrap rows' frames that are not held
+        n_boot_frames = int(boot.sum())
+        out = {"flow": clean_err[~boot].sum(), "n_flow": b * t - n_boot_frames, "n": b * t, "n_boot": n_boot_frames}
+        if n_boot_frames:
+            rows = slice(n_flow, b)
+            zb, ib, lb, fb = z_tau[rows], tau_idx[rows], level[rows], boot[rows]
+            ab = None if actions is None else actions[rows]
+            with torch.no_grad():  # the teacher: two half steps of the same network; held frames stay as they are
+                half = lb.clone()
+                half[fb] = C.teacher_level(lb[fb], self.k_max)
+                tau_b, d_b = tau[rows][fb], C.step_size(lb[fb], self.k_max).to(dev)
+                x1 = self.net(zb, ib, half, ab)
+                z_mid, i_mid = zb.clone(), ib.clone()
+                z_mid[fb], tau_mid = C.teacher_midpoint(zb[fb], x1[fb], tau_b, d_b)
+                i_mid[fb] = C.tau_index(tau_mid, self.k_max)
+                x2 = self.net(z_mid, i_mid, half, ab)
+                x_star = C.bootstrap_x_target(zb[fb], z_mid[fb], x1[fb], x2[fb], tau_b, d_b).detach()
+            out["boot"] = (w[boot] * C.bootstrap_loss_x(x_hat[boot], x_star, 1)).sum()
+            out["anchor"] = clean_err[boot].sum()
         return out
-
-    def _own_context_losses(self, z0: torch.Tensor, actions: torch.Tensor | None, checkpoint: bool) -> dict:
-        """Self-forcing rows ``[B, T, ...]`` (``noise.own_context``): the model predicts one frame every
-        ``pattern_period`` frames (random phase, never the last frame) from the frames before it (the real ones held
-        at τ_ctx; all predictions of a row denoised together), in ``own_context_steps`` no-grad Euler steps; then
-        the frame after each prediction is a target (iid τ at the finest level) whose predecessor is that
-        prediction, held at τ_ctx and read by the prior as given. The predicted frames have no loss (the motion
-        weights still read the real clip)."""
-        b, t = z0.shape[:2]
-        dev = z0.device
-        fine = torch.full((b, t), C.finest_level(self.k_max), dtype=torch.long, device=dev)
-        held = torch.full_like(fine, C.snap_context_tau(self.pattern_tau_ctx, self.k_max))
-        own = torch.zeros(b, t, dtype=torch.bool)  # built on the CPU: its count needs no device sync
-        for r in range(b):
-            own[r, int(torch.randint(0, self.pattern_period, ())) : t - 1 : self.pattern_period] = True
-        n = b * t - int(own.sum())  # the frames with a loss
-        own = own.to(dev)
-        target = torch.zeros_like(own)
-        target[:, 1:] = own[:, :-1]
-        mask = own[..., None, None, None]
-        indices, level = C.sampling_schedule(self.own_context_steps, self.k_max)
-        ctx = C.noise(z0, C.tau_value(held, self.k_max), torch.randn_like(z0))
-        z = torch.randn_like(z0)
-        lvl = fine.masked_fill(own, level)
-        d = C.step_size(torch.full_like(fine, level), self.k_max).to(dev)  # the step of every frame (only own kept)
-        with torch.no_grad():  # the model's own predictions of the frames in ``own``, from the real ones
-            for index in indices.tolist():
-                idx = held.masked_fill(own, index)
-                z_in = torch.where(mask, z, ctx)
-                reads = {}
-                if self.clean_prior:  # the real frames are read clean, the predicted ones as they are
-                    reads = {"prior_z": torch.where(mask, z_in, z0), "prior_index": idx.masked_fill(~own, 0)}
-                x_hat = self.net(z_in, idx, lvl, actions, **reads)
-                z = C.euler_step(z, x_hat, C.tau_value(torch.full_like(fine, index), self.k_max).to(dev), d)
-        z_own = torch.where(mask, z.detach(), z0)
-        tau_idx = torch.where(target, C.sample_tau_indices(fine, self.k_max), held)
-        tau = C.tau_value(tau_idx, self.k_max)
-        z_tau = C.noise(z_own, tau, torch.randn_like(z0))
-        vkw = {}  # observed: as in the rollout, no velocity term for a frame after a prediction (the others keep it)
-        if self.rollout_cfg["velocity"] == "observed" and self.net.velocity_head is not None:
-            vkw["velocity"] = ~target
-        x_hat = self.net(
-            z_tau, tau_idx, fine, actions, checkpoint=checkpoint, **self._prior(z_tau, z_own, tau_idx), **vkw
-        )
-        w = C.ramp_weight(tau) * (~own).float()
-        if self.motion_floor is not None:
-            w = w * C.motion_weight(z0, self.motion_floor)
-        err = (w * C.per_frame_mse(x_hat, z0, 2)).sum()
-        return {"flow": err, "n_flow": n, "n": n, "n_boot": 0}
 
     def training_step(self, batch, batch_idx):
         z0 = batch["latents"]
@@ -444,16 +306,8 @@ class DynamicsModule(L.LightningModule):
         single = list(batch.get("single") or [False] * b)
         seq_rows = [i for i in range(b) if not single[i]]
         one_rows = [i for i in range(b) if single[i]]
-        own_rows = []
-        if self.own_context and t >= 3 and self.global_step >= self.own_context_start:
-            own_rows = [i for i in seq_rows if float(torch.rand(())) < self.own_context]
-            seq_rows = [i for i in seq_rows if i not in own_rows]
         checkpoint = self.ckpt_min_frames is not None and t >= int(self.ckpt_min_frames)
         parts = []
-        if own_rows:
-            parts.append(
-                self._own_context_losses(z0[own_rows], None if actions is None else actions[own_rows], checkpoint)
-            )
         if seq_rows:
             parts.append(self._group_losses(z0[seq_rows], None if actions is None else actions[seq_rows], checkpoint))
         if one_rows:  # T=1 rows: every frame of the row on its own
@@ -464,14 +318,11 @@ class DynamicsModule(L.LightningModule):
         flow = sum(p["flow"] for p in parts)
         boot = sum(p.get("boot", 0.0) for p in parts)
         anchor = sum(p.get("anchor", 0.0) for p in parts)
-        decoded = sum(p.get("decoded", 0.0) for p in parts)
-        loss = (flow + boot + self.anchor * anchor + self.decoded_weight * decoded) / n
+        loss = (flow + boot + self.anchor * anchor) / n
         n_flow, n_boot = sum(p["n_flow"] for p in parts), sum(p["n_boot"] for p in parts)
         kind = batch.get("length", "S")
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/flow_loss", flow / max(n_flow, 1), batch_size=b)
-        if self.decoded_weight:
-            self.log("train/decoded_loss", decoded / max(n_flow, 1), batch_size=b)
         if n_boot:
             self.log("train/boot_loss", boot / n_boot, batch_size=b)
             self.log("train/anchor_loss", anchor / n_boot, batch_size=b)
@@ -491,8 +342,7 @@ class DynamicsModule(L.LightningModule):
     @property
     def eval_net(self) -> DynamicsTransformer:
         """The network validation, test, the denoising probe and the rollout use: the EMA copy when ``ema.decay``
-        > 0 (dynamics.md §e.7: "keep an EMA of the weights for eval"), else the online one. The bootstrap teacher
-        is always the online network (the paper's and nicklashansen's choice)."""
+        > 0, else the online one. The bootstrap teacher is always the online network (as in the paper)."""
         return self.net if self.net_ema is None else self.net_ema
 
     @torch.no_grad()
@@ -580,33 +430,36 @@ class DynamicsModule(L.LightningModule):
         if c > 0:
             last = z0[:, c - 1 : c].float().expand(-1, h, *z0.shape[2:])
             self._update("copy_last/latent_mse", C.per_frame_mse(last, z0[:, c : c + h].float(), 2))
+        if c > 1:  # the latent baselines: linear extrapolation of the last change, and half of it then hold
+            last, change = z0[:, c - 1 : c].float(), (z0[:, c - 1 : c] - z0[:, c - 2 : c - 1]).float()
+            k = torch.arange(1, h + 1, device=z0.device, dtype=torch.float32).view(1, h, *[1] * (z0.dim() - 2))
+            half = (last + change / 2).expand(-1, h, *z0.shape[2:])
+            for name, pred in (("linear", last + k * change), ("half_change", half)):
+                frames = self.decode(pred)
+                self._update(f"{name}/psnr", psnr(frames, target, data_range=255))
+                self._update(f"{name}/mse", (frames.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
+                self._update(f"{name}/latent_mse", C.per_frame_mse(pred, z0[:, c : c + h].float(), 2))
         acts = None if actions is None else actions[:, : c + h]
         videos = {"truth": truth}
-        for steps in cfg["steps"]:
+        runs = [(s, acts, f"rollout_k{s}") for s in cfg["steps"]]
+        if cfg["shuffled"] and acts is not None and b > 1:  # every clip gets the next clip's actions
+            fast = min(cfg["steps"])
+            runs.append((fast, acts.roll(1, dims=0), f"rollout_k{fast}_shuffled"))
+        for steps, acts, name in runs:
             gen = torch.Generator().manual_seed(int(cfg["seed"]) * 1000 + batch_idx)  # same noise for every sampler
             if z0.is_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            pred = rollout(
-                self.eval_net,
-                z0[:, :c],
-                h,
-                steps,
-                float(cfg["tau_ctx"]),
-                acts,
-                gen,
-                bool(cfg["cached"]),
-                clean_prior=bool(cfg["clean_prior"]),
-                velocity=str(cfg["velocity"]),
-            )
+            pred = rollout(self.eval_net, z0[:, :c], h, steps, float(cfg["tau_ctx"]), acts, gen, bool(cfg["cached"]))
             if z0.is_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             frames = self.decode(pred)
-            name = f"rollout_k{steps}"
             self._update(f"{name}/psnr", psnr(frames, target, data_range=255))
             self._update(f"{name}/mse", (frames.float() / 255 - target.float() / 255).pow(2).flatten(-3).mean(-1))
             self._update(f"{name}/latent_mse", C.per_frame_mse(pred, z0[:, c : c + h].float(), 2))
+            if name.endswith("_shuffled"):
+                continue
             self._update(f"{name}/seconds", torch.tensor(seconds))
             self._update(f"{name}/frames", torch.tensor(float(b * h)))
             videos[name] = torch.cat([truth[:, :c], frames], dim=1)
@@ -654,6 +507,11 @@ class DynamicsModule(L.LightningModule):
                 out[f"{name}/seconds"] = secs
                 if "copy_last/psnr_h1_4" in out:
                     out[f"{name}/gain_over_copy_h1_4"] = out[f"{name}/psnr_h1_4"] - out["copy_last/psnr_h1_4"]
+                best = [out[f"{b}/psnr_h1_4"] for b in BASELINES if f"{b}/psnr_h1_4" in out]
+                if best:
+                    out[f"{name}/gain_over_best_h1_4"] = out[f"{name}/psnr_h1_4"] - max(best)
+                if f"{name}_shuffled/psnr_h1_4" in out:  # > 0: the actions are used
+                    out[f"{name}/shuffle_loss_h1_4"] = out[f"{name}/psnr_h1_4"] - out[f"{name}_shuffled/psnr_h1_4"]
         fast, slow = min(self.rollout_cfg["steps"]), max(self.rollout_cfg["steps"])
         if fast != slow and f"rollout_k{fast}/seconds" in out:
             pair = f"k{fast}_vs_k{slow}"
@@ -681,8 +539,9 @@ class DynamicsModule(L.LightningModule):
         # the prior's weights are mixing weights whose neutral value is 1 (copy), not 0: no weight decay on them
         # (``optim.weight_decay`` 0.01 at lr 3e-3 alone pulls an unused entry from 1 to 0.91 in 3000 steps)
         gate = self.net.prior_gate
-        params = [{"params": [p for p in self.net.parameters() if p is not gate and p.requires_grad]}]
-        if gate is not None:
-            params.append({"params": [gate], "weight_decay": 0.0})
+        params = [
+            {"params": [p for p in self.net.parameters() if p is not gate]},
+            {"params": [gate], "weight_decay": 0.0},
+        ]
         s = self.settings
         return adamw_warmup_cosine(params, s.optim, s.schedule, self.trainer.max_steps, "DynamicsModule")
