@@ -82,13 +82,7 @@ class TaskGrammar:
     # -- states ---------------------------------------------------------------------------------------------
     def body_limit(self, task: str) -> int:
         """Most body tokens of ``task``'s target."""
-        target = TASKS[task].target
-        fmt = self.fmt
-        return {
-            "audio": fmt.audio_max_frames * self.layout.n_codebooks,
-            "image": fmt.image_tokens,
-            "text": fmt.text_max_tokens,
-        }[target]
+        return self.layout.max_body(TASKS[task].target, self.fmt)
 
     def states(self, task: str, p: torch.Tensor) -> torch.Tensor:
         """State at body position ``p`` (any shape; -1 = the opening tag, past the close tag = done)."""

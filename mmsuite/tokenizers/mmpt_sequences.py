@@ -169,6 +169,27 @@ class SequenceBuilder:
         ids, labels, start = assemble(self.layout, task, source, target)
         return TaskSequence(task, item.key, ids, labels, start, shortened)
 
+    def prompt(self, task: str, source) -> np.ndarray:
+        """The generation prompt ``<open src> SRC <close src> <gen tgt>`` of a source body alone (generate.py): the
+        source is checked like a training source, a text source shortened so that the longest target still fits
+        ``max_seq_len``; a source that cannot fit raises ValueError."""
+        fmt = TASKS[TASK_NAMES[task_index(task)]]
+        try:
+            body = self._checked(fmt.source, source, role="source")
+        except _Drop as d:
+            raise ValueError(f"{task} prompt: {d.message}") from None
+        room = self.settings.max_seq_len - N_TAGS - self.layout.max_body(fmt.target, self.fmt)
+        if body.size > room:
+            if fmt.source != "text" or room < self.settings.min_prompt_tokens:
+                raise ValueError(
+                    f"{task} prompt: a source of {body.size} tokens leaves no room for a {fmt.target} target of up "
+                    f"to {self.layout.max_body(fmt.target, self.fmt)} tokens within max_seq_len "
+                    f"{self.settings.max_seq_len}"
+                )
+            body = body[:room]
+        ids, _, start = assemble(self.layout, task, body, [])
+        return ids[:start]
+
     def _checked(self, modality: str, body, role: str) -> np.ndarray:
         # a text source is a prompt: only its ids are checked (its length is bounded by max_seq_len, not by the
         # caption generation limit); targets and media sources obey every rule of the format

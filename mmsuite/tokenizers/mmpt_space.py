@@ -270,6 +270,17 @@ class MMPTLayout:
         except KeyError:
             raise ValueError(f"unknown modality {modality!r}; modalities are {list(MODALITY_TAGS)}") from None
 
+    def max_body(self, modality: str, fmt: FormatSettings) -> int:
+        """Most tokens a ``modality`` target body may have (the generation limit)."""
+        limits = {
+            "audio": fmt.audio_max_frames * self.n_codebooks,
+            "image": fmt.image_tokens,
+            "text": fmt.text_max_tokens,
+        }
+        if modality not in limits:
+            raise ValueError(f"unknown modality {modality!r}; modalities are {list(limits)}")
+        return limits[modality]
+
     def describe(self) -> dict:
         return {
             "sha256": self.sha256,

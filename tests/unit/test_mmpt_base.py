@@ -117,3 +117,26 @@ def test_layout_settings_reach_the_built_base():
     settings.layout = LayoutSettings(multiple_of=128)
     _, layout = build_stage3_base(TEXT, IMAGE_CODES, K, BINS, settings)
     assert layout.vocab_size == 128 and layout.reserved.size == 30
+
+
+def test_every_mmpt_settings_class_is_a_structured_config_that_names_unknown_keys():
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from mmsuite.lightning_modules.mmpt.adapters import AdapterSettings
+    from mmsuite.tokenizers.mmpt_sampling import GoldenSettings, MixtureSettings
+    from mmsuite.tokenizers.mmpt_sequences import SequenceSettings
+    from mmsuite.tokenizers.mmpt_space import FormatSettings
+
+    classes = (
+        LayoutSettings, FormatSettings, SequenceSettings, GoldenSettings, MixtureSettings, ToyLMSettings,
+        BaseSettings, AdapterSettings,
+    )  # fmt: skip
+    for cls in classes:
+        assert OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), {})) == cls()
+    parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseSettings), {"toy": {"hidden_size": 8}}))
+    assert parsed.toy.hidden_size == 8 and isinstance(parsed.layout, LayoutSettings)
+    with pytest.raises(ConfigKeyError, match="hiden"):
+        OmegaConf.merge(OmegaConf.structured(BaseSettings), {"toy": {"hiden": 8}})
+    with pytest.raises(ValueError, match="base.dtype"):
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseSettings), {"dtype": "float64"}))

@@ -15,7 +15,7 @@ from mmsuite.tokenizers.mmpt_sequences import (
     run_prompt_ablation,
     verify_sequence,
 )
-from mmsuite.tokenizers.mmpt_space import TASK_NAMES, TASKS
+from mmsuite.tokenizers.mmpt_space import TASK_NAMES, TASKS, DecodeError
 from tests.unit.mmpt_fixtures import FMT, random_item, tiny_layout
 
 ORDER = {
@@ -179,3 +179,41 @@ def test_run_prompt_ablation_calls_the_nll_function_per_condition():
     assert out["n"] == 5 and len(out["per_item"]["empty"]) == 5
     assert out["nll"]["empty"] > out["nll"]["correct"]
     assert isinstance(out["gap_empty"]["ci95"][0], float) and out["keys"] == [it.key for it in items]
+
+
+def test_a_prompt_from_a_source_alone_leaves_room_for_the_longest_target():
+    layout = tiny_layout()
+    item = random_item(layout, np.random.default_rng(8), "p", text_len=30)
+    builder = SequenceBuilder(layout, FMT, SequenceSettings(max_seq_len=40))
+    prompt = builder.prompt("t2a", item.text)  # longest audio target: 5 frames x 3 = 15 ids + 2 tags
+    assert prompt.tolist() == [
+        layout.special("<text_start>"),
+        *item.text[:20],
+        *layout.tags("text")[1:2],
+        layout.special("<gen_aud>"),
+    ]
+    short = random_item(layout, np.random.default_rng(9), "q")
+    assert builder.prompt("i2t", short.image).tolist() == builder.build("i2t", short).prompt.tolist()
+    with pytest.raises(ValueError, match="no room"):
+        SequenceBuilder(layout, FMT, SequenceSettings(max_seq_len=20)).prompt("a2t", item.audio)
+    with pytest.raises(ValueError, match="bad|empty|source"):
+        builder.prompt("t2i", [])
+
+
+def test_the_sequence_gate_catches_a_broken_sequence():
+    layout = tiny_layout()
+    seq = SequenceBuilder(layout, FMT).build("t2a", random_item(layout, np.random.default_rng(10), "x", frames=2))
+    broken = [
+        ("labels", 1, 5, "outside the target"),  # a prompt token supervised
+        ("labels", -1, IGNORE, "differs"),  # the end tag not supervised
+        ("input_ids", 0, layout.special("<img_start>"), "source tags"),
+        ("input_ids", -3, layout.audio[0].start, "codebook_mismatch"),  # and its label too
+    ]
+    for field_name, pos, value, match in broken:
+        bad = SequenceBuilder(layout, FMT).build("t2a", random_item(layout, np.random.default_rng(10), "x", frames=2))
+        getattr(bad, field_name)[pos] = value
+        if field_name == "input_ids" and pos < 0:
+            bad.labels[pos] = value
+        with pytest.raises((ValueError, DecodeError), match=match):
+            verify_sequence(layout, bad, FMT)
+    verify_sequence(layout, seq, FMT)

@@ -113,3 +113,29 @@ def test_text_special_ids_are_the_tokenizers_own_specials(tmp_path):
     tok.add_tokens([AddedToken("plain", special=False)])
     layout = MMPTLayout.build(5, 8, 4, 1, 4)
     assert text_special_ids(tok, layout) == [3]
+
+
+def test_the_suites_tokenizers_write_bodies_the_layout_accepts():
+    """The image, audio and text tokenizers work on an MMPT space as it is (range names, frame-major audio)."""
+    import torch
+
+    from mmsuite.tokenizers.audio import AudioTokenizer, build_encodec
+    from mmsuite.tokenizers.image import ImageAutoencoder, ImageTokenizer
+    from mmsuite.tokenizers.mmpt_space import FormatSettings
+
+    torch.manual_seed(0)
+    net = ImageAutoencoder(
+        levels=[4, 3, 2], downsample=8, channels=4, channel_mult=[1, 1, 2, 2], num_res_blocks=[0, 0, 1, 1]
+    )
+    codec = build_encodec(
+        sample_rate=8000, n_filters=4, ratios=(4, 4), dimension=16, lstm=0, bins=16, n_q=4, kmeans_init=False
+    )
+    layout = MMPTLayout.build(TEXT, BASE_ROWS, net.codebook_size, 4, 16)
+    fmt = FormatSettings(image_tokens=16, audio_max_frames=200)
+    image_tok = ImageTokenizer(net, layout.token_space, image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    assert layout.check_body("image", image_tok.encode(images).reshape(-1), fmt).size == 16
+    audio_tok = AudioTokenizer(codec, layout.token_space)
+    ids = audio_tok.encode(torch.randn(1, 1600) * 0.1)[0]
+    body = layout.check_body("audio", ids, fmt)
+    assert audio_tok.ids_to_codes(body).shape == (4, 100)
