@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from mmsuite.settings import fail, setting
 from mmsuite.tokenizers.mmpt_space import READ_TASKS, TASK_NAMES
 
 # -- golden sets --------------------------------------------------------------------------------------------
@@ -25,13 +26,9 @@ from mmsuite.tokenizers.mmpt_space import READ_TASKS, TASK_NAMES
 
 @dataclass
 class GoldenSettings:
-    per_task: int = 64  # items per task
-    length_bins: int = 4  # equal-count caption-length bins within each source
-    seed: int = 0
-
-    def __post_init__(self):
-        if int(self.per_task) < 1 or int(self.length_bins) < 1:
-            raise ValueError(f"golden.per_task and golden.length_bins must be >= 1, got {self}")
+    per_task: int = setting(64, ge=1)  # items per task
+    length_bins: int = setting(4, ge=1)  # equal-count caption-length bins within each source
+    seed: int = setting(0, ge=0)
 
 
 def select_golden(
@@ -86,26 +83,19 @@ def _default_weights() -> dict[str, float]:
 
 @dataclass
 class MixtureSettings:
-    weights: dict[str, float] = field(default_factory=_default_weights)  # the final mixture
-    ramp_start: int = 0  # N_ramp: global steps with the reading tasks (A2T, I2T) only
-    ramp_steps: int = 0  # steps over which the writing tasks are mixed in (0: at once)
-    seed: int = 0
+    weights: dict[str, float] = setting(_default_weights(), ge=0.0)  # the final mixture (task -> weight)
+    ramp_start: int = setting(0, ge=0)  # N_ramp: global steps with the reading tasks (A2T, I2T) only
+    ramp_steps: int = setting(0, ge=0)  # steps over which the writing tasks are mixed in (0: at once)
+    seed: int = setting(0, ge=0)
 
-    def __post_init__(self):
+    def check(self, key: str) -> None:
         unknown = sorted(set(self.weights) - set(TASK_NAMES))
         if unknown:
-            raise ValueError(f"mixture.weights: unknown task(s) {unknown}; tasks are {list(TASK_NAMES)}")
-        w = [float(self.weights.get(t, 0.0)) for t in TASK_NAMES]
-        if any(x < 0 for x in w) or sum(w) <= 0:
-            raise ValueError(f"mixture.weights must be >= 0 with a positive sum, got {dict(self.weights)}")
+            fail(f"{key}.weights", f"has unknown task(s) {unknown}; tasks are {list(TASK_NAMES)}")
+        if sum(float(self.weights.get(t, 0.0)) for t in TASK_NAMES) <= 0:
+            fail(f"{key}.weights", f"must have a positive sum, got {dict(self.weights)}")
         if sum(float(self.weights.get(t, 0.0)) for t in READ_TASKS) <= 0:
-            raise ValueError(
-                f"mixture.weights: the reading tasks {READ_TASKS} need a positive weight (before the ramp)"
-            )
-        if int(self.ramp_start) < 0 or int(self.ramp_steps) < 0:
-            raise ValueError(
-                f"mixture.ramp_start and ramp_steps must be >= 0, got {self.ramp_start}, {self.ramp_steps}"
-            )
+            fail(f"{key}.weights", f"needs a positive weight on a reading task {READ_TASKS} (before the ramp)")
 
 
 class TaskMixture:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmsuite.settings import setting
 from mmsuite.tokenizers.mmpt_space import TASK_NAMES, TASKS, DecodeError, FormatSettings, MMPTLayout, task_index
 
 N_TAGS = 5  # <open src> <close src> <gen tgt> <open tgt> <close tgt>
@@ -31,14 +32,8 @@ DROP_REASONS = ("too_long", "empty_text", "bad_text", "bad_image", "bad_audio")
 
 @dataclass
 class SequenceSettings:
-    max_seq_len: int = 1024  # longest sequence, source + tags + target
-    min_prompt_tokens: int = 1  # a text source is shortened to no fewer tokens than this to fit; else dropped
-
-    def __post_init__(self):
-        if int(self.max_seq_len) < 8:
-            raise ValueError(f"sequences.max_seq_len must be >= 8, got {self.max_seq_len}")
-        if int(self.min_prompt_tokens) < 1:
-            raise ValueError(f"sequences.min_prompt_tokens must be >= 1, got {self.min_prompt_tokens}")
+    max_seq_len: int = setting(1024, ge=8)  # longest sequence, source + tags + target
+    min_prompt_tokens: int = setting(1, ge=1)  # a text source is shortened to no fewer tokens than this; else dropped
 
 
 @dataclass

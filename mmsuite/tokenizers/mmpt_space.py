@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from mmsuite.settings import fail, setting
 from mmsuite.tokenizers.token_space import TokenRange, TokenSpace
 
 TEXT, TEXT_PAD, SPECIALS, IMAGE, RESERVED = "text", "text_pad", "specials", "image", "reserved"
@@ -79,39 +80,29 @@ def task_index(task: str) -> int:
 class LayoutSettings:
     """How the new ranges are laid out after the base vocabulary."""
 
-    multiple_of: int = 64  # the total vocabulary is padded to a multiple of this with a `reserved` range
-    extra_specials: list[str] = field(default_factory=list)  # named specials after the required ones
-    reserved_specials: int = 0  # unnamed ids kept at the end of the specials range
-
-    def __post_init__(self):
-        if int(self.multiple_of) < 1:
-            raise ValueError(f"layout.multiple_of must be >= 1, got {self.multiple_of}")
-        if int(self.reserved_specials) < 0:
-            raise ValueError(f"layout.reserved_specials must be >= 0, got {self.reserved_specials}")
+    multiple_of: int = setting(64, ge=1)  # the total vocabulary is padded to a multiple of this with `reserved`
+    extra_specials: list[str] = setting([])  # named specials after the required ones
+    reserved_specials: int = setting(0, ge=0)  # unnamed ids kept at the end of the specials range
 
 
 @dataclass
 class FormatSettings:
     """What a well-formed body is, beyond its token ranges (shared by the builders, the decoder and generation)."""
 
-    image_tokens: int = 64  # tokens per image: the image tokenizer's grid h*w
-    audio_max_frames: int = 75  # longest audio body in codec frames (the generation limit)
-    audio_min_frames: int = 1  # shortest audio body
-    text_max_tokens: int = 64  # longest text body that is a target (the caption generation limit)
-    text_min_tokens: int = 1  # shortest text body
+    image_tokens: int = setting(64, ge=1)  # tokens per image: the image tokenizer's grid h*w
+    audio_max_frames: int = setting(75, ge=1)  # longest audio body in codec frames (the generation limit)
+    audio_min_frames: int = setting(1, ge=1)  # shortest audio body
+    text_max_tokens: int = setting(64, ge=1)  # longest text body that is a target (the caption generation limit)
+    text_min_tokens: int = setting(1, ge=1)  # shortest text body
 
-    def __post_init__(self):
-        for name in ("image_tokens", "audio_max_frames", "audio_min_frames", "text_max_tokens", "text_min_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"format.{name} must be >= 1, got {getattr(self, name)}")
+    def check(self, key: str) -> None:
         if self.audio_min_frames > self.audio_max_frames:
-            raise ValueError(
-                f"format.audio_min_frames ({self.audio_min_frames}) exceeds audio_max_frames ({self.audio_max_frames})"
+            fail(
+                f"{key}.audio_min_frames",
+                f"({self.audio_min_frames}) exceeds audio_max_frames ({self.audio_max_frames})",
             )
         if self.text_min_tokens > self.text_max_tokens:
-            raise ValueError(
-                f"format.text_min_tokens ({self.text_min_tokens}) exceeds text_max_tokens ({self.text_max_tokens})"
-            )
+            fail(f"{key}.text_min_tokens", f"({self.text_min_tokens}) exceeds text_max_tokens ({self.text_max_tokens})")
 
 
 class DecodeError(ValueError):

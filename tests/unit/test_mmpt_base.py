@@ -132,11 +132,20 @@ def test_every_mmpt_settings_class_is_a_structured_config_that_names_unknown_key
         LayoutSettings, FormatSettings, SequenceSettings, GoldenSettings, MixtureSettings, ToyLMSettings,
         BaseSettings, AdapterSettings,
     )  # fmt: skip
+    from mmsuite.settings import parse
+
     for cls in classes:
         assert OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), {})) == cls()
-    parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseSettings), {"toy": {"hidden_size": 8}}))
+        assert parse(cls, {}, "x") == cls()
+    parsed = parse(BaseSettings, {"toy": {"hidden_size": 8}}, "model.base")
     assert parsed.toy.hidden_size == 8 and isinstance(parsed.layout, LayoutSettings)
     with pytest.raises(ConfigKeyError, match="hiden"):
         OmegaConf.merge(OmegaConf.structured(BaseSettings), {"toy": {"hiden": 8}})
-    with pytest.raises(ValueError, match="base.dtype"):
-        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseSettings), {"dtype": "float64"}))
+    with pytest.raises(ValueError, match="model.base.toy.hiden: unknown setting"):
+        parse(BaseSettings, {"toy": {"hiden": 8}}, "model.base")
+    with pytest.raises(ValueError, match="model.base.dtype must be one of"):
+        parse(BaseSettings, {"dtype": "float64"}, "model.base")
+    with pytest.raises(ValueError, match="format.audio_min_frames"):
+        parse(FormatSettings, {"audio_min_frames": 9, "audio_max_frames": 4}, "format")
+    with pytest.raises(ValueError, match="adapters.target_modules"):
+        parse(AdapterSettings, {"target_modules": ["q_proj", "lm_head"]}, "adapters")

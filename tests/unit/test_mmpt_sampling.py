@@ -76,9 +76,11 @@ def test_draws_are_a_function_of_seed_step_and_stream_and_the_state_checkpoints(
 
 
 def test_mixture_settings_are_checked():
-    with pytest.raises(ValueError, match="unknown task"):
-        MixtureSettings(weights={"a2x": 1.0})
-    with pytest.raises(ValueError, match="reading tasks"):
-        MixtureSettings(weights={"t2a": 1.0, "t2i": 1.0})
-    with pytest.raises(ValueError, match=">= 0"):
-        MixtureSettings(ramp_start=-1)
+    from mmsuite.settings import parse
+
+    with pytest.raises(ValueError, match="mixture.weights has unknown task"):
+        parse(MixtureSettings, {"weights": {"a2x": 1.0}}, "mixture")
+    with pytest.raises(ValueError, match="reading task"):
+        parse(MixtureSettings, {"weights": {"t2a": 1.0, "t2i": 1.0}}, "mixture")
+    with pytest.raises(ValueError, match="mixture.ramp_start must be >= 0"):
+        parse(MixtureSettings, {"ramp_start": -1}, "mixture")

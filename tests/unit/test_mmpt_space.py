@@ -120,13 +120,11 @@ def test_the_suites_tokenizers_write_bodies_the_layout_accepts():
     import torch
 
     from mmsuite.tokenizers.audio import AudioTokenizer, build_encodec
-    from mmsuite.tokenizers.image import ImageAutoencoder, ImageTokenizer
+    from mmsuite.tokenizers.image import AutoencoderSettings, ImageTokenizer
     from mmsuite.tokenizers.mmpt_space import FormatSettings
 
     torch.manual_seed(0)
-    net = ImageAutoencoder(
-        levels=[4, 3, 2], downsample=8, channels=4, channel_mult=[1, 1, 2, 2], num_res_blocks=[0, 0, 1, 1]
-    )
+    net = AutoencoderSettings(levels=[4, 3, 2], channels=4, channel_mult=[1, 2], num_res_blocks=[0, 1]).build()
     codec = build_encodec(
         sample_rate=8000, n_filters=4, ratios=(4, 4), dimension=16, lstm=0, bins=16, n_q=4, kmeans_init=False
     )

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from mmsuite.lightning_modules.mmpt.base import heads_tied
+from mmsuite.settings import fail, parse, setting
 from mmsuite.tokenizers.mmpt_space import MMPTLayout
 
 LORA_KEYS = ("lora_A", "lora_B")
@@ -36,21 +37,17 @@ def _default_targets() -> list[str]:
 
 @dataclass
 class AdapterSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=_default_targets)  # attention and MLP projections
-    lr: float = 2e-4  # LoRA
-    weight_decay: float = 0.01  # LoRA only: the new rows get 0
-    rows_lr: float = 1e-3  # the new embedding / head rows
+    r: int = setting(16, ge=1)
+    alpha: int = setting(32, ge=1)
+    dropout: float = setting(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = setting(_default_targets())  # attention and MLP projections
+    lr: float = setting(2e-4, gt=0.0)  # LoRA
+    weight_decay: float = setting(0.01, ge=0.0)  # LoRA only: the new rows get 0
+    rows_lr: float = setting(1e-3, gt=0.0)  # the new embedding / head rows
 
-    def __post_init__(self):
-        if int(self.r) < 1:
-            raise ValueError(f"adapters.r must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"adapters.dropout must be in [0, 1), got {self.dropout}")
+    def check(self, key: str) -> None:
         if "lm_head" in self.target_modules or "embed_tokens" in self.target_modules:
-            raise ValueError("adapters.target_modules: LoRA on the embedding or head would touch the base's rows")
+            fail(f"{key}.target_modules", "must not hold lm_head or embed_tokens: LoRA there touches the base's rows")
 
 
 def add_adapters(model, layout: MMPTLayout, settings: AdapterSettings):
@@ -220,7 +217,7 @@ def load_adapters(model, layout: MMPTLayout, path: str | os.PathLike):
     path = Path(path)
     record = json.loads((path / ADAPTER_RECORD).read_text())
     check_same(layout.sha256, "the base's token space", record["token_space_sha256"], str(path / ADAPTER_RECORD))
-    settings = AdapterSettings(**record["settings"])
+    settings = parse(AdapterSettings, record["settings"], f"{path / ADAPTER_RECORD}: settings")
     peft_model = add_adapters(model, layout, settings)
     load_trainable_state_dict(peft_model, load_file(str(path / ADAPTER_FILE)), source=str(path / ADAPTER_FILE))
     return peft_model, settings

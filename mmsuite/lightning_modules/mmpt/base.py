@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from mmsuite.settings import fail, setting
 from mmsuite.tokenizers.mmpt_space import LayoutSettings, MMPTLayout, text_special_ids
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
 
@@ -34,33 +35,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ToyLMSettings:
     """Shape of the toy base (transformers' Qwen3 architecture, random weights)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    intermediate_size: int = 128
+    hidden_size: int = setting(64, ge=1)
+    num_layers: int = setting(2, ge=1)
+    num_heads: int = setting(4, ge=1)
+    num_kv_heads: int = setting(2, ge=1)
+    head_dim: int = setting(16, ge=1)
+    intermediate_size: int = setting(128, ge=1)
     tie_word_embeddings: bool = True
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rows: int = 0  # embedding rows; 0: the text tokenizer's size (more mimics a base with padding rows)
-    seed: int = 0
+    max_position_embeddings: int = setting(2048, ge=8)
+    rope_theta: float = setting(10000.0, gt=0.0)
+    rows: int = setting(0, ge=0)  # embedding rows; 0: the text tokenizer's size (more mimics a base with padding rows)
+    seed: int = setting(0, ge=0)
+
+    def check(self, key: str) -> None:
+        if self.num_heads % self.num_kv_heads:
+            fail(f"{key}.num_kv_heads", f"({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
 
 
 @dataclass
 class BaseSettings:
     path: str = ""  # a local Hugging Face causal-LM folder with its tokenizer; "": the toy LM of `toy`
-    toy: ToyLMSettings = field(default_factory=ToyLMSettings)
-    layout: LayoutSettings = field(default_factory=LayoutSettings)
-    init_seed: int = 0  # seed of the new rows' noise
-    init_noise: float = 0.02  # new row = mean of the text rows + init_noise * per-dimension std * N(0, 1)
-    dtype: str = "float32"  # weights of the saved base: float32 | bfloat16 | float16
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"base.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.init_noise < 0:
-            raise ValueError(f"base.init_noise must be >= 0, got {self.init_noise}")
+    toy: ToyLMSettings = setting(ToyLMSettings())
+    layout: LayoutSettings = setting(LayoutSettings())
+    init_seed: int = setting(0, ge=0)  # seed of the new rows' noise
+    init_noise: float = setting(0.02, ge=0.0)  # new row = mean of the text rows + init_noise * per-dim std * N(0, 1)
+    dtype: str = setting("float32", choices=list(DTYPES))  # weights of the saved base
 
 
 def build_toy_lm(text_size: int, settings: ToyLMSettings):
