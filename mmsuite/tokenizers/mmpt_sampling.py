@@ -131,6 +131,27 @@ class TaskMixture:
         self.step = max(self.step, int(step))
         return tasks
 
+    def draw_among(self, step: int, allowed: np.ndarray, stream: int = 0) -> np.ndarray:
+        """One task index per row for global step ``step``, among the tasks ``allowed [n, len(TASK_NAMES)]`` marks
+        for the row (e.g. the two tasks a captioned image can make): the step's probabilities renormalised over
+        them. A pure function of ``(seed, step, stream, allowed)``; counted like :meth:`draw`."""
+        if step < 0 or stream < 0:
+            raise ValueError(f"draw_among: step and stream must be >= 0, got {step}, {stream}")
+        allowed = np.asarray(allowed, dtype=bool)
+        p = self.probabilities(step)[None] * allowed
+        total = p.sum(axis=1, keepdims=True)
+        if (total <= 0).any():
+            row = int(np.flatnonzero(total[:, 0] <= 0)[0])
+            names = [t for t, ok in zip(TASK_NAMES, allowed[row]) if ok]
+            raise ValueError(f"step {step}: the mixture gives no weight to any task row {row} can make ({names})")
+        rng = np.random.default_rng([int(self.settings.seed), int(step), int(stream), 1])
+        u = rng.random(len(p))[:, None]
+        tasks = np.minimum((np.cumsum(p / total, axis=1) < u).sum(axis=1), len(TASK_NAMES) - 1)
+        tasks = np.where(allowed[np.arange(len(p)), tasks], tasks, np.argmax(p, axis=1))  # u ~ 1 rounding
+        self.drawn += np.bincount(tasks, minlength=len(TASK_NAMES))
+        self.step = max(self.step, int(step))
+        return tasks
+
     def state_dict(self) -> dict:
         return {
             "settings": dataclasses.asdict(self.settings),

@@ -93,6 +93,32 @@ def assemble(layout: MMPTLayout, task: str, source, target) -> tuple[np.ndarray,
     return ids, labels, int(head.size)
 
 
+def assemble_text(layout: MMPTLayout, text) -> tuple[np.ndarray, np.ndarray]:
+    """A text-only sequence ``<text_start> TEXT <text_end>`` with every token after the opening tag labelled: the
+    language-model task of the Stage 3 base and the text-only prompt set of the no-regression check (C3)."""
+    t_open, t_close, _ = layout.tags("text")
+    ids = np.concatenate([[t_open], np.asarray(text, dtype=np.int64).reshape(-1), [t_close]]).astype(np.int64)
+    labels = ids.copy()
+    labels[0] = IGNORE
+    return ids, labels
+
+
+def collate_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` ``[B, L]`` of ``(ids, labels)`` pairs."""
+    if not rows:
+        raise ValueError("collate_rows: no rows")
+    length = max(len(ids) for ids, _ in rows)
+    ids_t = torch.full((len(rows), length), int(pad_id), dtype=torch.long)
+    labels_t = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        n = len(ids)
+        ids_t[i, :n] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        labels_t[i, :n] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        mask[i, :n] = 1
+    return {"input_ids": ids_t, "attention_mask": mask, "labels": labels_t}
+
+
 class DropCounter:
     """Dropped samples by task and reason, with the first message of each (merged across workers/ranks)."""
 
@@ -228,17 +254,9 @@ def collate(seqs: Sequence[TaskSequence], pad_id: int) -> dict[str, torch.Tensor
     and ``task`` ``[B]`` (index into ``TASK_NAMES``)."""
     if not seqs:
         raise ValueError("collate: no sequences")
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), int(pad_id), dtype=torch.long)
-    labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = len(s)
-        ids[i, :n] = torch.from_numpy(s.input_ids)
-        labels[i, :n] = torch.from_numpy(s.labels)
-        mask[i, :n] = 1
-    task = torch.tensor([task_index(s.task) for s in seqs], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
+    batch = collate_rows([(s.input_ids, s.labels) for s in seqs], pad_id)
+    batch["task"] = torch.tensor([task_index(s.task) for s in seqs], dtype=torch.long)
+    return batch
 
 
 def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -84,3 +84,22 @@ def test_mixture_settings_are_checked():
         parse(MixtureSettings, {"weights": {"t2a": 1.0, "t2i": 1.0}}, "mixture")
     with pytest.raises(ValueError, match="mixture.ramp_start must be >= 0"):
         parse(MixtureSettings, {"ramp_start": -1}, "mixture")
+
+
+def test_draw_among_respects_each_rows_tasks_and_is_a_function_of_step_and_stream():
+    mix = TaskMixture(MixtureSettings(ramp_start=10, ramp_steps=0))
+    allowed = np.zeros((400, len(TASK_NAMES)), dtype=bool)
+    image_rows = np.arange(400) % 2 == 0
+    allowed[image_rows, [TASK_NAMES.index("i2t")]] = True
+    allowed[image_rows, [TASK_NAMES.index("t2i")]] = True
+    allowed[~image_rows, [TASK_NAMES.index("a2t")]] = True
+    allowed[~image_rows, [TASK_NAMES.index("t2a")]] = True
+    before = mix.draw_among(5, allowed)
+    assert allowed[np.arange(400), before].all()
+    assert set(before.tolist()) == {TASK_NAMES.index("i2t"), TASK_NAMES.index("a2t")}
+    after = mix.draw_among(20, allowed, stream=1)
+    assert allowed[np.arange(400), after].all() and 0.4 < np.isin(after, [2, 3]).mean() < 0.6
+    np.testing.assert_array_equal(after, TaskMixture(mix.settings).draw_among(20, allowed, stream=1))
+    assert not np.array_equal(after, mix.draw_among(20, allowed, stream=2))
+    with pytest.raises(ValueError, match="no weight"):
+        mix.draw_among(5, np.eye(len(TASK_NAMES), dtype=bool)[[2]])

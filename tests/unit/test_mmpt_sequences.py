@@ -217,3 +217,16 @@ def test_the_sequence_gate_catches_a_broken_sequence():
         with pytest.raises((ValueError, DecodeError), match=match):
             verify_sequence(layout, bad, FMT)
     verify_sequence(layout, seq, FMT)
+
+
+def test_text_only_sequences_label_every_token_after_the_opening_tag():
+    from mmsuite.tokenizers.mmpt_sequences import assemble_text, collate_rows
+
+    layout = tiny_layout()
+    ids, labels = assemble_text(layout, [3, 4, 5])
+    t_open, t_close, _ = layout.tags("text")
+    assert ids.tolist() == [t_open, 3, 4, 5, t_close]
+    assert labels.tolist() == [-100, 3, 4, 5, t_close]
+    batch = collate_rows([(ids, labels), (ids[:2], labels[:2])], layout.pad_id)
+    assert batch["input_ids"][1].tolist() == [t_open, 3, *[layout.pad_id] * 3]
+    assert batch["attention_mask"].sum(1).tolist() == [5, 2] and batch["labels"][1, 2:].eq(-100).all()
