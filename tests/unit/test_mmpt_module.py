@@ -241,3 +241,20 @@ def test_gate_a3_checks_stored_records_and_stops_on_a_broken_one(tmp_path):
 
 def test_format_settings_reach_both_sides():
     assert FormatSettings(**dataclasses.asdict(FMT)) == FMT
+
+
+def test_gate_c3_text_nll_equals_the_bases_until_training_moves_the_adapters(tmp_path):
+    m = _module(tmp_path)
+    m.eval()
+    rng = np.random.default_rng(0)
+    captions = [rng.integers(m.layout.text.start, m.layout.text.stop, size=5).tolist() for _ in range(3)]
+    before = m.text_nll(captions)
+    assert before["text_nll_delta"].item() == 0.0 and before["text_nll"].item() > 0  # LoRA B = 0, rows as the base
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
+    m.train()
+    m(_batch(m.layout))["loss"].backward()
+    opt.step()
+    m.eval()
+    after = m.text_nll(captions)
+    assert after["text_nll_base"].item() == pytest.approx(before["text_nll_base"].item(), abs=1e-6)
+    assert after["text_nll_delta"].item() != 0.0

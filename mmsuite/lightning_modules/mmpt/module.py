@@ -18,6 +18,7 @@ The golden-set and prompt-ablation callbacks (``mmsuite.callbacks.golden``) call
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,28 @@ class MMPTModule(L.LightningModule):
         sched = warmup_cosine_scheduler(opt, s.warmup_steps, int(total), s.floor_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    @torch.no_grad()
+    def text_nll(self, captions: list) -> dict[str, torch.Tensor]:
+        """Gate C3: mean NLL of text-only sequences ``<text_start> TEXT <text_end>`` (nats/token) with the
+        adapters and without them (the Stage 3 base): Stage 4 must not make the base's text worse."""
+        from mmsuite.tokenizers.mmpt_sequences import assemble_text, collate_rows
+
+        batch = collate_rows([assemble_text(self.layout, c) for c in captions], self.layout.pad_id)
+        batch["task"] = torch.zeros(len(captions), dtype=torch.long)
+        with_adapters = self.sequence_nll(batch).mean()
+        with self.model.disable_adapter():
+            base = self.sequence_nll(batch).mean()
+        return {"text_nll": with_adapters, "text_nll_base": base, "text_nll_delta": with_adapters - base}
+
+    def on_validation_epoch_end(self) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "golden_items") or self.trainer.sanity_checking:
+            return
+        if not hasattr(self, "_text_prompts"):
+            items = dm.golden_items()
+            self._text_prompts = [it.text for task in ("i2t", "a2t") for it in items[task]]
+        self.log_dict({f"val/{k}": v for k, v in self.text_nll(self._text_prompts).items()})
+
     # -- checkpoints: the trainable tensors only ----------------------------------------------------------
     def _trainable_keys(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -179,14 +202,22 @@ class MMPTModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["mmpt"] = {"token_space_sha256": self.layout.sha256, "base_dir": str(self.base_dir)}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        got = {k for k in checkpoint["state_dict"] if k.startswith("model.")}
+    def _check_trainable_keys(self, state_dict: dict) -> None:
+        got = {k for k in state_dict if k.startswith("model.")}
         want = self._trainable_keys()
         if got != want:
             raise ValueError(
                 f"the checkpoint's trainable tensors differ from this model's: missing {sorted(want - got)[:3]}, "
                 f"unexpected {sorted(got - want)[:3]}"
             )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A checkpoint's state: exactly the trainable tensors (checked), the frozen base stays as built."""
+        self._check_trainable_keys(state_dict)
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_trainable_keys(checkpoint["state_dict"])
         saved = checkpoint.get("mmpt", {}).get("token_space_sha256")
         if saved is not None and saved != self.layout.sha256:
             raise ValueError(f"the checkpoint's token space {saved} is not this run's {self.layout.sha256}")
@@ -207,6 +238,37 @@ class MMPTModule(L.LightningModule):
             out.extend(decode_batch(self.layout, task, gen[:, batch["input_ids"].shape[1] :], self.fmt))
         self.model.train(was_training)
         return out
+
+    def generate_samples(self, batch: dict, out_dir: Path, datamodule=None) -> list[Path]:
+        """generate.py: each row's source -> its target, written to ``out_dir`` (T2I png, T2A wav, captions of
+        A2T / I2T in ``captions.jsonl`` beside the reference)."""
+        out_dir = Path(out_dir)
+        text = getattr(datamodule, "text_tokenizer", None)
+        written: list[Path] = []
+        lines = []
+        labelled = batch["labels"] != -100
+        for t, task in enumerate(TASK_NAMES):
+            rows = (batch["task"] == t).nonzero().flatten().tolist()
+            if not rows:
+                continue
+            starts = [int(labelled[r].int().argmax()) for r in rows]
+            prompts = [batch["input_ids"][r, :s].numpy() for r, s in zip(rows, starts)]
+            for i, (r, s, res) in enumerate(zip(rows, starts, self.generate_targets(task, prompts))):
+                key = f"{task}_{i:03d}"
+                if isinstance(res, DecodeError):
+                    lines.append({"task": task, "row": r, "ok": False, "error": res.code})
+                    continue
+                row = {"key": key, "ok": True, "error": None, "body": res}
+                rec = self.golden_media(task, row, out_dir, text)
+                if TASKS[task].target == "text" and text is not None:
+                    ref = batch["input_ids"][r, s + 1 : int(batch["attention_mask"][r].sum()) - 1].tolist()
+                    rec["reference"] = text.decode(ref)
+                else:
+                    written.append(out_dir / rec["file"])
+                lines.append(rec)
+        path = out_dir / "samples.jsonl"
+        path.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+        return [*written, path]
 
     def decode_golden(self, task: str, items: list, builder, constrained: bool = True) -> list[dict]:
         """Per golden item of ``task``: ``{key, ok, error, body}`` (body: the decoded target ids)."""
