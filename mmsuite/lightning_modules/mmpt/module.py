@@ -254,7 +254,7 @@ class MMPTModule(L.LightningModule):
             starts = [int(labelled[r].int().argmax()) for r in rows]
             prompts = [batch["input_ids"][r, :s].numpy() for r, s in zip(rows, starts)]
             for i, (r, s, res) in enumerate(zip(rows, starts, self.generate_targets(task, prompts))):
-                key = f"{task}_{i:03d}"
+                key = f"{i:03d}"
                 if isinstance(res, DecodeError):
                     lines.append({"task": task, "row": r, "ok": False, "error": res.code})
                     continue
