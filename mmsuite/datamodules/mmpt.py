@@ -76,6 +76,23 @@ class MMPTSoundSettings:
 
 
 @dataclass
+class CaptionFolderSettings:
+    """Real captioned data added to the toy records (mmsuite.sources.captioned): a LLaVA-pretrain style JSON +
+    image folder, and an AudioCaps / Clotho style CSV + audio folder. Each is split by its own items."""
+
+    images_json: str | None = None
+    images_dir: str | None = None
+    audio_csv: str | None = None
+    audio_dir: str | None = None
+    audio_file_column: str | None = None  # null: file_name, else youtube_id
+
+    def check(self, key: str) -> None:
+        for a, b in (("images_json", "images_dir"), ("audio_csv", "audio_dir")):
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                fail(f"{key}.{a}", f"and {key}.{b} go together")
+
+
+@dataclass
 class MMPTDataSettings(ClipSettings):
     """``data`` of ``data=mmpt`` (conf/data/mmpt.yaml states only what differs)."""
 
@@ -88,6 +105,7 @@ class MMPTDataSettings(ClipSettings):
     golden: GoldenSettings = setting(GoldenSettings())
     mixture: MixtureSettings = setting(MixtureSettings())
     sound: MMPTSoundSettings = setting(MMPTSoundSettings())
+    real: CaptionFolderSettings = setting(CaptionFolderSettings())  # optional real captioned images / audio
     frames_per_clip: int = setting(2, ge=1)  # evenly spaced frames per clip, each a captioned image record
     clip_samples_per_shard: int = setting(24, ge=1)  # the clip data set's shards
     accumulate_grad_batches: int = setting(1, ge=1)  # = ${trainer.accumulate_grad_batches}: micro-batches per step
@@ -170,6 +188,7 @@ class MMPTDataModule(ShardDataModule):
             "text_tokenizer": self.text_cfg,
             "format": dataclasses.asdict(self.fmt),
             "golden": dataclasses.asdict(s.golden),
+            "real": dataclasses.asdict(s.real),
             "token_space": None if self.token_space is None else self.token_space.sha256,
             "samples_per_shard": self.samples_per_shard,
             "writer": WRITER_VERSION,
@@ -225,7 +244,7 @@ class MMPTDataModule(ShardDataModule):
             attrs = {"modality": "image", "source": "toyworld", "item": clip["key"]}
             attrs |= {"color": a["color"], "action": a["action"], "background": a["background"]}
             for t, frame_ids in zip(self.frame_index, ids):
-                members = self._members(text, clip["caption"], frame_ids, attrs)
+                members = record_members(text, clip["caption"], frame_ids, attrs)
                 records.setdefault(split, []).append((f"{clip['key']}-f{t:02d}", members))
         sounds = self._sounds()
         manifest = read_manifest(sounds.root)
@@ -238,8 +257,13 @@ class MMPTDataModule(ShardDataModule):
                     attrs = {"modality": "audio", "source": "toysound", "item": snd["__key__"]}
                     attrs |= {a: snd["attributes"][a] for a in toysound.SOUND_ATTRIBUTES}
                     records.setdefault(split, []).append(
-                        (snd["__key__"], self._members(text, snd["caption"], ids, attrs))
+                        (snd["__key__"], record_members(text, snd["caption"], ids, attrs))
                     )
+        seconds = self.settings.sound.duration_s
+        for split, key, members in real_records(
+            self.settings.real, self.splits, self.seed, image, audio, text, seconds
+        ):
+            records.setdefault(split, []).append((key, members))
         info = {
             "source": {"clips": self._clips().dataset_name, "sounds": sounds.dataset_name, "frames": self.frame_index},
             "image_tokenizer": {"ckpt": str(image_ckpt), "sha256": checkpoint_sha256(image_ckpt)},
@@ -255,15 +279,6 @@ class MMPTDataModule(ShardDataModule):
                 sounds_ = [r for r in recs if r[1]["attributes.json"]["modality"] == "audio"]
                 for key, members in _interleave(images, sounds_):
                     writer.write(split, key, members)
-
-    @staticmethod
-    def _members(text, caption: str, media_ids: np.ndarray, attrs: dict) -> dict:
-        return {
-            "text.npy": np.asarray(text.encode(caption), dtype=np.int64),
-            "media.npy": np.asarray(media_ids, dtype=np.int64).reshape(-1),
-            "caption.txt": caption,
-            "attributes.json": attrs,
-        }
 
     def _select_golden(self, val: list[tuple[str, dict]]) -> dict[str, list[str]]:
         """Keys of each task's golden set among the val records (stratified by caption length and source)."""
@@ -393,6 +408,41 @@ class MMPTDataModule(ShardDataModule):
         if "mixture" in state:
             self.mixture.load_state_dict(state["mixture"])
             self.drops.load_state_dict(state["drops"])
+
+
+def record_members(text, caption: str, media_ids, attrs: dict) -> dict:
+    """The shard members of one record."""
+    return {
+        "text.npy": np.asarray(text.encode(caption), dtype=np.int64),
+        "media.npy": np.asarray(media_ids, dtype=np.int64).reshape(-1),
+        "caption.txt": caption,
+        "attributes.json": attrs,
+    }
+
+
+def real_records(real: CaptionFolderSettings, splits: dict, seed: int, image, audio, text, max_seconds: float):
+    """``(split, key, members)`` of the real caption folders ``real`` names: images through ``image`` (an
+    ImageTokenizer at its own size), audio through ``audio`` cut to ``max_seconds``; split by source item."""
+    from mmsuite.sources import captioned
+    from mmsuite.sources.splits import split_by_item
+
+    sources = []
+    if real.images_json is not None:
+        sources.append(("llava", "image", list(captioned.read_llava_pretrain(real.images_json, real.images_dir))))
+    if real.audio_csv is not None:
+        recs = captioned.read_audio_captions(real.audio_csv, real.audio_dir, real.audio_file_column)
+        sources.append(("audiocaps", "audio", list(recs)))
+    for name, modality, recs in sources:
+        split_of = split_by_item([r.item for r in recs], splits, seed)
+        for r in recs:
+            if modality == "image":
+                pixels = captioned.load_image(r.path, image.image_size[0])
+                ids = image.encode(pixels[None]).reshape(-1).numpy()
+            else:
+                wav = captioned.load_audio(r.path, audio.sample_rate, max_seconds)
+                ids = audio.encode(torch.from_numpy(wav)[None, None], sample_rate=audio.sample_rate)[0].numpy()
+            attrs = {"modality": modality, "source": name, "item": r.item}
+            yield split_of[r.item], f"{name}-{r.key}", record_members(text, r.caption, ids, attrs)
 
 
 def select_rows(batch: dict, mixture: TaskMixture, allowed, record, step: int, stream: int) -> dict:

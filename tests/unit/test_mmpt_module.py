@@ -182,10 +182,19 @@ def test_training_batches_keep_one_drawn_task_per_record():
 
 
 def test_caption_scores_read_image_and_sound_attributes():
-    img = {"modality": "image", "color": "red", "action": "jump"}
+    img = {"modality": "image", "source": "toyworld", "color": "red", "action": "jump"}
     assert score_caption("a red figure jumping on a plain blue background", img) == {"color": True, "action": True}
     assert score_caption("a blue figure", img) == {"color": False, "action": False}
-    snd = {"modality": "audio", "kind": "beep", "pitch": "high", "count": 2, "loudness": "loud", "length": "short"}
+    assert score_caption("a red figure", {**img, "source": "llava"}) == {}
+    snd = {
+        "modality": "audio",
+        "source": "toysound",
+        "kind": "beep",
+        "pitch": "high",
+        "count": 2,
+        "loudness": "loud",
+        "length": "short",
+    }
     got = score_caption("two loud short high beeps", snd)
     assert got == dict.fromkeys(got, True) and len(got) == 5
 
@@ -258,3 +267,43 @@ def test_gate_c3_text_nll_equals_the_bases_until_training_moves_the_adapters(tmp
     after = m.text_nll(captions)
     assert after["text_nll_base"].item() == pytest.approx(before["text_nll_base"].item(), abs=1e-6)
     assert after["text_nll_delta"].item() != 0.0
+
+
+def test_real_caption_folders_become_records_split_by_item(tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from mmsuite.datamodules.mmpt import CaptionFolderSettings, real_records
+    from mmsuite.sources.wav import write_wav
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "aud").mkdir()
+    entries = []
+    for i in range(6):
+        Image.fromarray(np.full((24, 40, 3), 20 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        entries.append({"id": f"im{i}", "image": f"{i}.png", "caption": f"picture {i}"})
+    (tmp_path / "chat.json").write_text(json.dumps(entries))
+    with open(tmp_path / "caps.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "caption_1", "caption_2"])
+        for i in range(3):
+            write_wav(tmp_path / "aud" / f"s{i}.wav", np.zeros(16000, np.float32), 16000)
+            w.writerow([f"s{i}.wav", f"sound {i}", f"noise {i}"])
+    real = CaptionFolderSettings(
+        str(tmp_path / "chat.json"), str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "aud")
+    )
+    image = SimpleNamespace(image_size=(16, 16), encode=lambda px: torch.full((px.shape[0], 2, 2), 7))
+    audio = SimpleNamespace(
+        sample_rate=8000, encode=lambda wav, sample_rate: torch.zeros(1, 4 * wav.shape[-1] // 4000, dtype=torch.long)
+    )
+    text = SimpleNamespace(encode=lambda s: [len(s)])
+    recs = list(real_records(real, {"train": 0.5, "val": 0.5}, 0, image, audio, text, max_seconds=0.5))
+    assert len(recs) == 6 + 6 and {r[2]["attributes.json"]["source"] for r in recs} == {"llava", "audiocaps"}
+    by_item = {}
+    for split, _key, members in recs:
+        by_item.setdefault(members["attributes.json"]["item"], set()).add(split)
+    assert all(len(s) == 1 for s in by_item.values())  # both captions of a sound stay in its split
+    sound = next(m for _, k, m in recs if k.startswith("audiocaps"))
+    assert sound["media.npy"].shape == (4,)  # 0.5 s at 8 kHz: the source was cut, never the target
+    assert next(m for _, k, m in recs if k.startswith("llava"))["media.npy"].tolist() == [7] * 4

@@ -354,10 +354,13 @@ class MMPTModule(L.LightningModule):
 
 
 def score_caption(text: str, attributes: dict) -> dict[str, bool]:
-    """Whether a generated caption states each attribute of its record (toy-world frame or toy sound)."""
+    """Whether a generated caption states each attribute of its record (toy-world frame or toy sound; {} for
+    records of other sources)."""
     from mmsuite.lightning_modules.fourm.attributes import caption_attributes
     from mmsuite.sources import toysound, toyworld
 
+    if attributes.get("source") not in ("toyworld", "toysound"):
+        return {}  # real captions state no attributes we can read back
     if attributes["modality"] == "image":
         said = caption_attributes(text, toyworld.FIGURE_COLORS, toyworld.ACTIONS)
         return {a: said[a] == attributes[a] for a in ("color", "action")}
