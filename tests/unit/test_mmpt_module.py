@@ -124,8 +124,17 @@ def test_golden_decoding_writes_every_output_and_decodes_all_writing_targets(tmp
     )
     logged = {}
     monkeypatch.setattr(m, "log", lambda k, v, **_: logged.__setitem__(k, v))
-    cb = GoldenDecoding(str(tmp_path / "qual"))
-    cb.on_validation_epoch_end(_fake_run(m, tmp_path), m)
+    cb = GoldenDecoding(str(tmp_path / "qual"), media_per_task=2)
+    shown = []
+    board = SimpleNamespace(
+        add_image=lambda tag, img, step, dataformats: shown.append((tag, img.shape, dataformats)),
+        add_audio=lambda tag, wav, step, sample_rate: shown.append((tag, tuple(wav.shape), sample_rate)),
+    )
+    trainer = _fake_run(m, tmp_path)
+    trainer.loggers = [SimpleNamespace(experiment=board)]
+    cb.on_validation_epoch_end(trainer, m)
+    assert sorted(t.split("/")[1] for t, *_ in shown) == ["t2a", "t2a", "t2i", "t2i"]
+    assert ("golden/t2i/t2i0", (4, 4, 3), "HWC") in shown and shown[0][2] == 8000
     out = tmp_path / "qual" / "step_3"
     assert len(list(out.glob("t2i_*.png"))) == 4 and len(list(out.glob("t2a_*.wav"))) == 4
     rows = [json.loads(line) for line in (out / "a2t.jsonl").read_text().splitlines()]

@@ -6,7 +6,8 @@ set is checked against the formula (gate A2, the count printed). ``on_fit_start`
 builders) and A4 (strict decode of stored tokens through the image and audio tokenizers) on the data.
 
 Training: per-task token-weighted losses (:class:`~mmsuite.lightning_modules.mmpt.loss.TargetLoss`), the total a
-mean over the tasks present; logged ``train/loss_<task>``, ``train/loss``, and every ``norm_every`` steps the
+mean over the tasks present; logged ``train/loss_<task>``, ``train/loss``, ``train/loss_token_weighted`` (the plain
+token mean, for comparison), and every ``norm_every`` steps the
 mean / std of the new embedding (and untied head) rows' L2 norms. The task mixture and its ramp live in the
 DataModule (its state is in the checkpoint). Checkpoints hold only the trainable tensors; the frozen base is
 rebuilt from ``base_dir`` (its sha256 checked again).
@@ -138,6 +139,7 @@ class MMPTModule(L.LightningModule):
             self.train_task[t].update(out["task_loss"][t], weight=out["task_tokens"][t])
             self.log(f"train/loss_{name}", self.train_task[t], on_step=False, on_epoch=True)
         self.log("train/loss", out["loss"], prog_bar=True)
+        self.log("train/loss_token_weighted", token_weighted(out))
         self.log("train/target_tokens", out["task_tokens"].sum(), reduce_fx="sum")
         if self.global_step % self.settings.norm_every == 0:
             self.log_dict({f"train/{k}": v for k, v in self.row_norms().items()})
@@ -161,6 +163,7 @@ class MMPTModule(L.LightningModule):
             self.val_task[t].update(out["task_loss"][t], weight=out["task_tokens"][t])
             self.log(f"val/loss_{name}", self.val_task[t], on_step=False, on_epoch=True)
         self.log("val/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/loss_token_weighted", token_weighted(out), on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(param_groups(self.model, self.settings.adapters))
@@ -351,6 +354,11 @@ class MMPTModule(L.LightningModule):
             rec["file"] = path.name
             rec["frames"] = int(body.size // self.layout.n_codebooks)
         return rec
+
+
+def token_weighted(out: dict) -> torch.Tensor:
+    """The plain mean over every target token of the batch (mostly audio: logged beside the task mean)."""
+    return (out["task_loss"] * out["task_tokens"]).sum() / out["task_tokens"].sum().clamp(min=1)
 
 
 def score_caption(text: str, attributes: dict) -> dict[str, bool]:
