@@ -316,3 +316,29 @@ def test_real_caption_folders_become_records_split_by_item(tmp_path):
     sound = next(m for _, k, m in recs if k.startswith("audiocaps"))
     assert sound["media.npy"].shape == (4,)  # 0.5 s at 8 kHz: the source was cut, never the target
     assert next(m for _, k, m in recs if k.startswith("llava"))["media.npy"].tolist() == [7] * 4
+
+
+def test_eval_runs_the_experiments_extra_callbacks_into_its_own_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mmsuite.run import eval_callbacks
+
+    run = tmp_path / "run"
+    saved = OmegaConf.create(
+        {
+            "callbacks": {
+                "extra": {
+                    "golden": {"_target_": "mmsuite.callbacks.golden.GoldenDecoding", "out_dir": str(run / "qual")},
+                    "ablation": {
+                        "_target_": "mmsuite.callbacks.golden.PromptAblation",
+                        "out_dir": str(run),
+                        "tasks": ["t2i"],
+                    },
+                }
+            }
+        }
+    )
+    golden, ablation = eval_callbacks(saved, run, "test")
+    assert isinstance(golden, GoldenDecoding) and golden.out_dir == run / "eval_test" / "qual"
+    assert isinstance(ablation, PromptAblation) and ablation.out_dir == run / "eval_test"
+    assert eval_callbacks(OmegaConf.create({"callbacks": {}}), run, "val") == []
