@@ -34,9 +34,8 @@ def _module(tmp_path, layout=None, tied=True, **over):
         base={"toy": {**TOY, "tie_word_embeddings": tied, "max_position_embeddings": 128}, "init_noise": 0.1},
         adapters={"r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-2, "rows_lr": 1e-2},
         schedule={"warmup_steps": 0},
-        **over,
     )
-    return MMPTModule(**settings)
+    return MMPTModule(**{**settings, **over})
 
 
 def _batch(layout, seed=0):
@@ -342,3 +341,19 @@ def test_eval_runs_the_experiments_extra_callbacks_into_its_own_folder(tmp_path)
     assert isinstance(golden, GoldenDecoding) and golden.out_dir == run / "eval_test" / "qual"
     assert isinstance(ablation, PromptAblation) and ablation.out_dir == run / "eval_test"
     assert eval_callbacks(OmegaConf.create({"callbacks": {}}), run, "val") == []
+
+
+def test_a_local_hf_base_is_extended_with_its_own_specials_banned_from_text(tmp_path):
+    from tokenizers import AddedToken, Tokenizer, models
+
+    from mmsuite.lightning_modules.mmpt.base import ToyLMSettings, build_toy_lm
+
+    src = tmp_path / "qwen"
+    vocab = {f"w{i}": i for i in range(TEXT - 2)} | {"[UNK]": TEXT - 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    build_toy_lm(TEXT, ToyLMSettings(**TOY, rows=BASE_ROWS, max_position_embeddings=128)).save_pretrained(str(src))
+    tok.save(str(src / "tokenizer.json"))
+    m = _module(tmp_path, base={"path": str(src)})
+    assert m.layout.banned_text_ids == (TEXT - 1,) and (m.base_dir / "tokenizer.json").is_file()
+    assert m.grammar.allowed[m.grammar.state["text"], TEXT - 1].item() is False

@@ -75,15 +75,15 @@ class MMPTModule(L.LightningModule):
         self.save_hyperparameters(as_dict(s))
         self.layout = MMPTLayout(TokenSpace.from_config(s.token_space))
         self.fmt = s.format
-        self.grammar = TaskGrammar(self.layout, self.fmt)
-        self.loss_fn = TargetLoss(self.layout)
         self.strict_loading = False  # checkpoints hold the trainable tensors only (checked in on_load_checkpoint)
         self.model = None
         self.trainable_counts: dict | None = None
         self.train_task = torch.nn.ModuleList(MeanMetric() for _ in TASK_NAMES)
         self.val_task = torch.nn.ModuleList(MeanMetric() for _ in TASK_NAMES)
         self._tokenizers: dict = {}
-        self.configure_model()
+        self.configure_model()  # the base's layout (with its banned text ids) replaces the config's
+        self.grammar = TaskGrammar(self.layout, self.fmt)
+        self.loss_fn = TargetLoss(self.layout)
 
     # -- the base and its adapters (gates A1, A2) -------------------------------------------------------
     @property
@@ -382,6 +382,16 @@ def ensure_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path) -> Pa
     from mmsuite.lightning_modules.mmpt.base import DTYPES, load_hf_lm
 
     if settings.path:
+        from mmsuite.tokenizers.mmpt_space import text_special_ids
+        from mmsuite.tokenizers.text import load_hf_tokenizer, vocab_size_of
+
+        tokenizer = load_hf_tokenizer(settings.path)
+        if vocab_size_of(tokenizer) != layout.text.size:
+            raise ValueError(
+                f"the base tokenizer in {settings.path} has {vocab_size_of(tokenizer)} ids but the token space's "
+                f"text range has {layout.text.size} (token_space.ranges)"
+            )
+        layout = MMPTLayout(layout.token_space, text_special_ids(tokenizer, layout))  # its own specials: never text
         model = load_hf_lm(settings.path, settings.dtype)
         source = {"kind": "path", "path": settings.path}
     else:
