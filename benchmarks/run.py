@@ -6,7 +6,11 @@ same model and batches), so that figures taken on a busy or different machine st
     python -m benchmarks.run [--only toyworld,shards,...,m4,dynamics,dynamics_gpu16gb] [--quick] [--threads N]
 
 The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
-``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so.
+``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so. ``--results DIR``
+writes the JSONs and the table to DIR instead of results/.
+
+A bench that measures an experiment's model or tokenizer takes it from the config that ``train.py`` would run
+(:func:`compose`: Hydra's defaults list, interpolations and the settings schemas), never from a YAML file read alone.
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ def device_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The config ``<config_name>.py <overrides>`` runs with: composed by Hydra from conf/ and its model and data
+    settings checked as the entry points check them (a bad key stops the bench naming it). A bench has no run
+    folder (``paths.run_dir=null``): it writes nothing beside its results."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mmsuite.run import prepare_config  # importing mmsuite.run also registers the config's resolvers
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return prepare_config(hydra_compose(config_name, overrides=[*overrides, "paths.run_dir=null"]))
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -119,44 +136,44 @@ def bench_shards(quick: bool) -> dict:
     return out
 
 
-def _default_tokenizer_net():
-    from omegaconf import OmegaConf
-
-    from mmsuite.settings import as_dict
-    from mmsuite.tokenizers.image import AutoencoderSettings
-
-    tok = OmegaConf.load(CONF / "tokenizer" / "fsq_toy.yaml")
-    settings = AutoencoderSettings(levels=list(tok.levels), downsample=int(tok.downsample))  # the model's defaults
-    return settings.build(), as_dict(settings)
+def _image_tokenizer_config(quick: bool = False):
+    """``experiment=image_tokenizer`` (``quick``: at its smoke sizes, ``scale=smoke``)."""
+    return compose("train", ["experiment=image_tokenizer"] + (["scale=smoke"] if quick else []))
 
 
 def bench_tokenizer(quick: bool) -> dict:
+    """The image tokenizer ``experiment=image_tokenizer`` trains (random weights): encode / decode images per second
+    at its frame size."""
+    from mmsuite.run import build_model
     from mmsuite.tokenizers.image import ImageTokenizer
 
-    net, kwargs = _default_tokenizer_net()
-    tok = ImageTokenizer(net, image_size=64)
-    images = torch.randint(0, 256, (64, 64, 64, 3), dtype=torch.uint8)
+    cfg = _image_tokenizer_config()
+    torch.manual_seed(0)
+    module = build_model(cfg)
+    size = int(cfg.data.world.image_size)
+    tok = ImageTokenizer(module.net, image_size=size)
+    images = torch.randint(0, 256, (64, size, size, 3), dtype=torch.uint8)
     ids = tok.encode(images)
     rep = 2 if quick else 4
     return {
         "encode_images_per_s": len(images) / timed(lambda: tok.encode(images), rep),
         "decode_images_per_s": len(images) / timed(lambda: tok.decode(ids), rep),
         "batch": len(images),
-        "image_size": 64,
-        "net": kwargs,
+        "image_size": size,
+        "net": dict(module.hparams["net"]),
     }
 
 
 def bench_audio_tokenizer(quick: bool) -> dict:
-    """The default scratch EnCodec (conf/tokenizer/encodec_toy.yaml, random weights): seconds of audio per second."""
+    """The scratch EnCodec ``experiment=audio_tokenizer`` trains (random weights): seconds of audio per second."""
     from omegaconf import OmegaConf
 
     from mmsuite.tokenizers.audio import AudioTokenizer
 
-    cfg = OmegaConf.load(CONF / "tokenizer" / "encodec_toy.yaml")
-    cfg.kmeans_init = False  # usable random codebooks straight away (k-means would wait for a training batch)
+    codec = OmegaConf.to_container(compose("train", ["experiment=audio_tokenizer"]).tokenizer, resolve=True)
+    codec["kmeans_init"] = False  # usable random codebooks straight away (k-means would wait for a training batch)
     torch.manual_seed(0)
-    tok = AudioTokenizer.from_config(cfg)
+    tok = AudioTokenizer.from_config(codec)
     clips, clip_s, rep = (2, 0.4, 2) if quick else (8, 1.0, 5)  # whole frames: 0.4 s = 30 hops
     n = int(clip_s * tok.sample_rate)
     wav = 0.1 * torch.randn(clips, tok.channels, n, generator=torch.Generator().manual_seed(0))
@@ -175,14 +192,15 @@ def bench_audio_tokenizer(quick: bool) -> dict:
 
 
 def bench_text_tokenizer(quick: bool) -> dict:
-    """Byte-level BPE (conf/tokenizer/text_bpe.yaml) trained on toy-world captions: tokens per second."""
+    """The byte-level BPE of ``experiment=nano4m`` (its ``text_tokenizer``, conf/tokenizer/text_bpe.yaml) trained on
+    toy-world captions: tokens per second."""
     from omegaconf import OmegaConf
 
     from mmsuite.sources import toyworld
     from mmsuite.tokenizers.text import TextTokenizer, train_bpe
     from mmsuite.tokenizers.token_space import TokenSpace
 
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "tokenizer" / "text_bpe.yaml"), resolve=True)
+    cfg = OmegaConf.to_container(compose("train", ["experiment=nano4m"]).text_tokenizer, resolve=True)
     world = toyworld.ToyWorldConfig(image_size=32, frames=1, seed=0)  # only the captions are used
     n_train, n_batch, rep = (100, 256, 2) if quick else (400, 2048, 5)
     captions = [toyworld.make_clip(world, i).caption for i in range(n_train + n_batch)]
@@ -204,29 +222,28 @@ def bench_text_tokenizer(quick: bool) -> dict:
 
 
 def bench_loop_overhead(quick: bool) -> dict:
-    """Lightning's training loop against a bare PyTorch loop: same model, same in-memory batches."""
+    """Lightning's training loop against a bare PyTorch loop: the model, optimizer and schedule of
+    ``experiment=image_tokenizer``, its batch and frame size, the same in-memory batches. ``quick``: at its smoke
+    sizes (``scale=smoke``), fewer steps."""
     import lightning as L
 
-    from mmsuite.lightning_modules.image_tokenizer import ImageTokenizerModule
+    from mmsuite.nn.schedule import adamw_warmup_cosine
+    from mmsuite.run import build_model
 
-    _, kwargs = _default_tokenizer_net()
-    steps = 10 if quick else 30
+    cfg = _image_tokenizer_config(quick)
+    steps, repeats = (4, 1) if quick else (30, 3)
+    batch, size = int(cfg.data.batch_size), int(cfg.data.world.image_size)
     g = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, generator=g)} for _ in range(steps)]
-    hp = dict(
-        net=kwargs,
-        optim={"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.0},
-        schedule={"warmup_steps": 10, "floor_ratio": 0.1},
-        loss={"l1": 1.0, "mse": 0.0, "perceptual": 0.0},
-    )
+    batches = [
+        {"image": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)} for _ in range(steps)
+    ]
 
     def bare() -> float:
-        from mmsuite.nn.schedule import warmup_cosine_scheduler
-
         torch.manual_seed(0)
-        module = ImageTokenizerModule(**hp)
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.9, 0.99))
-        sched = warmup_cosine_scheduler(opt, 10, steps + 1, 0.1)
+        module = build_model(cfg)
+        s = module.settings  # what the module's configure_optimizers builds, over the same number of steps
+        optim = adamw_warmup_cosine(module.net.parameters(), s.optim, s.schedule, steps + 1, "bench")
+        opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
         module.train()
 
         def step(i, b):
@@ -253,7 +270,7 @@ def bench_loop_overhead(quick: bool) -> dict:
 
     def lightning() -> float:
         torch.manual_seed(0)
-        module = ImageTokenizerModule(**hp)
+        module = build_model(cfg)
         timer = Timer()
         trainer = L.Trainer(
             max_steps=steps + 1,
@@ -272,7 +289,7 @@ def bench_loop_overhead(quick: bool) -> dict:
 
     # interleave to share any drift of the machine's speed
     bare_t, light_t = [], []
-    for _ in range(2 if quick else 3):
+    for _ in range(repeats):
         bare_t.append(bare())
         light_t.append(lightning())
     b, lt = min(bare_t), min(light_t)
@@ -282,8 +299,8 @@ def bench_loop_overhead(quick: bool) -> dict:
         "lightning_s_per_step": lt / steps,
         "overhead_pct": 100 * (lt / b - 1),
         "goal_overhead_pct": 5.0,
-        "batch": 32,
-        "image_size": 64,
+        "batch": batch,
+        "image_size": size,
     }
 
 
@@ -297,12 +314,7 @@ M4_PAD_GOAL = 0.10  # issue 4: share of compute lost to padding < 10 %
 def _m4_config(quick: bool):
     """The composed train config of ``experiment=m4_pose hardware=gpu16gb`` (the M4 notes' modalities, alphas,
     token ranges and batch 96, the model of conf/model/fourm.yaml); ``quick`` shrinks only the net."""
-    from hydra import compose, initialize_config_dir
-
-    import mmsuite.run  # noqa: F401  (registers the config's resolvers: mul, add, ...)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=M4_OVERRIDES + (M4_QUICK_NET if quick else []))
+    return compose("train", M4_OVERRIDES + (M4_QUICK_NET if quick else []))
 
 
 def _fourm_macs(n_enc: np.ndarray, n_dec: np.ndarray, net: dict, w_enc=None, w_dec=None, w_ctx=None) -> np.ndarray:
@@ -569,13 +581,7 @@ DYN_QUICK_NET = ["model.net.dim=32", "model.net.depth=2", "model.net.heads=2", "
 
 def _dynamics_config(hardware: str, quick: bool):
     """The composed train config of ``experiment=dynamics_shortcut hardware=<hardware>``; ``quick``: a tiny net."""
-    from hydra import compose, initialize_config_dir
-
-    import mmsuite.run  # noqa: F401  (registers the config's resolvers)
-
-    overrides = ["experiment=dynamics_shortcut", f"hardware={hardware}"] + (DYN_QUICK_NET if quick else [])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose("train", ["experiment=dynamics_shortcut", f"hardware={hardware}"] + (DYN_QUICK_NET if quick else []))
 
 
 def bench_dynamics(quick: bool, hardware: str | None = None) -> dict:
@@ -692,33 +698,41 @@ class _Batches:
 
 # ---------------------------------------------------------------------------------------------------
 def bench_mmpt(quick: bool) -> dict:
-    """MMPT Stage 4 at the cpu job's shape (experiment=mmpt_stage4: a 4-layer, 128-wide Qwen3 over text 512 +
-    specials + 1000 image codes + 4 x 64 audio codes, LoRA r 16 + the new rows): training target tokens/s (forward,
-    backward, AdamW on random well-formed batches of all four tasks), and greedy T2I generation tokens/s with and
-    without the constrained processor, timed alternately so that machine load falls on both alike."""
+    """MMPT Stage 4 at the cpu job's shape (the model of ``experiment=mmpt_stage4``, :func:`compose`: its token space,
+    toy Qwen3 base, LoRA and the new rows): training target tokens/s (forward, backward, AdamW on random well-formed
+    batches of all four tasks), and greedy T2I generation tokens/s with and without the constrained processor, timed
+    alternately so that machine load falls on both alike. ``quick``: batch 4 and fewer steps, the same shape."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
     from transformers import LogitsProcessorList
 
-    from mmsuite.lightning_modules.mmpt.adapters import AdapterSettings, add_adapters, param_groups
-    from mmsuite.lightning_modules.mmpt.base import ToyLMSettings, build_toy_lm, extend_vocabulary
+    from mmsuite.lightning_modules.mmpt.adapters import add_adapters, param_groups
+    from mmsuite.lightning_modules.mmpt.base import build_toy_lm, extend_vocabulary
     from mmsuite.lightning_modules.mmpt.loss import TargetLoss
+    from mmsuite.lightning_modules.mmpt.module import MMPTSettings
+    from mmsuite.settings import parse
     from mmsuite.tokenizers.mmpt_decoding import TaskGrammar
     from mmsuite.tokenizers.mmpt_sequences import SequenceBuilder, TaskItem, collate, collate_prompts
-    from mmsuite.tokenizers.mmpt_space import TASK_NAMES, FormatSettings, LayoutSettings, MMPTLayout
+    from mmsuite.tokenizers.mmpt_space import TASK_NAMES, MMPTLayout
+    from mmsuite.tokenizers.token_space import TokenSpace
 
-    fmt = FormatSettings(image_tokens=64, audio_max_frames=25, text_max_tokens=24)
-    layout = MMPTLayout.build(512, 512, 1000, 4, 64, LayoutSettings(multiple_of=64))
-    toy = ToyLMSettings(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384)
+    cfg = compose("train", ["experiment=mmpt_stage4"])
+    s = parse(MMPTSettings, OmegaConf.to_container(cfg.model, resolve=True), "model")
+    fmt, adapters = s.format, dataclasses.replace(s.adapters, dropout=0.0)
+    layout = MMPTLayout(TokenSpace.from_config(s.token_space))
     torch.manual_seed(0)
-    model = build_toy_lm(512, toy)
+    model = build_toy_lm(layout.text.size, dataclasses.replace(s.base.toy, rows=layout.base_rows))
     extend_vocabulary(model, layout)
-    model = add_adapters(model, layout, AdapterSettings(r=16, alpha=32, dropout=0.0))
+    model = add_adapters(model, layout, adapters)
     rng = np.random.default_rng(0)
     builder = SequenceBuilder(layout, fmt)
+    audio_starts = np.array([r.start for r in layout.audio])[:, None]
 
     def item(key):
-        text = rng.integers(0, 400, size=int(rng.integers(8, 15)))
+        text = rng.integers(layout.text.start, layout.text.stop, size=int(rng.integers(8, 15)))
         image = rng.integers(layout.image.start, layout.image.stop, size=fmt.image_tokens)
-        codes = rng.integers(0, 64, size=(4, 25)) + np.array([r.start for r in layout.audio])[:, None]
+        codes = rng.integers(0, layout.audio_bins, size=(layout.n_codebooks, fmt.audio_max_frames)) + audio_starts
         return TaskItem(key, text.tolist(), image.tolist(), codes.T.reshape(-1).tolist())
 
     batch_size = 4 if quick else 16
@@ -727,7 +741,7 @@ def bench_mmpt(quick: bool) -> dict:
         for b in range(4)
     ]
     loss_fn = TargetLoss(layout)
-    opt = torch.optim.AdamW(param_groups(model, AdapterSettings()))
+    opt = torch.optim.AdamW(param_groups(model, adapters))
 
     def train_steps(n):
         for i in range(n):
@@ -843,6 +857,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (for a quick look)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and the Rust tokenizers' thread pool)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the result JSONs and summary.md go")
     args = ap.parse_args()
     chosen = [n for n in (args.only.split(",") if args.only else BENCHES) if n]
     unknown = [n for n in chosen if n not in BENCHES]
@@ -850,13 +865,14 @@ def main() -> None:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))  # read when tokenizers first goes parallel
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     info = device_info()
     for name in chosen:
         print(f"[bench] {name} ...", flush=True)
         res = BENCHES[name](args.quick)
-        (RESULTS / f"{name}.json").write_text(json.dumps({"device": info, "quick": args.quick, **res}, indent=2) + "\n")
-    print("\n" + write_summary())
+        out = json.dumps({"device": info, "quick": args.quick, **res}, indent=2) + "\n"
+        (args.results / f"{name}.json").write_text(out)
+    print("\n" + write_summary(args.results))
 
 
 if __name__ == "__main__":

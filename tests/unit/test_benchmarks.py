@@ -20,6 +20,16 @@ def _check_figures(res: dict, figures: tuple[str, ...]) -> None:
     json.dumps(res)  # what main() writes must be JSON
 
 
+def test_benches_compose_the_config_train_runs():
+    """A bench's model comes from the composed, checked train config: interpolations resolve (a YAML file read alone
+    hands the net ``${oc.select:...}`` strings) and a bad key stops the bench naming it."""
+    cfg = run.compose("train", ["experiment=image_tokenizer"])
+    assert cfg.model.net.latent_bound is None and cfg.model.net.levels == [8, 8, 8, 8]
+    assert cfg.paths.run_dir is None  # a bench has no run folder
+    with pytest.raises(ValueError, match=r"model\.net\.bogus"):
+        run.compose("train", ["experiment=image_tokenizer", "+model.net.bogus=1"])
+
+
 def test_audio_tokenizer_bench_quick():
     res = run.bench_audio_tokenizer(quick=True)
     _check_figures(res, ("encode_audio_s_per_s", "decode_audio_s_per_s", "tokens_per_audio_s"))
