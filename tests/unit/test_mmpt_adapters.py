@@ -10,6 +10,7 @@ from mmsuite.lightning_modules.mmpt.adapters import (
     load_adapters,
     load_trainable_state_dict,
     param_groups,
+    rows_written_in,
     save_adapters,
     trainable_state_dict,
 )
@@ -130,3 +131,24 @@ def test_loading_trainable_tensors_checks_names_and_shapes():
         load_trainable_state_dict(peft_model, {**state, "extra": torch.zeros(1)})
     with pytest.raises(ValueError, match="shape"):
         load_trainable_state_dict(peft_model, {**state, name: state[name][:1]})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_rows_written_in_gives_the_same_logits_and_restores_the_frozen_matrices_exactly(tied):
+    model, layout = _base(tied)
+    peft_model = add_adapters(model, layout, SETTINGS).eval()
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # rows and LoRA away from their start
+    ids = _batch(layout)["input_ids"]
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        with rows_written_in(peft_model):
+            got = peft_model(input_ids=ids).logits
+            written = [n for n, p in peft_model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
+            assert written and all("embed_tokens" in n or "lm_head" in n for n in written), written
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    after = {n: p.detach() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    assert after.keys() == frozen.keys() and all(torch.equal(after[n], frozen[n]) for n in frozen)

@@ -52,8 +52,13 @@ def test_module_builds_its_base_once_and_trains_only_lora_and_the_new_rows(tmp_p
     c = m.trainable_counts
     assert c["total"] == c["expected_total"] and c["other"] == 0
     stamp = (m.base_dir / "mmpt_base.json").stat().st_mtime_ns
-    _module(tmp_path, tied=tied)  # the same base, loaded, not rebuilt
+    torch.manual_seed(0)
+    built = _module(tmp_path / "fresh", tied=tied)
+    torch.manual_seed(0)
+    loaded = _module(tmp_path / "fresh", tied=tied)  # the same base, loaded, not rebuilt
     assert (m.base_dir / "mmpt_base.json").stat().st_mtime_ns == stamp
+    lora = {n: p for n, p in built.named_parameters() if "lora_A" in n}  # building it drew nothing from the seed
+    assert lora and all(torch.equal(p, dict(loaded.named_parameters())[n]) for n, p in lora.items())
     out = m(_batch(m.layout))
     out["loss"].backward()
     grads = {n for n, p in m.named_parameters() if p.grad is not None}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,6 +74,25 @@ def add_adapters(model, layout: MMPTLayout, settings: AdapterSettings):
         # tokens are tied by their own path (checked by check_trainable)
         warnings.filterwarnings("ignore", message=r".*ensure_weight_tying.*no tied modules.*")
         return get_peft_model(model, config)
+
+
+@contextmanager
+def rows_written_in(model):
+    """Inference with the new rows written into the frozen matrices once, instead of at every forward (PEFT's
+    trainable tokens copy the whole matrix per call: most of a decoding step for a small LM with a large new
+    vocabulary). PEFT's own merge / unmerge of the trainable-token layers only: the rows it replaces are restored
+    exactly on exit (LoRA, whose unmerge is not exact, stays unmerged)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
+    try:
+        for layer in layers:
+            layer.merge()
+        yield model
+    finally:
+        for layer in reversed(layers):
+            if layer.merged:
+                layer.unmerge()
 
 
 def lora_numel(config, settings: AdapterSettings) -> int:

@@ -35,6 +35,7 @@ from mmsuite.lightning_modules.mmpt.adapters import (
     add_adapters,
     check_trainable,
     param_groups,
+    rows_written_in,
 )
 from mmsuite.lightning_modules.mmpt.base import BaseSettings, build_toy_lm, extend_vocabulary, load_base, save_base
 from mmsuite.lightning_modules.mmpt.loss import TargetLoss
@@ -233,12 +234,13 @@ class MMPTModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         out: list = []
-        for i in range(0, len(prompts), batch_size):
-            batch = collate_prompts(prompts[i : i + batch_size], self.layout.pad_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            kw = self.grammar.generate_kwargs(task, constrained)
-            gen = self.model.generate(**batch, do_sample=False, **kw)
-            out.extend(decode_batch(self.layout, task, gen[:, batch["input_ids"].shape[1] :], self.fmt))
+        with rows_written_in(self.model):
+            for i in range(0, len(prompts), batch_size):
+                batch = collate_prompts(prompts[i : i + batch_size], self.layout.pad_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                kw = self.grammar.generate_kwargs(task, constrained)
+                gen = self.model.generate(**batch, do_sample=False, **kw)
+                out.extend(decode_batch(self.layout, task, gen[:, batch["input_ids"].shape[1] :], self.fmt))
         self.model.train(was_training)
         return out
 
@@ -378,7 +380,14 @@ def score_caption(text: str, attributes: dict) -> dict[str, bool]:
 
 def ensure_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path) -> Path:
     """Build the Stage 3 base for ``layout`` at ``out_dir``: the toy Qwen3 (random weights) or the local base LM
-    of ``settings.path``, its vocabulary extended with every new row initialised (seeded mean + noise)."""
+    of ``settings.path``, its vocabulary extended with every new row initialised (seeded mean + noise). The run's
+    random stream is left as it was (transformers' resizing draws from it), so a run that builds the base and one
+    that finds it built get the same LoRA initialisation."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_base(layout, settings, out_dir)
+
+
+def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path) -> Path:
     from mmsuite.lightning_modules.mmpt.base import DTYPES, load_hf_lm
 
     if settings.path:
