@@ -197,7 +197,18 @@ class MMPTDataModule(ShardDataModule):
         return f"mmpt-{settings_hash(settings)}"
 
     def prepare_data(self) -> None:
-        """Train what is missing (tokenizer runs, the text BPE), then build the task shards."""
+        """Train what is missing (tokenizer runs, the text BPE), then build the task shards. The run's random
+        streams are left as they were (building tokenizers draws from torch's), so a run that builds the data and
+        one that finds it built train alike."""
+        import random
+
+        np_state, py_state = np.random.get_state(), random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            self._prepare_data()
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+    def _prepare_data(self) -> None:
         from mmsuite.tokenizers.text import train_text_tokenizer
 
         for kind, cfg in (("image", self.image_tokenizer_cfg), ("audio", self.audio_tokenizer_cfg)):

@@ -261,6 +261,27 @@ def test_gate_a3_checks_stored_records_and_stops_on_a_broken_one(tmp_path):
     assert batch["input_ids"].shape[0] == 8 and batch["allowed"].sum() == 8 and batch["drops"].sum() == 0
 
 
+def test_building_the_data_leaves_the_runs_random_streams_alone(tmp_path, monkeypatch):
+    dm = _ShardDM(
+        token_space=tiny_layout().token_space,
+        data_dir=str(tmp_path),
+        image_tokenizer={"run": "i", "ckpt": "i.ckpt"},
+        audio_tokenizer={"run": "a", "ckpt": "a.ckpt"},
+        text_tokenizer={},
+        log_dir=str(tmp_path),
+        format=dataclasses.asdict(FMT),
+    )
+    monkeypatch.setattr(dm, "_prepare_data", lambda: (torch.rand(3), np.random.rand(3)))  # a build that draws
+
+    def draws(build: bool):
+        torch.manual_seed(0), np.random.seed(0)
+        if build:
+            dm.prepare_data()
+        return torch.rand(2).tolist(), np.random.rand(2).tolist()
+
+    assert draws(build=True) == draws(build=False)
+
+
 def test_format_settings_reach_both_sides():
     assert FormatSettings(**dataclasses.asdict(FMT)) == FMT
 
