@@ -882,6 +882,96 @@ class _Batches:
         return len(self.batches)
 
 
+# ---------------------------------------------------------------------------------------------------
+def bench_mmpt(quick: bool) -> dict:
+    """MMPT Stage 4 at the cpu job's shape (the model of ``experiment=mmpt_stage4``, :func:`compose`: its token space,
+    toy Qwen3 base, LoRA and the new rows): training target tokens/s (forward, backward, AdamW on random well-formed
+    batches of all four tasks), and greedy T2I generation tokens/s with and without the constrained processor, timed
+    alternately so that machine load falls on both alike. ``quick``: batch 4 and fewer steps, the same shape."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from transformers import LogitsProcessorList
+
+    from mmsuite.lightning_modules.mmpt.adapters import add_adapters, param_groups
+    from mmsuite.lightning_modules.mmpt.base import build_toy_lm, extend_vocabulary
+    from mmsuite.lightning_modules.mmpt.loss import TargetLoss
+    from mmsuite.lightning_modules.mmpt.module import MMPTSettings
+    from mmsuite.settings import parse
+    from mmsuite.tokenizers.mmpt_decoding import TaskGrammar
+    from mmsuite.tokenizers.mmpt_sequences import SequenceBuilder, TaskItem, collate, collate_prompts
+    from mmsuite.tokenizers.mmpt_space import TASK_NAMES, MMPTLayout
+    from mmsuite.tokenizers.token_space import TokenSpace
+
+    cfg = compose("train", ["experiment=mmpt_stage4"])
+    s = parse(MMPTSettings, OmegaConf.to_container(cfg.model, resolve=True), "model")
+    fmt, adapters = s.format, dataclasses.replace(s.adapters, dropout=0.0)
+    layout = MMPTLayout(TokenSpace.from_config(s.token_space))
+    torch.manual_seed(0)
+    model = build_toy_lm(layout.text.size, dataclasses.replace(s.base.toy, rows=layout.base_rows))
+    extend_vocabulary(model, layout)
+    model = add_adapters(model, layout, adapters)
+    rng = np.random.default_rng(0)
+    builder = SequenceBuilder(layout, fmt)
+    audio_starts = np.array([r.start for r in layout.audio])[:, None]
+
+    def item(key):
+        text = rng.integers(layout.text.start, layout.text.stop, size=int(rng.integers(8, 15)))
+        image = rng.integers(layout.image.start, layout.image.stop, size=fmt.image_tokens)
+        codes = rng.integers(0, layout.audio_bins, size=(layout.n_codebooks, fmt.audio_max_frames)) + audio_starts
+        return TaskItem(key, text.tolist(), image.tolist(), codes.T.reshape(-1).tolist())
+
+    batch_size = 4 if quick else 16
+    batches = [
+        collate([builder.build(TASK_NAMES[i % 4], item(f"{b}-{i}")) for i in range(batch_size)], layout.pad_id)
+        for b in range(4)
+    ]
+    loss_fn = TargetLoss(layout)
+    opt = torch.optim.AdamW(param_groups(model, adapters))
+
+    def train_steps(n):
+        for i in range(n):
+            out = loss_fn.task_losses(model, batches[i % len(batches)])
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+
+    steps = 3 if quick else 20
+    train_steps(2)
+    t = timed(lambda: train_steps(steps), repeat=1 if quick else 3)
+    tokens = sum(int(b["task"].numel() and (b["labels"] != -100).sum()) for b in batches)
+    train_tps = tokens / len(batches) * steps / t
+
+    model.eval()
+    grammar = TaskGrammar(layout, fmt)
+    prompts = collate_prompts([builder.prompt("t2i", item(f"p{i}").text) for i in range(batch_size)], layout.pad_id)
+    n_new = fmt.image_tokens + 2  # <img_start> + the grid + <img_end>
+
+    def generate(constrained: bool):
+        kw = grammar.generate_kwargs("t2i") if constrained else {"pad_token_id": layout.pad_id}
+        kw.update(max_new_tokens=n_new, min_new_tokens=n_new if not constrained else None, do_sample=False)
+        if not constrained:
+            kw["logits_processor"] = LogitsProcessorList()
+        with torch.no_grad():
+            out = model.generate(**prompts, **kw)
+        assert out.shape[1] - prompts["input_ids"].shape[1] == n_new
+        return out
+
+    times = {True: [], False: []}
+    for _ in range(2 if quick else 6):  # alternate, best of each
+        for constrained in (False, True):
+            times[constrained].append(timed(lambda c=constrained: generate(c), repeat=1))
+    free, constrained = min(times[False]), min(times[True])
+    return {
+        "train_target_tokens_per_s": train_tps,
+        "generate_tokens_per_s": batch_size * n_new / free,
+        "generate_constrained_tokens_per_s": batch_size * n_new / constrained,
+        "constraint_overhead": constrained / free - 1.0,
+        "batch": batch_size,
+        "steps": steps,
+    }
+
+
 BENCHES = {
     "toyworld": bench_toyworld,
     "shards": bench_shards,
@@ -892,6 +982,7 @@ BENCHES = {
     "m4": bench_m4,
     "dynamics": bench_dynamics,
     "dynamics_gpu16gb": bench_dynamics_gpu16gb,
+    "mmpt": bench_mmpt,
 }
 
 

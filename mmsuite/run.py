@@ -8,6 +8,7 @@ writes into it, under a lock, and only once the config has built the token space
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -478,6 +479,20 @@ def rebuild_from_checkpoint(cfg: DictConfig):
     return saved, extra, datamodule, model
 
 
+def eval_callbacks(saved: DictConfig, run_dir: Path, split: str) -> list:
+    """The experiment's extra callbacks (golden sets, ablations) for eval.py, writing under
+    ``<run_dir>/eval_<split>/`` instead of the training run's folders."""
+    out = []
+    for extra in (OmegaConf.select(saved, "callbacks.extra") or {}).values():
+        extra = OmegaConf.create(OmegaConf.to_container(extra, resolve=True))
+        if "out_dir" in extra:
+            where = Path(extra.out_dir)
+            rel = where.relative_to(run_dir) if where.is_relative_to(run_dir) else Path(where.name)
+            extra.out_dir = str(run_dir / f"eval_{split}" / rel)
+        out.append(instantiate(extra))
+    return out
+
+
 def evaluate(cfg: DictConfig) -> dict:
     set_threads(cfg)
     saved, extra, datamodule, model = rebuild_from_checkpoint(cfg)
@@ -492,7 +507,7 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = instantiate(
         trainer_cfg,
         logger=loggers or False,
-        callbacks=[RunProgressBar()],
+        callbacks=[RunProgressBar(), *eval_callbacks(saved, Path(cfg.ckpt_path).parent.parent, cfg.split)],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.paths.run_dir,
         _convert_="all",
@@ -559,8 +574,9 @@ def generate(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = next(iter(loader))
     batch = {k: v[: cfg.n_samples] if torch.is_tensor(v) else v for k, v in batch.items()}
-    with torch.no_grad():
-        written = model.generate_samples(batch, out_dir)
+    with torch.no_grad():  # a family whose samples need the data (e.g. its text tokenizer) takes `datamodule`
+        takes_data = "datamodule" in inspect.signature(model.generate_samples).parameters
+        written = model.generate_samples(batch, out_dir, **({"datamodule": datamodule} if takes_data else {}))
     for p in written:
         print(f"[mmsuite] wrote {p}")
     return out_dir

@@ -210,6 +210,28 @@ def caption(attributes: dict) -> str:
     return " ".join([article, *words])
 
 
+SOUND_ATTRIBUTES: tuple[str, ...] = ("kind", "pitch", "count", "loudness", "length")  # what a caption names
+
+
+def caption_attributes(text: str) -> dict[str, str | int | None]:
+    """The attributes a toy-sound caption states (:func:`caption`'s inverse; None for each it does not state):
+    ``count`` from the first word ("a"/"an" 1, "two", "three"), ``loudness``, ``length`` and ``pitch`` as whole
+    words, ``kind`` from the earliest noun phrase (singular or plural)."""
+    words = text.split()
+    counts = {"a": 1, "an": 1, **{w: n for n, w in COUNT_WORDS.items() if n > 1}}
+    pitch_of = {w: p for p, w in PITCH_WORDS.items()}
+    padded = f" {' '.join(words)} "
+    found = [(padded.find(f" {noun} "), kind) for kind, nouns in KIND_NOUNS.items() for noun in nouns]
+    found = [(pos, kind) for pos, kind in found if pos >= 0]
+    return {
+        "kind": min(found)[1] if found else None,
+        "pitch": next((pitch_of[w] for w in words if w in pitch_of), None),
+        "count": counts.get(words[0]) if words else None,
+        "loudness": next((w for w in words if w in LOUDNESS_PEAKS), None),
+        "length": next((w for w in words if w in LENGTHS_S), None),
+    }
+
+
 def action_sound(
     action: str,
     n_frames: int,

@@ -21,7 +21,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 CASES = [(e, ()) for e in EXPERIMENTS] + [("image_tokenizer", ("tokenizer=continuous",))]
 
 
-TOKEN_FAMILIES = {"m4_pose", "nano4m", "dynamics", "dynamics_shortcut"}  # the others log samples/s only
+TOKEN_FAMILIES = {"m4_pose", "nano4m", "dynamics", "dynamics_shortcut", "mmpt_stage4"}  # the others log samples/s only
 
 
 @pytest.mark.parametrize(("experiment", "extra"), CASES)

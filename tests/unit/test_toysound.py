@@ -322,3 +322,13 @@ def test_action_sound_rejects_bad_input():
         ts.action_sound("jump", 16, 0.0)
     with pytest.raises(ValueError, match="period_frames"):
         ts.action_sound("jump", 16, 8.0, period_frames=-1.0)
+
+
+def test_caption_attributes_read_back_every_stated_attribute():
+    from mmsuite.sources.toysound import SOUND_ATTRIBUTES, caption_attributes
+
+    cfg = ts.ToySoundConfig(sample_rate=8000)
+    for clip in ts.iter_sounds(cfg, 40):
+        got = caption_attributes(clip.caption)
+        assert got == {a: clip.attributes[a] for a in SOUND_ATTRIBUTES}, clip.caption
+    assert set(caption_attributes("").values()) == {None}
