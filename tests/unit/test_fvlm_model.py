@@ -335,10 +335,13 @@ def test_greedy_generation_is_the_argmax_of_the_parallel_pass(model, batch):
 def test_lm_loads_from_a_local_folder(tmp_path):
     torch.manual_seed(0)
     lm = FoveatedVLM(_settings()).lm
-    lm.save_pretrained(tmp_path)
-    loaded = FoveatedVLM(_settings(lm=LMSettings(path=str(tmp_path)))).lm
-    assert type(loaded) is type(lm)
-    torch.testing.assert_close(loaded.get_input_embeddings().weight, lm.get_input_embeddings().weight)
+    lm.to(torch.bfloat16).save_pretrained(tmp_path)  # a bf16 checkpoint, as released LMs often are
+    model = FoveatedVLM(_settings(lm=LMSettings(path=str(tmp_path))))
+    loaded = model.lm
+    assert type(loaded) is type(lm) and {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, lm.get_input_embeddings().weight.float())
+    features, text = torch.randn(1, T, N, D), torch.tensor([[3, 4, EOS]])
+    assert model(features, text, torch.ones_like(text, dtype=torch.bool))[-1].cap.isfinite()
     with pytest.raises(FileNotFoundError, match="model.lm.path="):
         FoveatedVLM(_settings(lm=LMSettings(path=str(tmp_path / "missing"))))
 

@@ -214,8 +214,8 @@ class FiLMHead(nn.Module):
 
 
 def build_lm(settings: LMSettings) -> nn.Module:
-    """An HF causal LM: ``AutoModelForCausalLM`` from the local folder ``settings.path`` (nothing is downloaded),
-    or built from the settings' shape with random weights."""
+    """An HF causal LM in float32: ``AutoModelForCausalLM`` from the local folder ``settings.path`` (nothing is
+    downloaded; bf16 checkpoints such as SmolLM2's are upcast), or built from the settings' shape, random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     s = settings
@@ -226,9 +226,10 @@ def build_lm(settings: LMSettings) -> nn.Module:
                 f"model.lm.path={s.path!r}: no config.json there; a local causal-LM folder (save_pretrained "
                 "format) is needed; nothing is downloaded"
             )
-        return AutoModelForCausalLM.from_pretrained(
+        lm = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, attn_implementation=s.attn_implementation
         )
+        return lm.float()  # fp32 master weights, like every other parameter; mixed precision is the trainer's
     if s.hidden_size % s.num_heads or s.num_heads % s.num_kv_heads:
         raise ValueError(
             f"model.lm: hidden_size {s.hidden_size} must divide into num_heads {s.num_heads}, which must divide "
