@@ -301,6 +301,49 @@ def caption(attributes: dict) -> str:
 
 
 _DETAIL_PHRASE = re.compile(r"\bwith a small (\w+) (\w+)")
+_SCENE_PHRASE = re.compile(r"\bon an? (?:(plain|noisy) (\w+)|(\w+) and (\w+) (striped|checkered)) background\b")
+_SCENE_KINDS = {"plain": "plain", "noisy": "noise", "striped": "stripes", "checkered": "checker"}
+
+
+def caption_attributes(
+    text: str, colors: Sequence[str] = FIGURE_COLORS, actions: Sequence[str] = ACTIONS
+) -> dict[str, str | None]:
+    """The figure colour and action a (possibly generated) caption states (None where it states none).
+
+    Colour: the word directly before the first "figure", if it is one of ``colors``; action: of ``actions``, the one
+    whose phrase (:data:`ACTION_PHRASES`) starts earliest in the text, as whole words."""
+    words = text.split()
+    color = None
+    if "figure" in words:
+        i = words.index("figure")
+        color = words[i - 1] if i > 0 and words[i - 1] in colors else None
+    padded = f" {' '.join(words)} "
+    found = [(padded.find(f" {ACTION_PHRASES[a]} "), a) for a in actions]
+    found = [(pos, a) for pos, a in found if pos >= 0]
+    return {"color": color, "action": min(found)[1] if found else None}
+
+
+def caption_scene(text: str) -> dict[str, str | None]:
+    """The background a caption states: ``{"background": plain|stripes|checker|noise, "background_color": its first
+    colour}``, each None unless the text has "on a <scene> background" with a known colour."""
+    m = _SCENE_PHRASE.search(text)
+    if m is None:
+        return {"background": None, "background_color": None}
+    kind = _SCENE_KINDS[m.group(1) or m.group(5)]
+    first = m.group(2) or m.group(3)
+    return {"background": kind, "background_color": first if first in PALETTE else None}
+
+
+def read_caption(text: str) -> dict[str, str | None]:
+    """Every attribute a toy-world caption can state, read back from (possibly generated) text: ``color``, ``action``,
+    ``background``, ``background_color``, ``detail_color``, ``detail_shape`` (None where it states none)."""
+    detail = caption_detail(text)
+    return {
+        **caption_attributes(text),
+        **caption_scene(text),
+        "detail_color": detail["color"],
+        "detail_shape": detail["shape"],
+    }
 
 
 def caption_detail(text: str) -> dict[str, str | None]:

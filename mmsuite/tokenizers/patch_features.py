@@ -22,11 +22,12 @@ trains here: the features are computed once and stored.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from mmsuite.nn.transformer import sincos_2d
+from mmsuite.settings import SettingsError, fail, parse, setting
 from mmsuite.tokenizers.pretrained_image import resize_center_crop
+from mmsuite.tokenizers.token_space import weights_sha256
 
 KINDS = ("pixel_patches", "dinov2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,24 +49,19 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class PixelPatchSettings:
     """``features`` of ``kind: pixel_patches``."""
 
-    image_size: int = 64  # frames are resized / centre-cropped to this square first
-    grid: int = 16  # patches per side: patch side = image_size // grid
-    dim: int = 64  # feature width D (64 = 4*4*3 pixels + 16 position channels: lossless at 64 px, grid 16)
-    pos_dim: int = 16  # width of the 2-D sin-cos position code (a multiple of 4; 0: none)
+    image_size: int = setting(64, ge=1)  # frames are resized / centre-cropped to this square first
+    grid: int = setting(16, ge=1)  # patches per side: patch side = image_size // grid
+    dim: int = setting(64, ge=1)  # feature width D (64 = 4*4*3 pixels + 16 position channels: lossless at 64 px)
+    pos_dim: int = setting(16, ge=0)  # width of the 2-D sin-cos position code (a multiple of 4; 0: none)
     cls: bool = True  # a first token: the mean of the patch features
-    seed: int = 0  # of the fixed random projection
-    batch_size: int = 256  # frames per step
+    seed: int = setting(0, ge=0)  # of the fixed random projection
+    batch_size: int = setting(256, ge=1)  # frames per step
 
-    def __post_init__(self):
-        if self.image_size < 1 or self.grid < 1 or self.image_size % self.grid:
-            raise ValueError(
-                f"features.image_size={self.image_size} must be a positive multiple of features.grid={self.grid}"
-            )
-        if self.dim < 1 or self.pos_dim < 0 or self.pos_dim % 4 or self.batch_size < 1:
-            raise ValueError(
-                f"features: dim >= 1, pos_dim a multiple of 4 and batch_size >= 1 are needed, got dim={self.dim}, "
-                f"pos_dim={self.pos_dim}, batch_size={self.batch_size}"
-            )
+    def check(self, key: str) -> None:
+        if self.image_size % self.grid:
+            fail(f"{key}.image_size", f"({self.image_size}) must be a multiple of {key}.grid ({self.grid})")
+        if self.pos_dim % 4:
+            fail(f"{key}.pos_dim", f"must be a multiple of 4, got {self.pos_dim}")
 
 
 @dataclass
@@ -71,23 +69,28 @@ class Dinov2Settings:
     """``features`` of ``kind: dinov2``."""
 
     path: str = ""  # a local Dinov2Model folder (config.json + weights); nothing is downloaded
-    image_size: int = 252  # frames are resized / centre-cropped to this square (252 = 18 patches of 14)
-    batch_size: int = 32  # frames per forward
-    dtype: str = "float32"  # compute dtype: float32, float16 or bfloat16 (the output is float16 either way)
+    image_size: int = setting(252, ge=1)  # frames are resized / centre-cropped to this square (252 = 18 x 14)
+    batch_size: int = setting(32, ge=1)  # frames per forward
+    dtype: str = setting("float32", choices=list(_DTYPES))  # compute dtype (the output is float16 either way)
     device: str = "cpu"
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = setting(list(IMAGENET_MEAN))
+    std: list[float] = setting(list(IMAGENET_STD), gt=0.0)
 
-    def __post_init__(self):
-        self.mean, self.std = [float(v) for v in self.mean], [float(v) for v in self.std]
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"features.mean and features.std need 3 values (std > 0), got {self.mean}, {self.std}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"features.dtype={self.dtype!r}: choose one of {list(_DTYPES)}")
-        if self.image_size < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"features.image_size and features.batch_size must be >= 1, got {self.image_size}, {self.batch_size}"
-            )
+    def check(self, key: str) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            fail(f"{key}.mean", f"and {key}.std need 3 values each, got {self.mean}, {self.std}")
+
+
+SCHEMAS = {"pixel_patches": PixelPatchSettings, "dinov2": Dinov2Settings}
+
+
+def feature_settings(cfg: Mapping, key: str = "features") -> PixelPatchSettings | Dinov2Settings:
+    """The settings of ``{kind, **settings}``, checked (:func:`mmsuite.settings.parse`); errors name ``key``."""
+    cfg = dict(cfg)
+    kind = cfg.pop("kind", None)
+    if kind not in SCHEMAS:
+        raise SettingsError(f"{key}.kind must be one of {list(KINDS)}, got {kind!r}")
+    return parse(SCHEMAS[kind], cfg, key)
 
 
 class PatchFeatureExtractor:
@@ -110,6 +113,10 @@ class PatchFeatureExtractor:
         for key in ("path", "device", "batch_size"):
             s.pop(key, None)
         return {"kind": self.kind, "settings": s, "grid": list(self.grid), "cls": self.has_cls, "dim": self.dim}
+
+    def weights_sha256(self) -> str:
+        """The identity of the extractor's weights (a data set's manifest records it beside :meth:`describe`)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def __call__(self, frames) -> torch.Tensor:
@@ -151,6 +158,10 @@ class PixelPatchFeatures(PatchFeatureExtractor):
         # per-channel variance kept about that of the inputs whichever width is larger
         self.proj = (proj * math.sqrt(max(s.dim / in_dim, 1.0))).float()
         self.pos = sincos_2d(s.grid, s.grid, s.pos_dim) if s.pos_dim else torch.zeros(s.grid * s.grid, 0)
+
+    def weights_sha256(self) -> str:
+        """sha256 of the fixed projection (float32 bytes): it depends on the seed and the shapes alone."""
+        return hashlib.sha256(self.proj.numpy().tobytes()).hexdigest()
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
         x = self._unit(frames).mul(2.0).sub(1.0)  # [t, 3, S, S] in [-1, 1]
@@ -201,24 +212,26 @@ class Dinov2Features(PatchFeatureExtractor):
         model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
         return cls(model, settings, source=str(path))
 
+    def weights_sha256(self) -> str:
+        """sha256 of the weight files of the folder it was loaded from (or of the in-memory state)."""
+        sha = weights_sha256(self.source) if self.source != "<in memory>" else None
+        if sha is None:
+            digest = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(t.detach().float().cpu().numpy().tobytes())
+            sha = digest.hexdigest()
+        return sha
+
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
         x = (self._unit(frames) - self._mean) / self._std
         x = x.to(device=self.settings.device, dtype=_DTYPES[self.settings.dtype])
         return self.model(pixel_values=x).last_hidden_state.float()
 
 
-def patch_features_from_config(cfg: Mapping) -> PatchFeatureExtractor:
-    """A feature extractor from ``{kind, **settings}``; an unknown kind or key is an error naming it."""
-    cfg = dict(cfg)
-    kind = cfg.pop("kind", None)
-    schema = {"pixel_patches": PixelPatchSettings, "dinov2": Dinov2Settings}.get(kind)
-    if schema is None:
-        raise ValueError(f"features.kind={kind!r}: choose one of {list(KINDS)}")
-    known = {f.name for f in dataclasses.fields(schema)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in features of kind {kind}; allowed: {sorted(known)}")
-    settings = schema(**cfg)
-    if kind == "dinov2":
+def patch_features_from_config(cfg: Mapping, key: str = "features") -> PatchFeatureExtractor:
+    """A feature extractor from ``{kind, **settings}``; an unknown kind, key or invalid value is an error naming it."""
+    settings = feature_settings(cfg, key)
+    if isinstance(settings, Dinov2Settings):
         return Dinov2Features.from_pretrained(settings)
     return PixelPatchFeatures(settings)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mmsuite.lightning_modules.fvlm.model import (
     IGNORE,
@@ -22,6 +21,7 @@ from mmsuite.lightning_modules.fvlm.model import (
     next_frame_pairs,
     training_passes,
 )
+from mmsuite.settings import SettingsError, parse
 
 B, T, N, D, L, C, VOCAB, EOS = 3, 5, 10, 16, 6, 2, 40, 0
 
@@ -336,10 +336,15 @@ def test_lm_loads_from_a_local_folder(tmp_path):
     torch.manual_seed(0)
     lm = FoveatedVLM(_settings()).lm
     lm.to(torch.bfloat16).save_pretrained(tmp_path)  # a bf16 checkpoint, as released LMs often are
-    model = FoveatedVLM(_settings(lm=LMSettings(path=str(tmp_path))))
+    model = FoveatedVLM(_settings(lm=LMSettings(path=str(tmp_path), vocab_size=VOCAB)))
     loaded = model.lm
     assert type(loaded) is type(lm) and {p.dtype for p in model.parameters()} == {torch.float32}
     torch.testing.assert_close(loaded.get_input_embeddings().weight, lm.get_input_embeddings().weight.float())
+    # a token space with more ids (the specials) grows the embeddings and keeps the LM's own rows
+    grown = FoveatedVLM(_settings(lm=LMSettings(path=str(tmp_path), vocab_size=VOCAB + 3))).lm
+    assert grown.get_input_embeddings().num_embeddings == VOCAB + 3
+    assert grown.get_output_embeddings().weight.shape[0] == VOCAB + 3
+    torch.testing.assert_close(grown.get_input_embeddings().weight[:VOCAB], lm.get_input_embeddings().weight.float())
     features, text = torch.randn(1, T, N, D), torch.tensor([[3, 4, EOS]])
     assert model(features, text, torch.ones_like(text, dtype=torch.bool))[-1].cap.isfinite()
     with pytest.raises(FileNotFoundError, match="model.lm.path="):
@@ -360,14 +365,21 @@ def test_a_qwen3_backbone_and_the_shallow_glimpse_run(batch):
     torch.testing.assert_close(stream.caption_nll[1], passes[1].caption_nll, rtol=1e-5, atol=1e-5)
 
 
-def test_settings_are_structured_configs_and_check_their_values():
-    merged = OmegaConf.merge(OmegaConf.structured(FVLMSettings), {"glimpse": {"heads": 8}, "film": {"channels": [4]}})
-    s = OmegaConf.to_object(merged)
-    assert isinstance(s, FVLMSettings) and s.glimpse.heads == 8 and s.film.channels == [4]
-    assert OmegaConf.to_object(OmegaConf.structured(FVLMLossSettings)) == FVLMLossSettings(0.1, 1.0, False)
-    with pytest.raises(ValueError, match="model.glimpse.kind"):
-        GlimpseSettings(kind="deep")
-    with pytest.raises(ValueError, match="fine_iterations >= 0"):
-        FVLMSettings(fine_iterations=-1)
-    with pytest.raises(ValueError, match="loss weights"):
-        FVLMLossSettings(lambda_recon=-1)
+def test_settings_are_typed_and_errors_name_the_key():
+    s = parse(FVLMSettings, {"glimpse": {"heads": 8}, "film": {"channels": [4]}}, "model.net")
+    assert isinstance(s, FVLMSettings) and s.glimpse.heads == 8 and s.glimpse.kind == "attention"
+    assert s.film.channels == [4] and s.lm.vocab_size == 512
+    assert parse(FVLMLossSettings, {}, "model.loss") == FVLMLossSettings(0.1, 1.0, False)
+    bad = [
+        ({"glimpse": {"kind": "deep"}}, "model.net.glimpse.kind must be one of"),
+        ({"fine_iterations": -1}, "model.net.fine_iterations must be >= 0"),
+        ({"glimpse": {"heads": 5}}, "model.net.glimpse.dim (64) is not divisible"),
+        ({"lm": {"hidden_size": 30}}, "model.net.lm.hidden_size"),
+        ({"film": {"channels": []}}, "model.net.film.channels needs"),
+        ({"glimpse": {"headz": 2}}, "model.net.glimpse.headz: unknown setting"),
+    ]
+    for values, message in bad:
+        with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse(FVLMSettings, values, "model.net")
+    with pytest.raises(SettingsError, match="model.loss.lambda_recon must be >= 0"):
+        parse(FVLMLossSettings, {"lambda_recon": -1}, "model.loss")

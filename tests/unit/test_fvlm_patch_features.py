@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from mmsuite.settings import SettingsError
 from mmsuite.tokenizers.patch_features import (
     Dinov2Features,
     Dinov2Settings,
     PixelPatchFeatures,
     PixelPatchSettings,
+    feature_settings,
     patch_features_from_config,
 )
 
@@ -76,10 +78,11 @@ def test_pixel_patches_reject_bad_input_and_settings():
         ex(np.zeros((2, 64, 64, 3), np.float32))
     with pytest.raises(ValueError, match=r"uint8 frames \[T, H, W, 3\]"):
         ex(np.zeros((64, 64, 3), np.uint8))
-    with pytest.raises(ValueError, match="multiple of features.grid"):
-        PixelPatchSettings(image_size=64, grid=12)
-    with pytest.raises(ValueError, match="pos_dim a multiple of 4"):
-        PixelPatchSettings(pos_dim=6)
+    with pytest.raises(SettingsError, match=r"data.features.image_size \(64\) must be a multiple of"):
+        feature_settings({"kind": "pixel_patches", "grid": 12}, "data.features")
+    with pytest.raises(SettingsError, match="features.pos_dim must be a multiple of 4"):
+        patch_features_from_config({"kind": "pixel_patches", "pos_dim": 6})
+    assert feature_settings({"kind": "pixel_patches", "grid": 8}) == PixelPatchSettings(grid=8)
 
 
 # -- DINOv2 ---------------------------------------------------------------------------------------------------
@@ -130,9 +133,28 @@ def test_dinov2_errors_name_the_setting(tmp_path, tiny_dinov2):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(ValueError, match="not a dinov2 one"):
         Dinov2Features.from_pretrained(Dinov2Settings(path=str(tmp_path)))
-    with pytest.raises(ValueError, match="features.dtype"):
-        Dinov2Settings(dtype="int8")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['grid'\]"):
+    with pytest.raises(SettingsError, match="features.dtype must be one of"):
+        feature_settings({"kind": "dinov2", "dtype": "int8"})
+    with pytest.raises(SettingsError, match="features.grid: unknown setting"):
         patch_features_from_config({"kind": "dinov2", "path": str(tiny_dinov2), "grid": 16})
-    with pytest.raises(ValueError, match="features.kind='clip'"):
+    with pytest.raises(SettingsError, match="features.kind must be one of"):
         patch_features_from_config({"kind": "clip"})
+
+
+def test_weights_checksums_name_the_weights(tiny_dinov2, tmp_path):
+    a = patch_features_from_config({"kind": "dinov2", "path": str(tiny_dinov2)})
+    assert a.weights_sha256() == a.weights_sha256() and len(a.weights_sha256()) == 64
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dinov2, other)
+    from transformers import Dinov2Model
+
+    model = Dinov2Model.from_pretrained(other)
+    with torch.no_grad():
+        model.embeddings.cls_token.add_(1.0)
+    model.save_pretrained(other)
+    assert patch_features_from_config({"kind": "dinov2", "path": str(other)}).weights_sha256() != a.weights_sha256()
+    pix = PixelPatchFeatures()
+    assert pix.weights_sha256() == PixelPatchFeatures().weights_sha256()
+    assert pix.weights_sha256() != PixelPatchFeatures(PixelPatchSettings(seed=1)).weights_sha256()

@@ -131,6 +131,22 @@ def test_caption_detail_reads_generated_text():
     assert tw.caption_detail("x with a small green blob") == {"color": "green", "shape": None}
 
 
+def test_read_caption_gives_back_every_attribute_of_every_clip(pairs):
+    for _, clip in pairs:
+        a = clip.attributes
+        want = {k: a[k] for k in ("color", "action", "background", "background_color", "detail_color", "detail_shape")}
+        assert tw.read_caption(clip.caption) == want, clip.caption
+    assert {tw.read_caption(c.caption)["background"] for _, c in pairs} == set(tw.BACKGROUNDS)
+
+
+def test_read_caption_of_generated_text_says_none_where_it_cannot_read():
+    empty = dict.fromkeys(("color", "action", "background", "background_color", "detail_color", "detail_shape"))
+    assert tw.read_caption("") == empty
+    got = tw.read_caption("a red figure on a teal and white striped background with a small green blob")
+    assert got == dict(empty, color="red", background="stripes", background_color=None, detail_color="green")
+    assert tw.caption_scene("on a noisy grey background") == {"background": "noise", "background_color": "grey"}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

@@ -35,15 +35,18 @@ import inspect
 import math
 import os
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmsuite.settings import fail, setting
+
 IGNORE = -100
 QUERY_SOURCES = ("same_pass", "previous_pass")
+GLIMPSE_KINDS = ("shallow", "attention")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,36 +61,36 @@ class GlimpseSettings:
     frame's mean patch removed, then LayerNorm: the common component no longer dominates), learned Q/K/V,
     ``heads`` heads, a learned temperature per head."""
 
-    kind: str = "attention"
-    heads: int = 4
-    dim: int = 0  # K/V and output width of the attention glimpse (0: the feature width)
-    temperature: float = 1.0  # initial softmax temperature of the attention glimpse
-
-    def __post_init__(self):
-        if self.kind not in ("shallow", "attention"):
-            raise ValueError(f"model.glimpse.kind={self.kind!r}: choose shallow or attention")
-        if self.heads < 1 or self.dim < 0 or self.temperature <= 0:
-            raise ValueError(
-                f"model.glimpse: heads >= 1, dim >= 0 and temperature > 0 are needed, got heads={self.heads}, "
-                f"dim={self.dim}, temperature={self.temperature}"
-            )
+    kind: str = setting("attention", choices=list(GLIMPSE_KINDS))
+    heads: int = setting(4, ge=1)
+    dim: int = setting(0, ge=0)  # K/V and output width of the attention glimpse (0: the feature width)
+    temperature: float = setting(1.0, gt=0.0)  # initial softmax temperature of the attention glimpse
 
 
 @dataclass
 class LMSettings:
-    """The causal LM: a local HF folder (``path``, loaded through ``AutoModelForCausalLM``) or, with no path, one
-    of ``model_type`` built from the fields below and trained from scratch."""
+    """The causal LM: a local HF folder (``path``, loaded through ``AutoModelForCausalLM``; its embeddings grow to
+    ``vocab_size`` when that is larger, e.g. for the token space's specials) or, with no path, one of ``model_type``
+    built from the fields below and trained from scratch."""
 
     path: str = ""
     model_type: str = "llama"  # any AutoConfig model type with the Llama-style fields (llama, qwen3, ...)
-    vocab_size: int = 512
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    max_positions: int = 512
-    attn_implementation: str = "sdpa"
+    vocab_size: int = setting(512, ge=1)  # ids the LM reads and predicts (= the run's token space)
+    hidden_size: int = setting(128, ge=1)
+    num_layers: int = setting(4, ge=1)
+    num_heads: int = setting(4, ge=1)
+    num_kv_heads: int = setting(2, ge=1)
+    intermediate_size: int = setting(384, ge=1)
+    max_positions: int = setting(512, ge=1)
+    attn_implementation: str = setting("sdpa", choices=["sdpa", "eager"])
+
+    def check(self, key: str) -> None:
+        if not self.path and (self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads):
+            fail(
+                f"{key}.hidden_size",
+                f"({self.hidden_size}) must divide into num_heads ({self.num_heads}), which must divide into "
+                f"num_kv_heads ({self.num_kv_heads})",
+            )
 
 
 @dataclass
@@ -95,37 +98,37 @@ class FiLMSettings:
     """Next-frame head: conv encoder of the previous latent, FiLM by ``(gamma, beta)`` from an MLP of the LM state
     (per channel, broadcast over positions), conv decoder."""
 
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    mlp_dim: int = 256
+    channels: list[int] = setting([32, 64, 128], ge=1)
+    mlp_dim: int = setting(256, ge=1)
+
+    def check(self, key: str) -> None:
+        if not self.channels:
+            fail(f"{key}.channels", "needs at least one width")
 
 
 @dataclass
 class FVLMSettings:
-    feature_dim: int = 64  # D of the patch features
-    latent_channels: int = 4  # C of the frame latents [T, C, h, w]; 0: no reconstruction head
-    query_dim: int = 0  # width of the glimpse queries (0: feature_dim)
-    fine_iterations: int = 2
-    glimpse: GlimpseSettings = field(default_factory=GlimpseSettings)
-    lm: LMSettings = field(default_factory=LMSettings)
-    film: FiLMSettings = field(default_factory=FiLMSettings)
+    """The glimpse model's shape (``model.net``)."""
 
-    def __post_init__(self):
-        if self.feature_dim < 1 or self.latent_channels < 0 or self.query_dim < 0 or self.fine_iterations < 0:
-            raise ValueError(
-                "model: feature_dim >= 1, latent_channels >= 0, query_dim >= 0 and fine_iterations >= 0 are needed, "
-                f"got {self.feature_dim}, {self.latent_channels}, {self.query_dim}, {self.fine_iterations}"
-            )
+    feature_dim: int = setting(64, ge=1)  # D of the patch features
+    latent_channels: int = setting(4, ge=0)  # C of the frame latents [T, C, h, w]; 0: no reconstruction head
+    query_dim: int = setting(0, ge=0)  # width of the glimpse queries (0: feature_dim)
+    fine_iterations: int = setting(2, ge=0)
+    glimpse: GlimpseSettings = setting(GlimpseSettings())
+    lm: LMSettings = setting(LMSettings())
+    film: FiLMSettings = setting(FiLMSettings())
+
+    def check(self, key: str) -> None:
+        g = self.glimpse
+        if g.kind == "attention" and (g.dim or self.feature_dim) % g.heads:
+            fail(f"{key}.glimpse.dim", f"({g.dim or self.feature_dim}) is not divisible by glimpse.heads ({g.heads})")
 
 
 @dataclass
 class FVLMLossSettings:
-    lambda_recon: float = 0.1
-    lambda_coarse: float = 1.0  # weight of the coarse pass's own caption + reconstruction loss
+    lambda_recon: float = setting(0.1, ge=0.0)
+    lambda_coarse: float = setting(1.0, ge=0.0)  # weight of the coarse pass's own caption + reconstruction loss
     coarse_only: bool = False  # control: train the coarse pass alone (no fine pass runs in training)
-
-    def __post_init__(self):
-        if self.lambda_recon < 0 or self.lambda_coarse < 0:
-            raise ValueError(f"loss weights must be >= 0, got {self.lambda_recon}, {self.lambda_coarse}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,23 +145,30 @@ class ShallowGlimpse(nn.Module):
         self.query_proj = nn.Linear(query_dim, feature_dim, bias=False)
         self.out_dim = feature_dim
 
-    def forward(self, query: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``query [..., Dq]``, ``patches [..., N, D]`` -> ``(z [..., D], attention [..., 1, N])``."""
+    def memory(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What every query of a frame reads (``[..., N, D]`` leading dims kept): the raw features."""
+        return (patches,)
+
+    def attend(self, query: torch.Tensor, memory: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query [..., Dq]`` over ``memory`` -> ``(z [..., D], attention [..., 1, N])``."""
+        (patches,) = memory
         q = self.query_proj(query)
         logits = torch.einsum("...d,...nd->...n", q, patches) / math.sqrt(patches.shape[-1])
         attn = logits.float().softmax(dim=-1).to(patches.dtype)
         return torch.einsum("...n,...nd->...d", attn, patches), attn.unsqueeze(-2)
 
+    def forward(self, query: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attend(query, self.memory(patches))
+
 
 class AttentionGlimpse(nn.Module):
     """Multi-head attention of one query over the frame: keys from ``LayerNorm(P - mean_frame(P))``, values from
     the raw ``P`` (the common component is what the frame looks like overall: a value must keep it), learned
-    Q/K/V and output projections, logits divided by a learned temperature per head."""
+    Q/K/V and output projections, logits divided by a learned temperature per head. Keys and values do not depend
+    on the query, so :meth:`memory` computes them once per batch for every pass."""
 
     def __init__(self, query_dim: int, feature_dim: int, dim: int, heads: int, temperature: float):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"model.glimpse.dim={dim} is not divisible by model.glimpse.heads={heads}")
         self.heads, self.head_dim, self.out_dim = heads, dim // heads, dim
         self.key_norm = nn.LayerNorm(feature_dim)
         self.q = nn.Linear(query_dim, dim)
@@ -167,18 +177,27 @@ class AttentionGlimpse(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.log_temperature = nn.Parameter(torch.full((heads,), math.log(temperature)))
 
-    def forward(self, query: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``query [..., Dq]``, ``patches [..., N, D]`` -> ``(z [..., dim], attention [..., heads, N])``."""
+    def memory(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``patches [..., N, D]`` -> keys and values ``[..., N, heads, head_dim]``."""
         lead, n = patches.shape[:-2], patches.shape[-2]
         keys = self.key_norm(patches - patches.mean(dim=-2, keepdim=True))
-        q = self.q(query).view(*lead, self.heads, self.head_dim)
         k = self.k(keys).view(*lead, n, self.heads, self.head_dim)
         v = self.v(patches).view(*lead, n, self.heads, self.head_dim)
+        return k, v
+
+    def attend(self, query: torch.Tensor, memory: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query [..., Dq]`` over ``memory`` -> ``(z [..., dim], attention [..., heads, N])``."""
+        k, v = memory
+        q = self.q(query).view(*query.shape[:-1], self.heads, self.head_dim)
         scale = self.log_temperature.exp()[:, None] * math.sqrt(self.head_dim)
         logits = torch.einsum("...hd,...nhd->...hn", q, k) / scale
         attn = logits.float().softmax(dim=-1).to(v.dtype)
-        z = torch.einsum("...hn,...nhd->...hd", attn, v).reshape(*lead, self.out_dim)
+        z = torch.einsum("...hn,...nhd->...hd", attn, v).reshape(*query.shape[:-1], self.out_dim)
         return self.out(z), attn
+
+    def forward(self, query: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query [..., Dq]``, ``patches [..., N, D]`` -> ``(z [..., dim], attention [..., heads, N])``."""
+        return self.attend(query, self.memory(patches))
 
 
 class FiLMHead(nn.Module):
@@ -188,8 +207,6 @@ class FiLMHead(nn.Module):
     def __init__(self, hidden_size: int, latent_channels: int, settings: FiLMSettings):
         super().__init__()
         c = [latent_channels, *settings.channels]
-        if len(c) < 2 or min(c) < 1 or settings.mlp_dim < 1:
-            raise ValueError(f"model.film needs channels >= 1 and mlp_dim >= 1, got {settings}")
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, settings.mlp_dim),
             nn.GELU(),
@@ -215,7 +232,8 @@ class FiLMHead(nn.Module):
 
 def build_lm(settings: LMSettings) -> nn.Module:
     """An HF causal LM in float32: ``AutoModelForCausalLM`` from the local folder ``settings.path`` (nothing is
-    downloaded; bf16 checkpoints such as SmolLM2's are upcast), or built from the settings' shape, random weights."""
+    downloaded; bf16 checkpoints such as SmolLM2's are upcast; the embeddings grow to ``vocab_size`` when the LM has
+    fewer ids, the new rows at the mean embedding), or built from the settings' shape, random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     s = settings
@@ -229,12 +247,9 @@ def build_lm(settings: LMSettings) -> nn.Module:
         lm = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, attn_implementation=s.attn_implementation
         )
+        if lm.get_input_embeddings().num_embeddings < s.vocab_size:
+            lm.resize_token_embeddings(s.vocab_size, mean_resizing=True)
         return lm.float()  # fp32 master weights, like every other parameter; mixed precision is the trainer's
-    if s.hidden_size % s.num_heads or s.num_heads % s.num_kv_heads:
-        raise ValueError(
-            f"model.lm: hidden_size {s.hidden_size} must divide into num_heads {s.num_heads}, which must divide "
-            f"into num_kv_heads {s.num_kv_heads}"
-        )
     config = AutoConfig.for_model(
         s.model_type,
         vocab_size=s.vocab_size,
@@ -344,9 +359,17 @@ class FoveatedVLM(nn.Module):
         self._cache_kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
     # -- pieces ---------------------------------------------------------------------------------------
-    def glimpses(self, queries: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``queries [..., Dq]``, ``features [..., N, D]`` -> ``(z [..., Dz], attention [..., heads, N])``."""
-        return self.glimpse(queries, features.to(self.q_static.dtype))
+    def memory(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the glimpses of ``features [..., N, D]`` read (the attention glimpse's keys and values), computed once
+        and shared by every pass."""
+        return self.glimpse.memory(features.to(self.q_static.dtype))
+
+    def glimpses(
+        self, queries: torch.Tensor, features: torch.Tensor | None = None, memory: tuple | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``queries [..., Dq]`` over ``features [..., N, D]`` (or their :meth:`memory`) -> ``(z [..., Dz],
+        attention [..., heads, N])``."""
+        return self.glimpse.attend(queries, self.memory(features) if memory is None else memory)
 
     def visual_tokens(self, z: torch.Tensor) -> torch.Tensor:
         """Glimpse outputs ``[..., Dz]`` -> LM inputs ``[..., H]``, each scaled to RMS ``visual_scale`` on its own."""
@@ -395,11 +418,13 @@ class FoveatedVLM(nn.Module):
         text_mask: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         name: str | None = None,
+        memory: tuple | None = None,
     ) -> PassOutput:
         """Pass ``index`` (0: coarse mode token, else fine) with ``queries [B, T, Dq]``; the caption is scored when
-        ``text_ids`` is given, the reconstruction when ``latents`` is given too (and the model has a head)."""
+        ``text_ids`` is given, the reconstruction when ``latents`` is given too (and the model has a head).
+        ``memory``: :meth:`memory` of ``features`` when the caller has it already."""
         b, n_frames = features.shape[:2]
-        z, attn = self.glimpses(queries, features)
+        z, attn = self.glimpses(queries, features, memory)
         mode = self.mode_tokens[min(index, 1)].expand(b, 1, -1)
         seq = [mode, self.visual_tokens(z)]
         if text_ids is not None:
@@ -434,6 +459,7 @@ class FoveatedVLM(nn.Module):
         scored = set(range(k_max + 1)) if scored is None else set(scored)
         b, n_frames = features.shape[:2]
         queries = self.q_static.expand(b, n_frames, -1)
+        memory = self.memory(features)
         passes = []
         for k in range(k_max + 1):
             use_text = k in scored
@@ -444,6 +470,7 @@ class FoveatedVLM(nn.Module):
                 text_ids if use_text else None,
                 text_mask if use_text else None,
                 latents if use_text else None,
+                memory=memory,
             )
             passes.append(p)
             if k < k_max:
@@ -470,6 +497,7 @@ class FoveatedVLM(nn.Module):
         mode = self.mode_tokens[modes][:, None].expand(s, b, -1).reshape(s * b, 1, -1)
         hidden, cache = self._lm(mode, use_cache=True)
         last = hidden[:, -1].view(s, b, -1)
+        memory = self.memory(features)  # [B, T, N, ...] once; frame t is read by every running pass
         zs, attns = [], []
         for t in range(n_frames):
             first = self.q_init.expand(b, -1)
@@ -478,7 +506,8 @@ class FoveatedVLM(nn.Module):
                 queries = torch.stack([self.q_static.expand(b, -1), *fine])
             else:
                 queries = (first if t == 0 else self.llm_to_query(last[0]))[None]
-            z, attn = self.glimpses(queries, features[None, :, t].expand(s, -1, -1, -1))
+            frame = tuple(m[None, :, t].expand(s, *m[:, t].shape) for m in memory)
+            z, attn = self.glimpses(queries, memory=frame)
             hidden, cache = self._lm(self.visual_tokens(z).reshape(s * b, 1, -1), cache, use_cache=True)
             last = hidden[:, -1].view(s, b, -1)
             zs.append(z)
