@@ -20,12 +20,14 @@ from omegaconf import DictConfig
 
 from mmsuite.datamodules.clips import FramesDataModule
 from mmsuite.datamodules.dynamics import DynamicsLatentDataModule
+from mmsuite.datamodules.fvlm import FVLMDataModule
 from mmsuite.datamodules.m4 import M4PoseDataModule
 from mmsuite.datamodules.nano4m import Nano4MDataModule
 from mmsuite.datamodules.sounds import ToySoundDataModule
 from mmsuite.lightning_modules.audio_tokenizer import AudioTokenizerModule
 from mmsuite.lightning_modules.dynamics.module import DynamicsModule
 from mmsuite.lightning_modules.fourm.module import FourMModule
+from mmsuite.lightning_modules.fvlm.module import FVLMModule
 from mmsuite.lightning_modules.image_tokenizer import ImageTokenizerModule
 from mmsuite.nn.schedule import StepSchedule, TokenSchedule
 from mmsuite.settings import parse
@@ -37,6 +39,7 @@ TARGETS = {
         "audio_tokenizer": AudioTokenizerModule,
         "fourm": FourMModule,
         "dynamics": DynamicsModule,
+        "fvlm": FVLMModule,
     },
     "data": {
         "toyworld_frames": FramesDataModule,
@@ -44,6 +47,7 @@ TARGETS = {
         "m4_pose": M4PoseDataModule,
         "nano4m": Nano4MDataModule,
         "dynamics_latents": DynamicsLatentDataModule,
+        "fvlm_clips": FVLMDataModule,
     },
 }
 SCHEDULES = {"cosine": StepSchedule, "tokens": TokenSchedule}

@@ -1,0 +1,113 @@
+"""The foveated VLM's data module and LightningModule pieces that need no trainer: caption encoding and batching,
+greedy-caption scoring, attention images, and the per-command time limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmsuite.callbacks.time_limit import CommandTimer
+from mmsuite.datamodules.fvlm import FVLMDataModule
+from mmsuite.lightning_modules.fvlm.module import attention_overlay, score_captions
+from mmsuite.settings import SettingsError
+
+
+class _Text:
+    """A stand-in text tokenizer: one id per word, EOS = 99, pad = 98."""
+
+    eos_id, pad_id = 99, 98
+
+    def encode(self, text, add_eos=False):
+        return [len(w) for w in text.split()] + ([self.eos_id] if add_eos else [])
+
+
+def _datamodule(**extra):
+    settings = dict(
+        data_dir="/nonexistent",
+        log_dir="/nonexistent",
+        encoder={"ckpt": "/nonexistent.ckpt", "run": "x"},
+        text_tokenizer={"name": "text_bpe"},
+        clip_frames=8,
+        frames=4,
+        batch_size=2,
+    )
+    dm = FVLMDataModule(**{**settings, **extra})
+    dm.text_tokenizer = _Text()
+    dm.latent_mean, dm.latent_std = torch.zeros(2), torch.full((2,), 2.0)
+    return dm
+
+
+def _sample(caption, frames=True):
+    s = {
+        "features": np.arange(8 * 3 * 5, dtype=np.float16).reshape(8, 3, 5),
+        "latents": np.ones((8, 2, 2, 2), np.float16),
+        "caption": caption,
+        "attributes": {"clip": 0},
+    }
+    if frames:
+        s["frames"] = np.zeros((8, 4, 4, 3), np.uint8)
+    return s
+
+
+def test_samples_read_evenly_spaced_frames_and_batches_pad_captions_after_eos():
+    dm = _datamodule()
+    assert dm.frame_index.tolist() == [0, 2, 5, 7]
+    items = dm.expand(_sample("a red figure")) + dm.expand(_sample("a big red figure waving"))
+    assert items[0]["features"].shape == (4, 3, 5) and items[0]["features"][1, 0, 0] == 2 * 15
+    batch = dm.collate(items)
+    assert batch["text_ids"].tolist() == [[1, 3, 6, 99, 98, 98], [1, 3, 3, 6, 6, 99]]
+    assert batch["text_mask"].sum(dim=1).tolist() == [4, 6]
+    assert batch["latents"].dtype == torch.float32 and torch.allclose(
+        batch["latents"], torch.full((2, 4, 2, 2, 2), 0.5)
+    )
+    assert batch["frames"].shape == (2, 4, 4, 4, 3) and batch["caption"][1] == "a big red figure waving"
+    assert "frames" not in dm.collate([dm.expand(_sample("a", frames=False))[0]])  # train split: no frames
+
+
+def test_a_caption_over_the_limit_stops_naming_the_setting():
+    dm = _datamodule(max_caption_tokens=3)
+    with pytest.raises(ValueError, match="data.max_caption_tokens=3"):
+        dm.expand(_sample("a red figure"))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"frames": 9}, "data.frames"),
+        ({"features": {"kind": "pixel_patches", "grid": 5}}, "data.features.image_size"),
+        ({"features": {"kind": "vit"}}, "data.features.kind"),
+        ({"world": {"detail_size": 99}}, "data.world"),
+    ],
+)
+def test_bad_data_settings_name_the_key(override, key):
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
+        _datamodule(**override)
+
+
+def test_captions_are_scored_per_attribute_and_the_detail_separately():
+    truth = "a red figure jumping on a plain blue background with a small green cross"
+    got = "a red figure jumping on a plain blue background with a small green square"
+    scores = score_captions([got, "nothing legible"], [truth, truth])
+    assert [ok for ok, _ in scores["color"]] == [True, False]
+    assert [ok for ok, _ in scores["detail_color"]] == [True, False]
+    assert [ok for ok, _ in scores["detail_shape"]] == [False, False]
+    assert scores["detail_shape"][0][1] == "cross"
+    no_detail = score_captions([got], ["a red figure jumping on a plain blue background"])
+    assert no_detail["detail_shape"] == [] and no_detail["action"] == [(True, "jump")]
+
+
+def test_attention_overlay_keeps_the_frame_where_the_glimpse_looks():
+    frames = torch.full((2, 8, 8, 3), 200, dtype=torch.uint8)
+    attention = torch.zeros(2, 3, 1 + 4)  # CLS + a 2 x 2 grid, 3 heads
+    attention[:, :, 1] = 1.0  # every head on the top-left patch
+    img = attention_overlay(frames, attention, (2, 2), has_cls=True)
+    assert img.shape == (2, 3, 8, 8) and img.dtype == torch.uint8
+    assert img[0, 1, 0, 0] == 200 and img[0, 1, 7, 7] == 50  # green: kept | darkened to a quarter
+
+
+def test_command_timer_gives_each_command_its_own_time():
+    timer = CommandTimer({"seconds": 5})
+    timer.load_state_dict({"time_elapsed": {"train": 1e6}})  # what an earlier command trained
+    assert timer.time_elapsed() == 0 and not timer.expired
+    assert CommandTimer({"seconds": 0}).expired
