@@ -42,6 +42,7 @@ from mmsuite.callbacks.run_state import (
     step_checkpoints,
     write_text_atomic,
 )
+from mmsuite.callbacks.time_limit import CommandTimer
 from mmsuite.config import check_settings
 from mmsuite.datamodules.base import prepare_text_tokenizer
 from mmsuite.tokenizers.text import TEXT_TOKENIZERS, text_tokenizer_from_config
@@ -304,6 +305,8 @@ def build_callbacks(cfg: DictConfig, config: dict, run_dir: Path, token_space: T
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     for extra in (ccfg.get("extra") or {}).values():
         callbacks.append(instantiate(extra))
+    if config["trainer"].get("max_time"):  # Lightning takes this timer instead of building its own
+        callbacks.append(CommandTimer(config["trainer"]["max_time"]))
     return callbacks
 
 
@@ -401,12 +404,15 @@ def _train(cfg: DictConfig) -> dict:
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_metrics: dict = {}
+        timed_out = any(isinstance(c, CommandTimer) and c.expired for c in callbacks) and not (
+            0 < trainer.max_steps <= trainer.global_step
+        )
         if not trainer.interrupted:  # the final state, with the metrics of the final validation
             trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
             # a budget that ends between validations: score the final weights (unless Lightning just did: it
             # validates when a module stops the fit with trainer.should_stop, as the token budget does)
             state = next(c for c in callbacks if isinstance(c, RunState))
-            if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step:
+            if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step and not timed_out:
                 # validate() replaces the metrics: keep the training ones (not the stale validation's) beside its own
                 fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("val/")}
                 trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -419,8 +425,13 @@ def _train(cfg: DictConfig) -> dict:
             metrics["test"] = test[0] if test else {}
         if trainer.is_global_zero and not trainer.interrupted:
             write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-            write_text_atomic(run_dir / DONE_MARKER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
-            print(f"[mmsuite] finished; metrics in {run_dir / 'metrics.json'}")
+            if timed_out:  # a chunk of the run: no finished marker, so the same command continues it
+                print(
+                    f"[mmsuite] stopped at trainer.max_time (step {trainer.global_step}); rerun the command to continue"
+                )
+            else:
+                write_text_atomic(run_dir / DONE_MARKER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+                print(f"[mmsuite] finished; metrics in {run_dir / 'metrics.json'}")
         return metrics
 
 
@@ -541,6 +552,8 @@ def generate(cfg: DictConfig) -> Path:
     if not hasattr(model, "generate_samples"):
         raise NotImplementedError(f"{type(model).__name__} has no generate_samples(batch, out_dir)")
     datamodule.setup("validate")
+    if hasattr(model, "attach_data"):  # a model that decodes with the data's tokenizer (fvlm)
+        model.attach_data(datamodule)
     loader = datamodule.val_dataloader() if cfg.split == "val" else datamodule.test_dataloader()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
