@@ -94,3 +94,15 @@ def test_unreadable_result_names_the_file(tmp_path):
     (tmp_path / "toyworld.json").write_text("{not json")
     with pytest.raises(ValueError, match="toyworld.json: not a readable benchmark result"):
         run.load_results(tmp_path)
+
+
+def test_fvlm_bench_quick():
+    res = run.bench_fvlm(quick=True)  # the notes' data shape with a tiny LM, batches 1 and 2 on a CPU
+    assert res["shape"]["features"] == [325, 384] and res["shape"]["frames"] == 16
+    assert res["shape"]["stored_frames"] == 24 and res["shape"]["caption_tokens"] == 64
+    if res["device_type"] == "cpu":
+        _check_figures(res, ("samples_per_s_b1", "samples_per_s_b2", "peak_memory_mib_b2", "memory_per_sample_mib"))
+        assert res["largest_batch_cpu_estimate"] >= 2
+    else:
+        _check_figures(res, ("samples_per_s", "peak_memory_mib"))
+        assert res["batch"] == 32
