@@ -705,7 +705,7 @@ def _fvlm_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) 
     from mmsuite.run import build_model
 
     n_frames = int(cfg.data.frames)
-    n_tokens, dim = int(cfg.data.features.grid) ** 2 + 1, int(cfg.data.features.dim)
+    n_tokens, dim = int(cfg.features.grid) ** 2 + 1, int(cfg.features.dim)
     side = int(cfg.data.image_size) // 8
     g = torch.Generator().manual_seed(0)
     with _PeakMemory(device) as mem:
@@ -762,7 +762,7 @@ def bench_fvlm(quick: bool) -> dict:
     cfg = _fvlm_config(quick)
     out = {"device_type": device.type, "device_name": _device_name(device), "shape": {
         "frames": int(cfg.data.frames), "stored_frames": int(cfg.data.clip_frames),
-        "features": [int(cfg.data.features.grid) ** 2 + 1, int(cfg.data.features.dim)],
+        "features": [int(cfg.features.grid) ** 2 + 1, int(cfg.features.dim)],
         "lm": dict(cfg.model.net.lm), "caption_tokens": FVLM_CAPTION_TOKENS,
         "fine_iterations": int(cfg.model.net.fine_iterations),
     }}  # fmt: skip

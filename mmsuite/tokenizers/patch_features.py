@@ -75,6 +75,9 @@ class Dinov2Settings:
     device: str = "cpu"
     mean: list[float] = setting(list(IMAGENET_MEAN))
     std: list[float] = setting(list(IMAGENET_STD), gt=0.0)
+    # what the model must give, checked when loaded (null: not checked): patches per side and width D
+    grid: int | None = setting(None, ge=1)
+    dim: int | None = setting(None, ge=1)
 
     def check(self, key: str) -> None:
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -110,7 +113,7 @@ class PatchFeatureExtractor:
         """What a data set built with these features records: kind, settings (less where and how fast they ran:
         path, device, batch size; a weights checksum belongs beside it), token layout."""
         s = dataclasses.asdict(self.settings)
-        for key in ("path", "device", "batch_size"):
+        for key in ("path", "device", "batch_size", "grid", "dim"):
             s.pop(key, None)
         return {"kind": self.kind, "settings": s, "grid": list(self.grid), "cls": self.has_cls, "dim": self.dim}
 
@@ -192,6 +195,9 @@ class Dinov2Features(PatchFeatureExtractor):
         if registers:
             raise ValueError(f"{source} has {registers} register tokens; only a plain Dinov2Model is supported")
         self.grid, self.has_cls, self.dim = (side, side), True, int(cfg.hidden_size)
+        for key, want, got in (("grid", s.grid, side), ("dim", s.dim, self.dim)):
+            if want is not None and want != got:
+                raise ValueError(f"features.{key}={want}, but {source} at image_size {s.image_size} gives {got}")
         self._mean = torch.tensor(s.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(s.std, dtype=torch.float32).view(1, 3, 1, 1)
 

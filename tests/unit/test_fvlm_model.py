@@ -383,3 +383,10 @@ def test_settings_are_typed_and_errors_name_the_key():
             parse(FVLMSettings, values, "model.net")
     with pytest.raises(SettingsError, match="model.loss.lambda_recon must be >= 0"):
         parse(FVLMLossSettings, {"lambda_recon": -1}, "model.loss")
+
+
+def test_greedy_generation_picks_only_allowed_ids(model, batch):
+    allowed = torch.zeros(model.lm.get_input_embeddings().num_embeddings, dtype=torch.bool)
+    allowed[[3, 5]] = True  # e.g. the ids a text tokenizer can write, and EOS (5)
+    out = model.generate(batch["features"], eos_id=5, max_new_tokens=6, allowed=allowed)
+    assert set(out.tokens.unique().tolist()) <= {3, 5}

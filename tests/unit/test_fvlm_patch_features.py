@@ -135,8 +135,8 @@ def test_dinov2_errors_name_the_setting(tmp_path, tiny_dinov2):
         Dinov2Features.from_pretrained(Dinov2Settings(path=str(tmp_path)))
     with pytest.raises(SettingsError, match="features.dtype must be one of"):
         feature_settings({"kind": "dinov2", "dtype": "int8"})
-    with pytest.raises(SettingsError, match="features.grid: unknown setting"):
-        patch_features_from_config({"kind": "dinov2", "path": str(tiny_dinov2), "grid": 16})
+    with pytest.raises(SettingsError, match="features.pos_dim: unknown setting"):  # a pixel_patches key
+        patch_features_from_config({"kind": "dinov2", "path": str(tiny_dinov2), "pos_dim": 16})
     with pytest.raises(SettingsError, match="features.kind must be one of"):
         patch_features_from_config({"kind": "clip"})
 
@@ -158,3 +158,13 @@ def test_weights_checksums_name_the_weights(tiny_dinov2, tmp_path):
     pix = PixelPatchFeatures()
     assert pix.weights_sha256() == PixelPatchFeatures().weights_sha256()
     assert pix.weights_sha256() != PixelPatchFeatures(PixelPatchSettings(seed=1)).weights_sha256()
+
+
+def test_dinov2_checks_the_grid_and_width_a_config_expects(tiny_dinov2):
+    base = {"kind": "dinov2", "path": str(tiny_dinov2), "image_size": 56}
+    ex = patch_features_from_config({**base, "grid": 8, "dim": 32})  # what the config says is what the model gives
+    assert ex.grid == (8, 8) and ex.dim == 32 and "grid" not in ex.describe()["settings"]
+    with pytest.raises(ValueError, match=r"features\.grid=18.*gives 8"):
+        patch_features_from_config({**base, "grid": 18})
+    with pytest.raises(ValueError, match=r"features\.dim=384.*gives 32"):
+        patch_features_from_config({**base, "dim": 384})

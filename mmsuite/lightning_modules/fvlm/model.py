@@ -545,9 +545,11 @@ class FoveatedVLM(nn.Module):
         max_new_tokens: int = 64,
         fine_iterations: int | None = None,
         query_source: str = "same_pass",
+        allowed: torch.Tensor | None = None,
     ) -> StreamOutput:
         """Greedy captions after the frame-by-frame loop, one per running pass (``tokens [S, B, n]``, ``n <=
-        max_new_tokens``, EOS included and repeated after it), with every frame's glimpse weights."""
+        max_new_tokens``, EOS included and repeated after it), with every frame's glimpse weights. ``allowed``: bool
+        ``[V]``, the ids the argmax may pick (e.g. those the text tokenizer can write, and EOS; None: all)."""
         k_max = self.settings.fine_iterations if fine_iterations is None else fine_iterations
         out, cache, s = self._stream_frames(features, k_max, query_source)
         b = len(features)
@@ -556,7 +558,10 @@ class FoveatedVLM(nn.Module):
         done = torch.zeros(s * b, dtype=torch.bool, device=features.device)
         tokens = []
         for _ in range(max_new_tokens):
-            nxt = head(hidden[:, -1]).argmax(dim=-1)
+            logits = head(hidden[:, -1])
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+            nxt = logits.argmax(dim=-1)
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             tokens.append(nxt)
             done = done | (nxt == eos_id)

@@ -119,6 +119,7 @@ class FVLMModule(L.LightningModule):
         self.loss_cfg, self.eval_cfg = s.loss, s.eval
         self.passes = pass_names(s.net.fine_iterations)
         self.text_tokenizer = None  # from the data module (setup / attach_data): EOS id and decoding
+        self.caption_ids: torch.Tensor | None = None  # bool [V]: what greedy captions may write (attach_data)
         self.grid, self.has_cls = None, True
         sums = {f"nll_{p}": SumMetric() for p in self.passes}
         sums |= {"tokens": SumMetric(), "nll_autoregressive": SumMetric()}
@@ -146,9 +147,13 @@ class FVLMModule(L.LightningModule):
     # -- the data's side ------------------------------------------------------------------------------------
     def attach_data(self, datamodule) -> None:
         """The text tokenizer (EOS id, decoding) and the feature grid of a set-up data module."""
-        self.text_tokenizer = datamodule.text_tokenizer
+        self.text_tokenizer = text = datamodule.text_tokenizer
         self.grid, self.has_cls = datamodule.grid, datamodule.has_cls
         lm_vocab = self.net.lm.get_input_embeddings().num_embeddings
+        # greedy captions pick among the ids the text tokenizer can write, and EOS (the LM may rank an unused id first)
+        self.caption_ids = torch.zeros(lm_vocab, dtype=torch.bool)
+        self.caption_ids[text.range.start : text.range.start + text.vocab_size] = True
+        self.caption_ids[text.eos_id] = True
         if lm_vocab < datamodule.token_space.vocab_size:
             raise ValueError(
                 f"the LM reads {lm_vocab} ids but the token space has {datamodule.token_space.vocab_size}: "
@@ -233,17 +238,16 @@ class FVLMModule(L.LightningModule):
     def generate_captions(self, features: torch.Tensor) -> dict[str, tuple[list[str], Any]]:
         """Greedy captions of every caption pass: ``{pass: (texts, attention [B, T, heads, N])}``."""
         eos, n = self.text_tokenizer.eos_id, self.eval_cfg.max_new_tokens
+        kw = {"eos_id": eos, "max_new_tokens": n, "allowed": self.caption_ids}
         out = {}
         k = 0 if "autoregressive" not in self.caption_passes else len(self.passes) - 1
-        trained = self.net.generate(
-            features, eos_id=eos, max_new_tokens=n, fine_iterations=k, query_source="previous_pass"
-        )
+        trained = self.net.generate(features, fine_iterations=k, query_source="previous_pass", **kw)
         for i, name in enumerate(trained.names):
             if name in self.caption_passes:
                 out[name] = (self.text_tokenizer.decode_batch(trained.tokens[i].tolist(), skip_specials=True),
                              trained.attention[i])  # fmt: skip
         if "autoregressive" in self.caption_passes:
-            ar = self.net.generate(features, eos_id=eos, max_new_tokens=n, query_source="same_pass")
+            ar = self.net.generate(features, query_source="same_pass", **kw)
             out["autoregressive"] = (self.text_tokenizer.decode_batch(ar.tokens[0].tolist(), skip_specials=True),
                                      ar.attention[0])  # fmt: skip
         return out
