@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -751,13 +752,19 @@ def _fvlm_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) 
     }
 
 
+def _fvlm_cpu_run(quick: bool, batch: int, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    return _fvlm_train(_fvlm_config(quick), batch, 1, steps, torch.device("cpu"))
+
+
 def bench_fvlm(quick: bool) -> dict:
     """The foveated VLM's training step at the notes' shape (``experiment=fvlm_joint hardware=rtx4090``: 16 of 24
     frames, 325 x 384 patch features, a SmolLM2-135M-shaped LM with its 49K vocabulary, captions of 64 tokens,
     coarse + 2 fine passes, 8 x 32 x 32 latents): samples/s and peak memory. CUDA: bf16 autocast at batch 32, the
-    notes' anchor (about 100 samples/s in about 16 GB on a 4090). CPU: fp32 at batches 1 and 2, each in a fresh
-    measurement of the resident set; ``largest_batch_cpu_estimate`` is how many samples the memory this machine has
-    available would hold at the measured memory per sample (an extrapolation, not a run). ``quick``: a tiny LM."""
+    notes' anchor (about 100 samples/s in about 16 GB on a 4090). CPU: fp32 at batches 1 and 2, each in its own
+    process (a clean peak of the resident set); ``largest_batch_cpu_estimate`` is how many samples the memory this
+    machine has available would hold at the measured memory per sample (an extrapolation, not a run). ``quick``: a
+    tiny LM."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _fvlm_config(quick)
     out = {"device_type": device.type, "device_name": _device_name(device), "shape": {
@@ -770,8 +777,10 @@ def bench_fvlm(quick: bool) -> dict:
         res = _fvlm_train(cfg, 32, 2, 3 if quick else 10, device)
         return {**out, **res, "batch": 32, "anchor_samples_per_s": 100.0, "anchor_memory_gib": 16.0}
     steps = 1 if quick else 2
-    one = _fvlm_train(cfg, 1, 1, steps, device)
-    two = _fvlm_train(cfg, 2, 1, steps, device)
+    # each batch in a fresh process: a process's resident set does not shrink, so a second peak would be hidden
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        one, two = (pool.apply(_fvlm_cpu_run, (quick, b, steps, torch.get_num_threads())) for b in (1, 2))
     per_sample = max(two["peak_memory_mib"] - one["peak_memory_mib"], 1e-3)
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
