@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench tensorboard clean clean-logs
+.PHONY: help install smoke train test test-fast lint format bench tensorboard clean clean-logs
 
 help: ## show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -19,6 +19,9 @@ $(VENV_OK): pyproject.toml
 	touch $(VENV_OK)
 
 install: $(VENV_OK) ## create .venv and install mmsuite with its dev tools
+
+smoke: $(VENV_OK) ## one-minute first run: m4_pose at its smoke sizes, building the tiny data and tokenizer it lacks
+	$(PY) train.py experiment=m4_pose debug=smoke $(ARGS)
 
 train: $(VENV_OK) ## the main job: m4_pose (builds the toy world, image tokenizer and pair shards it lacks; ARGS=...)
 	$(PY) train.py experiment=m4_pose $(ARGS)

@@ -3,7 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from mmsuite import run
+from mmsuite import console, run
+
+console.quiet()  # known harmless warnings and Lightning's start-up tips (mmsuite/console.py)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")

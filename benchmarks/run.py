@@ -6,7 +6,11 @@ same model and batches), so that figures taken on a busy or different machine st
     python -m benchmarks.run [--only toyworld,shards,...,m4,dynamics,dynamics_gpu16gb,fvlm] [--quick] [--threads N]
 
 The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
-``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so.
+``--only x`` refreshes the rows of x and keeps the others; rows measured with ``--quick`` say so. ``--results DIR``
+writes the JSONs and the table to DIR instead of results/.
+
+A bench that measures an experiment's model or tokenizer takes it from the config that ``train.py`` would run
+(:func:`compose`: Hydra's defaults list, interpolations and the settings schemas), never from a YAML file read alone.
 """
 
 from __future__ import annotations
@@ -43,6 +47,19 @@ def device_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The config ``<config_name>.py <overrides>`` runs with: composed by Hydra from conf/ and its model and data
+    settings checked as the entry points check them (a bad key stops the bench naming it). A bench has no run
+    folder (``paths.run_dir=null``): it writes nothing beside its results."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mmsuite.run import prepare_config  # importing mmsuite.run also registers the config's resolvers
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return prepare_config(hydra_compose(config_name, overrides=[*overrides, "paths.run_dir=null"]))
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -120,44 +137,44 @@ def bench_shards(quick: bool) -> dict:
     return out
 
 
-def _default_tokenizer_net():
-    from omegaconf import OmegaConf
-
-    from mmsuite.settings import as_dict
-    from mmsuite.tokenizers.image import AutoencoderSettings
-
-    tok = OmegaConf.load(CONF / "tokenizer" / "fsq_toy.yaml")
-    settings = AutoencoderSettings(levels=list(tok.levels), downsample=int(tok.downsample))  # the model's defaults
-    return settings.build(), as_dict(settings)
+def _image_tokenizer_config(quick: bool = False):
+    """``experiment=image_tokenizer`` (``quick``: at its smoke sizes, ``scale=smoke``)."""
+    return compose("train", ["experiment=image_tokenizer"] + (["scale=smoke"] if quick else []))
 
 
 def bench_tokenizer(quick: bool) -> dict:
+    """The image tokenizer ``experiment=image_tokenizer`` trains (random weights): encode / decode images per second
+    at its frame size."""
+    from mmsuite.run import build_model
     from mmsuite.tokenizers.image import ImageTokenizer
 
-    net, kwargs = _default_tokenizer_net()
-    tok = ImageTokenizer(net, image_size=64)
-    images = torch.randint(0, 256, (64, 64, 64, 3), dtype=torch.uint8)
+    cfg = _image_tokenizer_config()
+    torch.manual_seed(0)
+    module = build_model(cfg)
+    size = int(cfg.data.world.image_size)
+    tok = ImageTokenizer(module.net, image_size=size)
+    images = torch.randint(0, 256, (64, size, size, 3), dtype=torch.uint8)
     ids = tok.encode(images)
     rep = 2 if quick else 4
     return {
         "encode_images_per_s": len(images) / timed(lambda: tok.encode(images), rep),
         "decode_images_per_s": len(images) / timed(lambda: tok.decode(ids), rep),
         "batch": len(images),
-        "image_size": 64,
-        "net": kwargs,
+        "image_size": size,
+        "net": dict(module.hparams["net"]),
     }
 
 
 def bench_audio_tokenizer(quick: bool) -> dict:
-    """The default scratch EnCodec (conf/tokenizer/encodec_toy.yaml, random weights): seconds of audio per second."""
+    """The scratch EnCodec ``experiment=audio_tokenizer`` trains (random weights): seconds of audio per second."""
     from omegaconf import OmegaConf
 
     from mmsuite.tokenizers.audio import AudioTokenizer
 
-    cfg = OmegaConf.load(CONF / "tokenizer" / "encodec_toy.yaml")
-    cfg.kmeans_init = False  # usable random codebooks straight away (k-means would wait for a training batch)
+    codec = OmegaConf.to_container(compose("train", ["experiment=audio_tokenizer"]).tokenizer, resolve=True)
+    codec["kmeans_init"] = False  # usable random codebooks straight away (k-means would wait for a training batch)
     torch.manual_seed(0)
-    tok = AudioTokenizer.from_config(cfg)
+    tok = AudioTokenizer.from_config(codec)
     clips, clip_s, rep = (2, 0.4, 2) if quick else (8, 1.0, 5)  # whole frames: 0.4 s = 30 hops
     n = int(clip_s * tok.sample_rate)
     wav = 0.1 * torch.randn(clips, tok.channels, n, generator=torch.Generator().manual_seed(0))
@@ -176,14 +193,15 @@ def bench_audio_tokenizer(quick: bool) -> dict:
 
 
 def bench_text_tokenizer(quick: bool) -> dict:
-    """Byte-level BPE (conf/tokenizer/text_bpe.yaml) trained on toy-world captions: tokens per second."""
+    """The byte-level BPE of ``experiment=nano4m`` (its ``text_tokenizer``, conf/tokenizer/text_bpe.yaml) trained on
+    toy-world captions: tokens per second."""
     from omegaconf import OmegaConf
 
     from mmsuite.sources import toyworld
     from mmsuite.tokenizers.text import TextTokenizer, train_bpe
     from mmsuite.tokenizers.token_space import TokenSpace
 
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "tokenizer" / "text_bpe.yaml"), resolve=True)
+    cfg = OmegaConf.to_container(compose("train", ["experiment=nano4m"]).text_tokenizer, resolve=True)
     world = toyworld.ToyWorldConfig(image_size=32, frames=1, seed=0)  # only the captions are used
     n_train, n_batch, rep = (100, 256, 2) if quick else (400, 2048, 5)
     captions = [toyworld.make_clip(world, i).caption for i in range(n_train + n_batch)]
@@ -205,29 +223,28 @@ def bench_text_tokenizer(quick: bool) -> dict:
 
 
 def bench_loop_overhead(quick: bool) -> dict:
-    """Lightning's training loop against a bare PyTorch loop: same model, same in-memory batches."""
+    """Lightning's training loop against a bare PyTorch loop: the model, optimizer and schedule of
+    ``experiment=image_tokenizer``, its batch and frame size, the same in-memory batches. ``quick``: at its smoke
+    sizes (``scale=smoke``), fewer steps."""
     import lightning as L
 
-    from mmsuite.lightning_modules.image_tokenizer import ImageTokenizerModule
+    from mmsuite.nn.schedule import adamw_warmup_cosine
+    from mmsuite.run import build_model
 
-    _, kwargs = _default_tokenizer_net()
-    steps = 10 if quick else 30
+    cfg = _image_tokenizer_config(quick)
+    steps, repeats = (4, 1) if quick else (30, 3)
+    batch, size = int(cfg.data.batch_size), int(cfg.data.world.image_size)
     g = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, generator=g)} for _ in range(steps)]
-    hp = dict(
-        net=kwargs,
-        optim={"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.0},
-        schedule={"warmup_steps": 10, "floor_ratio": 0.1},
-        loss={"l1": 1.0, "mse": 0.0, "perceptual": 0.0},
-    )
+    batches = [
+        {"image": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)} for _ in range(steps)
+    ]
 
     def bare() -> float:
-        from mmsuite.nn.schedule import warmup_cosine_scheduler
-
         torch.manual_seed(0)
-        module = ImageTokenizerModule(**hp)
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.9, 0.99))
-        sched = warmup_cosine_scheduler(opt, 10, steps + 1, 0.1)
+        module = build_model(cfg)
+        s = module.settings  # what the module's configure_optimizers builds, over the same number of steps
+        optim = adamw_warmup_cosine(module.net.parameters(), s.optim, s.schedule, steps + 1, "bench")
+        opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
         module.train()
 
         def step(i, b):
@@ -254,7 +271,7 @@ def bench_loop_overhead(quick: bool) -> dict:
 
     def lightning() -> float:
         torch.manual_seed(0)
-        module = ImageTokenizerModule(**hp)
+        module = build_model(cfg)
         timer = Timer()
         trainer = L.Trainer(
             max_steps=steps + 1,
@@ -273,7 +290,7 @@ def bench_loop_overhead(quick: bool) -> dict:
 
     # interleave to share any drift of the machine's speed
     bare_t, light_t = [], []
-    for _ in range(2 if quick else 3):
+    for _ in range(repeats):
         bare_t.append(bare())
         light_t.append(lightning())
     b, lt = min(bare_t), min(light_t)
@@ -283,8 +300,8 @@ def bench_loop_overhead(quick: bool) -> dict:
         "lightning_s_per_step": lt / steps,
         "overhead_pct": 100 * (lt / b - 1),
         "goal_overhead_pct": 5.0,
-        "batch": 32,
-        "image_size": 64,
+        "batch": batch,
+        "image_size": size,
     }
 
 
@@ -298,12 +315,7 @@ M4_PAD_GOAL = 0.10  # issue 4: share of compute lost to padding < 10 %
 def _m4_config(quick: bool):
     """The composed train config of ``experiment=m4_pose hardware=gpu16gb`` (the M4 notes' modalities, alphas,
     token ranges and batch 96, the model of conf/model/fourm.yaml); ``quick`` shrinks only the net."""
-    from hydra import compose, initialize_config_dir
-
-    import mmsuite.run  # noqa: F401  (registers the config's resolvers: mul, add, ...)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=M4_OVERRIDES + (M4_QUICK_NET if quick else []))
+    return compose("train", M4_OVERRIDES + (M4_QUICK_NET if quick else []))
 
 
 def _fourm_macs(n_enc: np.ndarray, n_dec: np.ndarray, net: dict, w_enc=None, w_dec=None, w_ctx=None) -> np.ndarray:
@@ -570,13 +582,7 @@ DYN_QUICK_NET = ["model.net.dim=32", "model.net.depth=2", "model.net.heads=2", "
 
 def _dynamics_config(hardware: str, quick: bool):
     """The composed train config of ``experiment=dynamics_shortcut hardware=<hardware>``; ``quick``: a tiny net."""
-    from hydra import compose, initialize_config_dir
-
-    import mmsuite.run  # noqa: F401  (registers the config's resolvers)
-
-    overrides = ["experiment=dynamics_shortcut", f"hardware={hardware}"] + (DYN_QUICK_NET if quick else [])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose("train", ["experiment=dynamics_shortcut", f"hardware={hardware}"] + (DYN_QUICK_NET if quick else []))
 
 
 def bench_dynamics(quick: bool, hardware: str | None = None) -> dict:
@@ -681,22 +687,17 @@ def bench_dynamics_gpu16gb(quick: bool) -> dict:
 FVLM_QUICK_NET = [
     "model.net.lm.hidden_size=32", "model.net.lm.num_layers=1", "model.net.lm.num_heads=2",
     "model.net.lm.num_kv_heads=1", "model.net.lm.intermediate_size=64", "model.net.lm.vocab_size=515",
-    "model.net.film.channels=[8]",
+    "model.net.film.channels=[8]", "data.frames=4",
 ]  # fmt: skip
 FVLM_VOCAB = 49152 + 3  # SmolLM2's vocabulary + the token space's 3 specials: the caption logits' real width
 FVLM_CAPTION_TOKENS = 64  # the notes' max_caption_tokens (EOS included)
 
 
 def _fvlm_config(quick: bool):
-    """The composed train config of ``experiment=fvlm_joint hardware=rtx4090`` (the notes' shape), with the LM's
-    vocabulary at SmolLM2's size; ``quick``: a tiny LM."""
-    from hydra import compose, initialize_config_dir
-
-    import mmsuite.run  # noqa: F401  (registers the config's resolvers)
-
+    """The train config of ``experiment=fvlm_joint hardware=rtx4090`` (the notes' shape), with the LM's vocabulary at
+    SmolLM2's size; ``quick``: a tiny LM over 4 of the frames."""
     overrides = ["experiment=fvlm_joint", "hardware=rtx4090", f"model.net.lm.vocab_size={FVLM_VOCAB}"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides + (FVLM_QUICK_NET if quick else []))
+    return compose("train", overrides + (FVLM_QUICK_NET if quick else []))
 
 
 def _fvlm_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) -> dict:
@@ -754,7 +755,7 @@ def _fvlm_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) 
 
 def _fvlm_cpu_run(quick: bool, batch: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    return _fvlm_train(_fvlm_config(quick), batch, 1, steps, torch.device("cpu"))
+    return _fvlm_train(_fvlm_config(quick), batch, 0 if quick else 1, steps, torch.device("cpu"))
 
 
 def bench_fvlm(quick: bool) -> dict:
@@ -764,7 +765,8 @@ def bench_fvlm(quick: bool) -> dict:
     notes' anchor (about 100 samples/s in about 16 GB on a 4090). CPU: fp32 at batches 1 and 2, each in its own
     process (a clean peak of the resident set); ``largest_batch_cpu_estimate`` is how many samples the memory this
     machine has available would hold at the measured memory per sample (an extrapolation, not a run). ``quick``: a
-    tiny LM."""
+    tiny LM over 4 of the frames, one step per batch, both batches in this process (a check of the code, not
+    figures)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _fvlm_config(quick)
     out = {"device_type": device.type, "device_name": _device_name(device), "shape": {
@@ -776,11 +778,12 @@ def bench_fvlm(quick: bool) -> dict:
     if device.type == "cuda":
         res = _fvlm_train(cfg, 32, 2, 3 if quick else 10, device)
         return {**out, **res, "batch": 32, "anchor_samples_per_s": 100.0, "anchor_memory_gib": 16.0}
-    steps = 1 if quick else 2
-    # each batch in a fresh process: a process's resident set does not shrink, so a second peak would be hidden
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        one, two = (pool.apply(_fvlm_cpu_run, (quick, b, steps, torch.get_num_threads())) for b in (1, 2))
+    threads = torch.get_num_threads()
+    if quick:
+        one, two = (_fvlm_cpu_run(quick, b, 1, threads) for b in (1, 2))
+    else:  # each batch in a fresh process: a process's resident set does not shrink, so a second peak would hide
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            one, two = (pool.apply(_fvlm_cpu_run, (quick, b, 2, threads)) for b in (1, 2))
     per_sample = max(two["peak_memory_mib"] - one["peak_memory_mib"], 1e-3)
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
@@ -880,6 +883,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (for a quick look)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and the Rust tokenizers' thread pool)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the result JSONs and summary.md go")
     args = ap.parse_args()
     chosen = [n for n in (args.only.split(",") if args.only else BENCHES) if n]
     unknown = [n for n in chosen if n not in BENCHES]
@@ -887,13 +891,14 @@ def main() -> None:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))  # read when tokenizers first goes parallel
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     info = device_info()
     for name in chosen:
         print(f"[bench] {name} ...", flush=True)
         res = BENCHES[name](args.quick)
-        (RESULTS / f"{name}.json").write_text(json.dumps({"device": info, "quick": args.quick, **res}, indent=2) + "\n")
-    print("\n" + write_summary())
+        out = json.dumps({"device": info, "quick": args.quick, **res}, indent=2) + "\n"
+        (args.results / f"{name}.json").write_text(out)
+    print("\n" + write_summary(args.results))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -27,10 +27,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mmsuite.callbacks.hparams import log_hparams
+from mmsuite.callbacks.perf import PerfMonitor
+from mmsuite.callbacks.progress import RunProgressBar
 from mmsuite.callbacks.run_state import (
     AtomicCheckpointIO,
     RunDirLock,
@@ -42,8 +44,10 @@ from mmsuite.callbacks.run_state import (
     step_checkpoints,
     write_text_atomic,
 )
+from mmsuite.callbacks.summary import RunSummary
 from mmsuite.callbacks.time_limit import CommandTimer
 from mmsuite.config import check_settings
+from mmsuite.console import ConsoleLog
 from mmsuite.datamodules.base import prepare_text_tokenizer
 from mmsuite.tokenizers.text import TEXT_TOKENIZERS, text_tokenizer_from_config
 from mmsuite.tokenizers.token_space import TokenSpace, check_same
@@ -258,14 +262,13 @@ def wandb_id(run_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------------
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
-    for key, lcfg in (cfg.get("logger") or {}).items():
+    for lcfg in (cfg.get("logger") or {}).values():
         if not isinstance(lcfg, DictConfig) or "_target_" not in lcfg:
             continue
         if lcfg._target_.endswith("WandbLogger") and lcfg.get("id") is None:
             with open_dict(lcfg):
                 lcfg.id = wandb_id(run_dir)
         loggers.append(instantiate(lcfg))
-        rank_zero_info(f"[mmsuite] logger {key}: {type(loggers[-1]).__name__}")
     return loggers
 
 
@@ -274,6 +277,7 @@ def build_callbacks(cfg: DictConfig, config: dict, run_dir: Path, token_space: T
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         RunState(config, token_space.sha256, git_revision(), str(run_dir / "token_space.json")),
+        RunSummary(config),
         # last.ckpt, and the newest keep_step_checkpoints step<N>.ckpt (resume's fallback if last.ckpt is damaged)
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -300,9 +304,11 @@ def build_callbacks(cfg: DictConfig, config: dict, run_dir: Path, token_space: T
             )
         )
     if ccfg.get("progress_bar"):
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(RunProgressBar())
     if ccfg.get("lr_monitor") and cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if ccfg.get("perf"):  # train/grad_norm, perf/samples_per_s, perf/tokens_per_s, perf/step_time_s, perf/mfu
+        callbacks.append(PerfMonitor(peak_flops=ccfg.get("peak_flops")))
     for extra in (ccfg.get("extra") or {}).values():
         callbacks.append(instantiate(extra))
     if config["trainer"].get("max_time"):  # Lightning takes this timer instead of building its own
@@ -326,6 +332,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
         cfg.trainer,
         enable_progress_bar=bool(cfg.callbacks.get("progress_bar")),
         callbacks=callbacks,
+        max_time=None,  # trainer.max_time is the CommandTimer among the callbacks (build_callbacks)
         logger=loggers or False,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
@@ -348,17 +355,20 @@ def collect_metrics(trainer: L.Trainer, callbacks: list, earlier: dict | None = 
 # train
 # ---------------------------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> float | None:
-    """Fit (and optionally test) one run; returns ``optimized_metric`` for sweepers."""
-    try:
-        metrics = _train(cfg)
-    except Exception:
-        if cfg.get("fail_fast", True) or not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-            raise
-        traceback.print_exc()
-        print(f"[mmsuite] job failed; fail_fast=false so the sweep goes on (run dir {cfg.paths.run_dir})")
-        return float("nan")
-    finally:
-        _close_wandb()
+    """Fit (and optionally test) one run; returns ``optimized_metric`` for sweepers. Global rank 0 copies its
+    console into the run dir's ``train.log`` once the run starts (:class:`~mmsuite.console.ConsoleLog`)."""
+    with ConsoleLog() if is_rank_zero() else nullcontext() as console:
+        try:
+            metrics = _train(cfg, console)
+        except Exception:
+            multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            if cfg.get("fail_fast", True) or not multirun:
+                raise
+            traceback.print_exc()
+            print(f"[mmsuite] job failed; fail_fast=false so the sweep goes on (run dir {cfg.paths.run_dir})")
+            return float("nan")
+        finally:
+            _close_wandb()
     key = cfg.get("optimized_metric")
     if not key:
         return None
@@ -368,7 +378,7 @@ def train(cfg: DictConfig) -> float | None:
     return value
 
 
-def _train(cfg: DictConfig) -> dict:
+def _train(cfg: DictConfig, console: ConsoleLog | None = None) -> dict:
     cfg = prepare_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     set_threads(cfg)
@@ -377,7 +387,7 @@ def _train(cfg: DictConfig) -> dict:
     # everything that can reject the settings runs before anything is written into the run dir
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     token_space = build_token_space(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the run summary names the seed
     datamodule = build_datamodule(cfg, token_space, run_dir)
     model = build_model(cfg)
 
@@ -400,6 +410,8 @@ def _train(cfg: DictConfig) -> dict:
         trainer = build_trainer(cfg, callbacks, loggers, run_dir)  # the trainer settings are valid too
         if is_rank_zero():
             write_run_info(config, run_dir, token_space)
+            if console is not None:
+                console.attach(run_dir / "train.log")
             print(f"[mmsuite] run dir: {run_dir}" + (f" (resuming {ckpt_path})" if ckpt_path else " (new run)"))
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -424,6 +436,8 @@ def _train(cfg: DictConfig) -> dict:
             test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics["test"] = test[0] if test else {}
         if trainer.is_global_zero and not trainer.interrupted:
+            if cfg.callbacks.get("hparams"):
+                log_hparams(trainer.loggers, config, metrics)
             write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
             if timed_out:  # a chunk of the run: no finished marker, so the same command continues it
                 print(
@@ -490,13 +504,13 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = instantiate(
         trainer_cfg,
         logger=loggers or False,
-        callbacks=[],
+        callbacks=[RunProgressBar()],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.paths.run_dir,
         _convert_="all",
     )
     run = trainer.validate if cfg.split == "val" else trainer.test
-    results = run(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)[0]
+    results = run(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True, verbose=False)[0]
     out = {
         "ckpt_path": str(cfg.ckpt_path),
         "split": cfg.split,

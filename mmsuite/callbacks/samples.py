@@ -1,8 +1,10 @@
-"""Send image grids (e.g. originals above reconstructions) and audio clips to whatever loggers a trainer has.
+"""Send image grids (e.g. originals above reconstructions), audio clips and text tables to whatever loggers a
+trainer has.
 
 No torchvision: :func:`make_grid` is a few lines of tensor code. TensorBoard gets ``add_image`` /
-``add_audio``, W&B gets ``log_image`` / ``log_audio`` (wandb is only touched through Lightning's logger,
-lazily), every other logger (CSV, ...) gets PNG / 16-bit WAV files under ``<log_dir>/samples/``.
+``add_audio`` / ``add_text``, W&B gets ``log_image`` / ``log_audio`` / ``log_text`` (wandb is only touched through
+Lightning's logger, lazily), every other logger (CSV, ...) gets PNG / 16-bit WAV / Markdown files under
+``<log_dir>/samples/``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,33 @@ def log_audio(trainer, tag: str, audio: torch.Tensor, sample_rate: int, step: in
             root.mkdir(parents=True, exist_ok=True)
             for i, clip in enumerate(clips):
                 written.append(write_wav(root / f"{_safe_tag(tag)}_step{step}_{i}.wav", clip.numpy(), sample_rate))
+    return written
+
+
+def log_text(trainer, tag: str, columns: list[str], rows: list[list[str]], step: int | None = None) -> list[Path]:
+    """Send a table of text (e.g. prompts and what the model wrote) to every logger of ``trainer``: TensorBoard and
+    file loggers get it as a Markdown table, W&B as a table. Rank zero only. Returns the files written."""
+    if not getattr(trainer, "is_global_zero", True):
+        return []
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    markdown = "\n".join(lines)
+    step = int(trainer.global_step) if step is None else int(step)
+    written: list[Path] = []
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(tag, markdown, step)
+        elif isinstance(logger, WandbLogger):
+            logger.log_text(key=tag, columns=list(columns), data=[[str(c) for c in row] for row in rows], step=step)
+        else:
+            root = Path(getattr(logger, "log_dir", None) or trainer.default_root_dir) / "samples"
+            root.mkdir(parents=True, exist_ok=True)
+            path = root / f"{_safe_tag(tag)}_step{step}.md"
+            path.write_text(markdown + "\n")
+            written.append(path)
     return written
 
 

@@ -77,7 +77,7 @@ class M4PoseSettings(ClipSettings):
     val_batch_size: int | None = setting(128, ge=1)
     # pairs are written clip by clip; a buffer that holds the whole train split (~9.4k toy pairs, ~2 KB each) makes
     # every epoch a uniform permutation. With 2048 the batches drift through the shards and frame -> pose stayed at
-    # the mean pose (experiments/m4_pose/README.md)
+    # the mean pose (experiments/m4_pose/LOG.md)
     shuffle_buffer: int = setting(16384, ge=0)
     samples_per_shard: int = setting(256, ge=1)
 

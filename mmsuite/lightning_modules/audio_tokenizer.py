@@ -205,6 +205,10 @@ class AudioTokenizerModule(L.LightningModule):
             self.log(f"train/{key}", out[key], batch_size=bs)
         return out["loss"]
 
+    def throughput_counts(self, batch) -> tuple[int, None]:
+        """Clips of a training batch, and no tokens (mmsuite.callbacks.perf)."""
+        return int(batch["audio"].shape[0]), None
+
     # -- evaluation -----------------------------------------------------------------------------------
     def _eval_step(self, batch, batch_idx: int, prefix: str, dataloader_idx: int = 0):
         x = self._audio(batch)

@@ -106,6 +106,10 @@ class ImageTokenizerModule(L.LightningModule):
         self.log("train/mse", out["mse"], batch_size=bs)
         return out["loss"]
 
+    def throughput_counts(self, batch) -> tuple[int, None]:
+        """Images of a training batch, and no tokens (mmsuite.callbacks.perf)."""
+        return int(batch["image"].shape[0]), None
+
     # -- evaluation ---------------------------------------------------------------------------------
     def _eval_step(self, batch, batch_idx: int, prefix: str, dataloader_idx: int = 0):
         x = self._images(batch)

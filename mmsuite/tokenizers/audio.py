@@ -41,7 +41,6 @@ error when used, and removes the stand-in from ``sys.modules`` straight after.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -51,7 +50,6 @@ import os
 import re
 import sys
 import types
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -134,17 +132,6 @@ def import_encodec() -> types.ModuleType:
         if stand_in is not None and sys.modules.get("torchaudio") is stand_in:
             del sys.modules["torchaudio"]
     return module
-
-
-@contextlib.contextmanager
-def _quiet_weight_norm():
-    """encodec uses the old ``torch.nn.utils.weight_norm`` (same state-dict keys as its checkpoints); hide its
-    deprecation warning, which is about encodec's code, not the user's."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*torch\.nn\.utils\.weight_norm.*deprecated", category=FutureWarning
-        )
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,9 +245,8 @@ def build_encodec(
         causal=causal,
         lstm=lstm,
     )
-    with _quiet_weight_norm():
-        encoder = enc.modules.SEANetEncoder(**common)
-        decoder = enc.modules.SEANetDecoder(**common)
+    encoder = enc.modules.SEANetEncoder(**common)
+    decoder = enc.modules.SEANetDecoder(**common)
     quantizer = enc.quantization.ResidualVectorQuantizer(
         dimension=dimension,
         n_q=n_q,
@@ -378,8 +364,7 @@ def load_pretrained_encodec(path: str | os.PathLike, variant: str = "24khz", *, 
         )
     enc = import_encodec()
     build = enc.EncodecModel.encodec_model_24khz if variant == "24khz" else enc.EncodecModel.encodec_model_48khz
-    with _quiet_weight_norm():
-        model = build(pretrained=False)
+    model = build(pretrained=False)
     if tuple(float(b) for b in model.target_bandwidths) != spec["bandwidths"]:  # encodec changed under us
         raise RuntimeError(f"encodec's {variant} model has bandwidths {model.target_bandwidths}, expected {spec}")
     load_encodec_state_dict(model, path, map_location=map_location)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,9 +21,13 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 CASES = [(e, ()) for e in EXPERIMENTS] + [("image_tokenizer", ("tokenizer=continuous",))]
 
 
+# the families that log perf/tokens_per_s too; the others log samples/s only
+TOKEN_FAMILIES = {"m4_pose", "nano4m", "dynamics", "dynamics_shortcut", "fvlm_joint", "fvlm_coarse_only"}
+
+
 @pytest.mark.parametrize(("experiment", "extra"), CASES)
 def test_every_experiment_runs_with_smoke(experiment, extra, tmp_path, shared_data):
-    run_cli("train.py", f"experiment={experiment}", "debug=smoke", *extra, logs=tmp_path, data=shared_data)
+    proc = run_cli("train.py", f"experiment={experiment}", "debug=smoke", *extra, logs=tmp_path, data=shared_data)
     run_dir = tmp_path / experiment / f"{experiment}-smoke"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 8
@@ -32,6 +37,61 @@ def test_every_experiment_runs_with_smoke(experiment, extra, tmp_path, shared_da
     extra = ckpt["mmsuite"]
     assert extra["token_space_sha256"] == json.loads((run_dir / "token_space.json").read_text())["sha256"]
     assert extra["config"]["name"] == experiment and extra["git_rev"] and "torch" in extra["rng"]
+    check_what_a_researcher_watches(experiment, run_dir)
+    check_the_console(experiment, run_dir, proc)
+
+
+def check_what_a_researcher_watches(experiment: str, run_dir: Path) -> None:
+    """TensorBoard's own reader finds grad norm, throughput, step time (no MFU on a CPU), the hyperparameters with
+    the final metrics, and nano4m's generated images, sounds and captions."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    guidance = {"scalars": 0, "images": 0, "audio": 0, "tensors": 0}
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance=guidance)
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    watched = {"train/grad_norm", "perf/samples_per_s", "perf/step_time_s"}
+    watched |= {"perf/tokens_per_s"} if experiment in TOKEN_FAMILIES else set()
+    assert watched <= scalars, sorted(scalars)
+    assert all(v.value > 0 for tag in watched for v in acc.Scalars(tag)) and "perf/mfu" not in scalars
+    hp = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["name"].string_value == experiment and "model._target_" in start.hparams
+    metric_infos = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/experiment"]).experiment.metric_infos
+    assert "val/loss" in {m.name.tag for m in metric_infos}
+    if experiment == "nano4m":
+        assert "val/caption_to_image" in acc.Tags()["images"]
+        assert "val/caption_to_audio/0" in acc.Tags()["audio"]
+        assert acc.Audio("val/caption_to_audio/0")[-1].encoded_audio_string[:4] == b"RIFF"
+        assert {"val/image_to_caption/text_summary", "val/caption_to_audio/prompts/text_summary"} <= set(
+            acc.Tags()["tensors"]
+        )
+
+
+def check_the_console(experiment: str, run_dir: Path, proc) -> None:
+    """A short summary instead of the config, the known harmless warnings filtered, one bar over the whole run,
+    and train.log holding it all."""
+    log = (run_dir / "train.log").read_text()
+    for text in (f"[mmsuite] run dir: {run_dir} (new run)", f"experiment  {experiment} (seed 1234)", "finished"):
+        assert text in log and text in proc.stdout, text
+    assert "keep_step_checkpoints:" not in proc.stdout  # the config is in config.yaml; print_config=true prints it
+    for quieted in ("Your `IterableDataset` has `__len__` defined", "GPU available:", "💡 Tip", "Total FLOPs"):
+        assert quieted not in proc.stdout + proc.stderr + log, quieted
+    bars = [line for line in log.splitlines() if line.startswith("train:")]
+    assert len(bars) == 1 and "| 8/8 [" in bars[0], bars  # the final state only, sized to the run
+    assert (run_dir / "config.yaml").is_file()
+    for drawn in drawn_pieces(proc.stdout):  # nothing (dynamics' step lines, ...) is printed into a bar's line
+        assert not BAR.search(drawn) or drawn.endswith("]"), drawn
+
+
+BAR = re.compile(r"\| *\d+/[\d?]+ \[")  # tqdm's "| 3/8 [" (Lightning's bar format)
+
+
+def drawn_pieces(stream: str) -> list[str]:
+    """What a terminal draws, piece by piece: the text between carriage returns and newlines (cursor moves dropped)."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream)
+    return [piece.strip() for piece in re.split(r"[\r\n]", text) if piece.strip()]
 
 
 def test_command_line_beats_the_debug_preset(tmp_path, shared_data):
@@ -69,8 +129,17 @@ def test_bad_settings_stop_naming_the_key_before_anything_is_written(override, m
 def smoke_run(tmp_path_factory, shared_data):
     """One finished smoke run of the main experiment, shared by the tests that only read it."""
     logs = tmp_path_factory.mktemp("logs")
-    proc = run_cli("train.py", "debug=smoke", logs=logs, data=shared_data)
+    proc = run_cli("train.py", "debug=smoke", "print_config=true", logs=logs, data=shared_data)
     return logs, logs / "image_tokenizer" / "image_tokenizer-smoke", proc
+
+
+def test_print_config_prints_the_whole_config_and_train_log_keeps_it(smoke_run):
+    _, run_dir, proc = smoke_run
+    for line in (
+        "keep_step_checkpoints: 1",
+        "  _target_: mmsuite.lightning_modules.image_tokenizer.ImageTokenizerModule",
+    ):
+        assert line in proc.stdout and line in (run_dir / "train.log").read_text(), line
 
 
 def test_finished_run_is_not_retrained(smoke_run, shared_data):
@@ -108,6 +177,10 @@ def test_eval_reproduces_checkpoint_validation_metrics(smoke_run, shared_data):
     stored = torch.load(ckpt, weights_only=True)["mmsuite"]["val_metrics"]
     proc = run_cli("eval.py", "experiment=image_tokenizer", f"ckpt_path={ckpt}", logs=logs, data=shared_data)
     assert "val/psnr" in proc.stdout
+    bars = [piece for piece in drawn_pieces(proc.stdout) if BAR.search(piece)]  # the training bar's style
+    assert bars and all(piece.startswith("val:") for piece in bars) and "| 2/2 [" in bars[-1], bars
+    assert "from the checkpoint" not in proc.stdout + proc.stderr  # eval.py names the checkpoint itself
+    assert proc.stdout.count("val/psnr") == 1  # the metrics said once, by eval.py (no Lightning table)
     got = json.loads((run_dir / "eval_val.json").read_text())["metrics"]
     for key in ("val/psnr", "val/loss", "val/codebook_usage"):
         assert got[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-5), key
@@ -125,6 +198,16 @@ def test_generate_writes_reconstructions(smoke_run, shared_data, tmp_path):
         data=shared_data,
     )
     assert list((tmp_path / "gen").glob("*.png"))
+
+
+def test_eval_and_generate_take_a_debug_preset(smoke_run, shared_data):
+    """debug=smoke points eval.py and generate.py at the smoke run's checkpoint, as it points train.py at its run."""
+    logs, run_dir, _ = smoke_run
+    proc = run_cli("eval.py", "experiment=image_tokenizer", "debug=smoke", logs=logs, data=shared_data)
+    assert str(run_dir / "checkpoints" / "last.ckpt") in proc.stdout
+    assert "val/psnr" in json.loads((run_dir / "eval_val.json").read_text())["metrics"]
+    run_cli("generate.py", "experiment=image_tokenizer", "debug=smoke", "n_samples=2", logs=logs, data=shared_data)
+    assert list((run_dir / "generate").glob("*.png"))
 
 
 def test_token_space_mismatch_stops_with_both_hashes(smoke_run, shared_data):

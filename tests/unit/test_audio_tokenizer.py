@@ -233,8 +233,7 @@ def encodec24_file(tmp_path_factory):
     """encodec's 24 kHz architecture, random weights, saved in the package's format (a torch state dict)."""
     enc = import_encodec()
     torch.manual_seed(0)
-    with audio._quiet_weight_norm():
-        model = enc.EncodecModel.encodec_model_24khz(pretrained=False)
+    model = enc.EncodecModel.encodec_model_24khz(pretrained=False)
     path = tmp_path_factory.mktemp("encodec") / "encodec_24khz_random.th"
     torch.save(model.state_dict(), path)
     return path, model.state_dict()

@@ -20,6 +20,16 @@ def _check_figures(res: dict, figures: tuple[str, ...]) -> None:
     json.dumps(res)  # what main() writes must be JSON
 
 
+def test_benches_compose_the_config_train_runs():
+    """A bench's model comes from the composed, checked train config: interpolations resolve (a YAML file read alone
+    hands the net ``${oc.select:...}`` strings) and a bad key stops the bench naming it."""
+    cfg = run.compose("train", ["experiment=image_tokenizer"])
+    assert cfg.model.net.latent_bound is None and cfg.model.net.levels == [8, 8, 8, 8]
+    assert cfg.paths.run_dir is None  # a bench has no run folder
+    with pytest.raises(ValueError, match=r"model\.net\.bogus"):
+        run.compose("train", ["experiment=image_tokenizer", "+model.net.bogus=1"])
+
+
 def test_audio_tokenizer_bench_quick():
     res = run.bench_audio_tokenizer(quick=True)
     _check_figures(res, ("encode_audio_s_per_s", "decode_audio_s_per_s", "tokens_per_audio_s"))
@@ -97,8 +107,11 @@ def test_unreadable_result_names_the_file(tmp_path):
 
 
 def test_fvlm_bench_quick():
-    res = run.bench_fvlm(quick=True)  # the notes' data shape with a tiny LM, batches 1 and 2 on a CPU
-    assert res["shape"]["features"] == [325, 384] and res["shape"]["frames"] == 16
+    full = run._fvlm_config(quick=False)  # what the bench times: the notes' shape
+    assert (full.data.clip_frames, full.data.frames, full.features.grid, full.features.dim) == (24, 16, 18, 384)
+    assert full.model.net.lm.hidden_size == 576 and full.model.net.lm.vocab_size == run.FVLM_VOCAB
+    res = run.bench_fvlm(quick=True)  # a tiny LM over 4 of the frames, batches 1 and 2 on a CPU
+    assert res["shape"]["features"] == [325, 384] and res["shape"]["frames"] == 4
     assert res["shape"]["stored_frames"] == 24 and res["shape"]["caption_tokens"] == 64
     if res["device_type"] == "cpu":
         _check_figures(res, ("samples_per_s_b1", "samples_per_s_b2", "peak_memory_mib_b2", "memory_per_sample_mib"))

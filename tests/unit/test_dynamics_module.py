@@ -43,6 +43,7 @@ class _Trainer:
     log_every_n_steps = 10**9
     is_global_zero = True
     max_steps = 10
+    progress_bar_callback = None  # LightningModule.print (the step's console line) writes above the bar, if any
 
 
 class _Module(DynamicsModule):

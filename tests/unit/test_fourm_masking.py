@@ -18,7 +18,7 @@ def rng(seed=0):
 
 
 def test_m4_budget_statistics_match_the_reference_monte_carlo():
-    # figures of /work/shared/research/sim_budget.py over 200k samples (4M's per-sample loop)
+    # figures of a per-sample simulation of 4M's masking loop over 200k samples
     b = DirichletMasking(M4_LENGTHS, **M4).draw_budgets(20_000, rng())
     assert b.n_in.mean() == pytest.approx(175.9, rel=0.01)
     assert b.n_tg.mean() == pytest.approx(147.6, rel=0.01)

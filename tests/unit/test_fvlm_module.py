@@ -1,5 +1,6 @@
 """The foveated VLM's data module and LightningModule pieces that need no trainer: caption encoding and batching,
-greedy-caption scoring, attention images, and the per-command time limit."""
+a video folder's caption files, greedy-caption scoring, attention images, what the perf callback counts, and the
+per-command time limit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from mmsuite.callbacks.time_limit import CommandTimer
 from mmsuite.datamodules.fvlm import FVLMDataModule
-from mmsuite.lightning_modules.fvlm.module import attention_overlay, score_captions
+from mmsuite.lightning_modules.fvlm.module import FVLMModule, attention_overlay, score_captions
 from mmsuite.settings import SettingsError
 
 
@@ -83,6 +84,44 @@ def test_a_caption_over_the_limit_stops_naming_the_setting():
 def test_bad_data_settings_name_the_key(override, key):
     with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
         _datamodule(**override)
+
+
+def test_a_video_without_its_caption_file_stops_naming_it(tmp_path):
+    for name in ("v0.mp4", "v1.mp4", "v1.txt"):  # decoding comes after the caption files are read
+        (tmp_path / name).write_bytes(b"")
+    dm = _datamodule(source={"kind": "video", "root": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="v0.txt"):
+        next(dm._iter_clips([]))
+    (tmp_path / "v0.txt").write_text(" \n")
+    with pytest.raises(ValueError, match="v0.txt is empty"):
+        next(dm._iter_clips([]))
+
+
+@pytest.mark.parametrize("coarse_only", [False, True])
+def test_throughput_counts_every_lm_position_the_training_passes_read(coarse_only):
+    """Mode token + one glimpse per frame in every pass that runs, ``<sep>`` + the caption (padding left out) in the
+    scored ones: what the LM is handed, padding removed."""
+    lm = {"vocab_size": 20, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    net = {"feature_dim": 8, "latent_channels": 2, "fine_iterations": 2, "glimpse": {"heads": 2}, "lm": lm}
+    module = FVLMModule(net={**net, "film": {"channels": [4], "mlp_dim": 8}}, loss={"coarse_only": coarse_only})
+    b, t, length = 2, 3, 5
+    mask = torch.arange(length)[None] < torch.tensor([4, 2])[:, None]  # 6 real caption tokens
+    batch = {
+        "features": torch.randn(b, t, 5, 8).half(),
+        "latents": torch.randn(b, t, 2, 4, 4),
+        "text_ids": torch.randint(0, 20, (b, length)),
+        "text_mask": mask,
+    }
+    widths, lm_call = [], module.net._lm
+    module.net._lm = lambda x, *a, **k: (widths.append(x.shape[1]), lm_call(x, *a, **k))[1]
+    module.log = lambda *a, **k: None  # no trainer
+    module.training_step(batch, 0)
+    samples, tokens = module.throughput_counts(batch)
+    frames_only, scored = 1 + t, 1 + t + length  # the widths the LM is handed, padding included
+    assert widths == ([scored] if coarse_only else [scored, frames_only, scored])
+    padding = int((~mask).sum())
+    assert samples == b and int(tokens) == b * sum(widths) - padding * widths.count(scored)
+    assert int(tokens) == (b * 4 + 6 if coarse_only else b * 4 * 3 + 2 * 6)
 
 
 def test_captions_are_scored_per_attribute_and_the_detail_separately():

@@ -5,6 +5,7 @@ Layers, top to bottom (a module may import its own layer and any layer below it,
     entry points (train.py, eval.py, prepare.py, generate.py, benchmarks/)
     mmsuite.run                -> mmsuite.tokenize (run calls tokenize for prepare.py tokenize.*)
     mmsuite.config             -> the settings classes of every model and data module as Hydra schemas
+    mmsuite.console            (warning filters and train.log; used by the entry points and run)
     mmsuite.tokenize
     mmsuite.lightning_modules
     mmsuite.callbacks
@@ -30,6 +31,7 @@ PACKAGE = ROOT / "mmsuite"
 LAYERS = (
     "mmsuite.run",
     "mmsuite.config",
+    "mmsuite.console",
     "mmsuite.tokenize",
     "mmsuite.lightning_modules",
     "mmsuite.callbacks",

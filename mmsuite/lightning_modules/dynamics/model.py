@@ -49,13 +49,13 @@ no real guess: the first frame, T=1 rows, a noisy predecessor): near the clean e
 itself; at τ ≥ 1/4 the term is small. Without it the head has to rebuild a nearly clean input from the residual
 stream, and does so badly (a frame at τ 1/64 after a clean context came out 100× worse than its input), which is
 what a 64-step sampler's last steps ask of it. The weights are not learned: a learned weight per τ index drifted up
-to 0.7 at τ = 1/2 and 0.2 at τ = 1 and broke the rollout (experiments/dynamics/README.md, tenth round).
+to 0.7 at τ = 1/2 and 0.2 at τ = 1 and broke the rollout (experiments/dynamics/README.md).
 ``input_skip_scale``: the head's output is also multiplied by the posterior's spread over the guess's
 (:func:`.conventions.input_skip_head_scale`, EDM's output scaling): 0 at τ = 0, about 1 from τ = 1/4 at small
 variances. The skip alone left the head's own error in place near the clean end (on one seed of two the head worked
 against the skip there); scaled, a zero head is the Gaussian posterior mean, and the head's error fades out where only
 a many-step sampler goes. Off: with it the 64-step rollout gains 1.3–2.4 dB but the 4-step one loses 0.2–0.4 dB
-(experiments/dynamics/README.md, twelfth round).
+(experiments/dynamics/README.md).
 """
 
 from __future__ import annotations

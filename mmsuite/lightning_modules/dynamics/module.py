@@ -21,7 +21,7 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   clean predecessors, what ``net.velocity`` reads). ``noise.prefix_share``: that share of the interleave rows takes a
   random-length prefix instead. Interleave never holds more than p − 1 frames in a row, but a rollout's context is
   a run of held frames; after such a run a nearly clean frame came out 4–6× worse than after an interleaved context
-  (experiments/dynamics/README.md, twelfth round; off: it costs the 4-step rollout 0.2–0.4 dB).
+  (experiments/dynamics/README.md; off: it costs the 4-step rollout 0.2–0.4 dB).
 * ``noise.clean_prior``: the model's ``prior: previous`` reads a context frame's (τ ≤ τ_ctx) clean latents instead
   of its noisy input, in training and (``rollout.clean_prior``) in the rollout, so the copied base carries no
   context noise.
@@ -36,7 +36,7 @@ Training (one forward for every row, teacher passes only on bootstrap rows; all 
   The predicted frames carry no loss; the real held frames keep theirs.
 * ``loss.decoded`` (off): the flow rows' error also in decoded pixels, through the frozen frame decoder, on
   ``loss.decoded_frames`` random frames a batch (``loss.decoded_floor``: per-frame ``f·log(1 + mse/f)``), as the
-  rollout is scored; measured no better than the latent loss alone (experiments/dynamics/README.md, eleventh round).
+  rollout is scored; measured no better than the latent loss alone (experiments/dynamics/README.md).
 * Long batches (``T >= activation_checkpointing.min_frames``) recompute block activations in backward.
 
 Logged: ``train/loss``, ``train/flow_loss``, ``train/boot_loss``, ``train/anchor_loss``, ``train/decoded_loss``,
@@ -480,8 +480,13 @@ class DynamicsModule(L.LightningModule):
         self._lengths.append((int(self.global_step), kind, t, b))
         every = max(int(getattr(self.trainer, "log_every_n_steps", 50) or 50), 1)
         if self.trainer.is_global_zero and self.global_step % every == 0:
-            print(f"[dynamics] step {self.global_step} {kind} T={t} B={b} boot_frames={n_boot}", flush=True)
+            self.print(f"[dynamics] step {self.global_step} {kind} T={t} B={b} boot_frames={n_boot}")  # above the bar
         return loss
+
+    def throughput_counts(self, batch) -> tuple[int, int]:
+        """Clips and tokens (frames x the transformer's slots per frame) of a batch (mmsuite.callbacks.perf)."""
+        b, t = batch["latents"].shape[:2]
+        return int(b), int(b * t * self.net.slots)
 
     @property
     def eval_net(self) -> DynamicsTransformer:

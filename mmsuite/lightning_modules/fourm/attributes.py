@@ -180,12 +180,16 @@ def _probe(module, dm, image: str) -> AttributeProbe:
             acc = probe.fit(tokens, labels)
         shown = ", ".join(f"{a} {v:.3f}" for a, v in acc.items())
         took = time.perf_counter() - t0
-        print(f"[mmsuite] attribute probe: {len(tokens)} train frames, {took:.1f} s, train accuracy {shown}")
+        say = getattr(module, "print", print)  # a LightningModule prints above the progress bar
+        say(f"[mmsuite] attribute probe: {len(tokens)} train frames, {took:.1f} s, train accuracy {shown}")
         cache[image] = probe
     return cache[image]
 
 
-def _generate(module, tokens: torch.Tensor, task: dict, batch_idx: int) -> torch.Tensor:
+def generate_target(module, tokens: torch.Tensor, task: dict, batch_idx: int, constrain=None) -> torch.Tensor:
+    """``task['target']`` (local ids ``[B, length]``) generated from ``task['inputs']`` alone, with the task's
+    ``scheme``, ``steps``, ``temperature``, ``top_k``, ``top_p``, seeded by the module's seed and ``batch_idx``;
+    ``constrain``: an optional per-slot hook (:data:`~mmsuite.lightning_modules.fourm.generate.Constraint`)."""
     from mmsuite.lightning_modules.fourm.generate import generate_chain
 
     known = torch.zeros_like(tokens, dtype=torch.bool)
@@ -197,7 +201,7 @@ def _generate(module, tokens: torch.Tensor, task: dict, batch_idx: int) -> torch
         module.net,
         tokens.masked_fill(~known, 0),
         known,
-        [task["target"]],
+        [{"target": task["target"], "constrain": constrain}],
         steps=task["steps"],
         scheme=task["scheme"],
         temperature=task["temperature"],
@@ -243,7 +247,7 @@ def eval_attribute_task(module, task: dict, batch: dict, batch_idx: int) -> None
 
     k, off, length = module._modality(target)
     truth = {a: batch[f"attr_{a}"].cpu() for a in ATTRIBUTES}
-    pred_tokens = _generate(module, tokens, task, batch_idx)
+    pred_tokens = generate_target(module, tokens, task, batch_idx)
     accumulate("token_acc", pred_tokens == tokens[:, off : off + length])
 
     if module.net.modalities[k].grid is not None:  # an image-like target: read by the probe

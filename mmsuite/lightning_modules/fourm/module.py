@@ -14,6 +14,7 @@ mean over the modalities that have targets in this batch (``loss.weighting: toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +150,7 @@ class FourMModule(L.LightningModule):
         self._tokenizer = None  # the image tokenizer, loaded on first use (not part of the module's state)
         self._grid_tokens = None  # the first val batch's tokens, for the epoch's sample grid
         self.tokens_seen = 0  # real (non-padding) input + target tokens trained on; drives the schedule
+        self.step_tokens = 0  # those of the last training batch (what perf/tokens_per_s counts)
         self.total_tokens = s.schedule.total_tokens
         self.warmup_tokens = s.schedule.warmup_tokens
         self.floor_ratio = s.schedule.floor_ratio
@@ -181,7 +183,8 @@ class FourMModule(L.LightningModule):
         tokens = batch["tokens"]
         plan = _plan_to(self.masking(tokens.shape[0], self._rng(0, self.global_step)), tokens.device)
         out = self._losses(self.net(tokens, plan))
-        self.tokens_seen += plan.n_real_input + plan.n_real_target
+        self.step_tokens = plan.n_real_input + plan.n_real_target
+        self.tokens_seen += self.step_tokens
         bs = tokens.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         for key, value in out.items():
@@ -194,6 +197,18 @@ class FourMModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.tokens_seen >= self.total_tokens:
             self.trainer.should_stop = True
+
+    def throughput_counts(self, batch) -> tuple[int, int]:
+        """Samples and real (non-padding) tokens of the training batch just trained on (mmsuite.callbacks.perf)."""
+        return int(batch["tokens"].shape[0]), self.step_tokens
+
+    def estimated_total_steps(self) -> int | None:
+        """Optimizer steps the token budget lasts: the steps so far plus the tokens left at the mean tokens per step
+        so far (None before the first step). The progress bar's total."""
+        if self.global_step <= 0 or self.tokens_seen <= 0:
+            return None
+        left = max(self.total_tokens - self.tokens_seen, 0.0)
+        return self.global_step + math.ceil(left * self.global_step / self.tokens_seen)
 
     def lr_factor(self) -> float:
         return warmup_cosine(self.tokens_seen, self.warmup_tokens, self.total_tokens, self.floor_ratio)
@@ -468,15 +483,22 @@ class FourMModule(L.LightningModule):
         return written
 
     def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        if batch_idx == 0 and self.trainer.is_global_zero:  # the first val batch feeds the epoch's sample grid
-            self._grid_tokens = batch["tokens"][: self.generation.grid_samples]
+        if batch_idx == 0 and self.trainer.is_global_zero:  # the first val batch feeds the epoch's samples
+            self._grid_tokens = batch["tokens"]
 
     def _log_sample_grid(self) -> None:
-        """Every validation: frame -> pose -> next pose -> next frame from the first val samples, to the loggers
-        (TensorBoard ``val/samples``; file loggers get PNGs)."""
+        """Every validation, from the first val samples, to the loggers (TensorBoard; file loggers get files): with
+        captions (nano4m) caption -> image, caption -> sound and image -> caption (:mod:`.media`); else frame -> pose
+        -> next pose -> next frame (``val/samples``)."""
         tokens, self._grid_tokens = self._grid_tokens, None
         if tokens is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
+        if "caption" in self.names:
+            from mmsuite.lightning_modules.fourm.media import log_validation_samples
+
+            log_validation_samples(self, tokens)
+            return
+        tokens = tokens[: self.generation.grid_samples]
         if self._image_tokenizer() is None:
             return
         from mmsuite.callbacks.samples import log_image_grid

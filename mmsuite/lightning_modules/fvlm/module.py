@@ -194,6 +194,13 @@ class FVLMModule(L.LightningModule):
             self.log(f"train/{key}", value, batch_size=b)
         return loss
 
+    def throughput_counts(self, batch) -> tuple[int, torch.Tensor]:
+        """Clips and LM positions of a training batch (mmsuite.callbacks.perf): every pass that runs reads the mode
+        token and one glimpse per frame; the scored passes also read ``<sep>`` and the caption (padding left out)."""
+        b, n_frames = batch["features"].shape[:2]
+        fine, scored = training_passes(self.loss_cfg, self.settings.net.fine_iterations)
+        return b, b * (1 + n_frames) * (fine + 1) + len(scored) * batch["text_mask"].sum()
+
     # -- evaluation -------------------------------------------------------------------------------------------
     def _eval_step(self, batch, batch_idx: int, prefix: str) -> None:
         f, ids, mask, lat = batch["features"], batch["text_ids"], batch["text_mask"], batch["latents"]
