@@ -687,7 +687,7 @@ def bench_dynamics_gpu16gb(quick: bool) -> dict:
 FVLM_QUICK_NET = [
     "model.net.lm.hidden_size=32", "model.net.lm.num_layers=1", "model.net.lm.num_heads=2",
     "model.net.lm.num_kv_heads=1", "model.net.lm.intermediate_size=64", "model.net.lm.vocab_size=515",
-    "model.net.film.channels=[8]", "data.frames=4",
+    "model.net.film.channels=[8]", "data.frames=2",
 ]  # fmt: skip
 FVLM_VOCAB = 49152 + 3  # SmolLM2's vocabulary + the token space's 3 specials: the caption logits' real width
 FVLM_CAPTION_TOKENS = 64  # the notes' max_caption_tokens (EOS included)
@@ -695,7 +695,7 @@ FVLM_CAPTION_TOKENS = 64  # the notes' max_caption_tokens (EOS included)
 
 def _fvlm_config(quick: bool):
     """The train config of ``experiment=fvlm_joint hardware=rtx4090`` (the notes' shape), with the LM's vocabulary at
-    SmolLM2's size; ``quick``: a tiny LM over 4 of the frames."""
+    SmolLM2's size; ``quick``: a tiny LM over 2 of the frames."""
     overrides = ["experiment=fvlm_joint", "hardware=rtx4090", f"model.net.lm.vocab_size={FVLM_VOCAB}"]
     return compose("train", overrides + (FVLM_QUICK_NET if quick else []))
 
@@ -755,7 +755,7 @@ def _fvlm_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) 
 
 def _fvlm_cpu_run(quick: bool, batch: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    return _fvlm_train(_fvlm_config(quick), batch, 0 if quick else 1, steps, torch.device("cpu"))
+    return _fvlm_train(_fvlm_config(quick), batch, 1, steps, torch.device("cpu"))
 
 
 def bench_fvlm(quick: bool) -> dict:
@@ -765,7 +765,7 @@ def bench_fvlm(quick: bool) -> dict:
     notes' anchor (about 100 samples/s in about 16 GB on a 4090). CPU: fp32 at batches 1 and 2, each in its own
     process (a clean peak of the resident set); ``largest_batch_cpu_estimate`` is how many samples the memory this
     machine has available would hold at the measured memory per sample (an extrapolation, not a run). ``quick``: a
-    tiny LM over 4 of the frames, one step per batch, both batches in this process (a check of the code, not
+    tiny LM over 2 of the frames, one step per batch, both batches in this process (a check of the code, not
     figures)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _fvlm_config(quick)
@@ -778,12 +778,11 @@ def bench_fvlm(quick: bool) -> dict:
     if device.type == "cuda":
         res = _fvlm_train(cfg, 32, 2, 3 if quick else 10, device)
         return {**out, **res, "batch": 32, "anchor_samples_per_s": 100.0, "anchor_memory_gib": 16.0}
-    threads = torch.get_num_threads()
     if quick:
-        one, two = (_fvlm_cpu_run(quick, b, 1, threads) for b in (1, 2))
+        one, two = (_fvlm_train(cfg, b, 0, 1, device) for b in (1, 2))
     else:  # each batch in a fresh process: a process's resident set does not shrink, so a second peak would hide
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-            one, two = (pool.apply(_fvlm_cpu_run, (quick, b, 2, threads)) for b in (1, 2))
+            one, two = (pool.apply(_fvlm_cpu_run, (quick, b, 2, torch.get_num_threads())) for b in (1, 2))
     per_sample = max(two["peak_memory_mib"] - one["peak_memory_mib"], 1e-3)
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024

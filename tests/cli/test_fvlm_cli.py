@@ -1,6 +1,9 @@
-"""The foveated VLM through the entry points: a smoke run end to end (held-out pass losses, cap_ratio with its
-interval, both controls, scored greedy captions, attention maps), eval.py and generate.py from its checkpoint,
-trainer.max_time stopping a run that the same command then continues, and a video folder through prepare.py."""
+"""The foveated VLM through the entry points, on as few runs as the checks allow (each one costs seconds of imports):
+a 1 ms ``trainer.max_time`` makes each command train one step and stop (Lightning validates a run that stops early),
+so two runs of the same command test the clean stop, the continuation and the held-out figures; a video folder goes
+through prepare.py. The plain smoke runs are tests/cli/test_train_cli.py's test_every_experiment_runs_with_smoke
+(fvlm_joint and fvlm_coarse_only); generate.py's fvlm path and a missing caption file are unit tests
+(tests/unit/test_fvlm_module.py), eval.py's rebuild is test_train_cli's."""
 
 from __future__ import annotations
 
@@ -11,28 +14,34 @@ import torch
 
 from tests.cli.conftest import run_cli
 
-
-@pytest.fixture(scope="module")
-def fvlm_logs(tmp_path_factory):
-    """One log dir for this module: the smoke continuous image tokenizer is trained once."""
-    return tmp_path_factory.mktemp("fvlm_logs")
+TIMED = ("experiment=fvlm_joint", "debug=smoke", "run=timed", "trainer.max_time={milliseconds: 1}")
 
 
 @pytest.fixture(scope="module")
-def joint_run(fvlm_logs, shared_data):
-    proc = run_cli(
-        "train.py", "experiment=fvlm_joint", "debug=smoke", "callbacks.progress_bar=false", "trainer.max_steps=6",
-        logs=fvlm_logs, data=shared_data,
-    )  # fmt: skip
-    return fvlm_logs / "fvlm_joint" / "fvlm_joint-smoke", proc
+def timed_run(tmp_path_factory, shared_data):
+    """The same command twice: ``(logs, run_dir, [(stdout, metrics.json) of each command])``."""
+    logs = tmp_path_factory.mktemp("fvlm_logs")
+    run_dir = logs / "fvlm_joint" / "timed"
+    commands = []
+    for _ in range(2):
+        proc = run_cli("train.py", *TIMED, logs=logs, data=shared_data)
+        commands.append((proc.stdout, json.loads((run_dir / "metrics.json").read_text())))
+    return logs, run_dir, commands
 
 
-def test_smoke_run_reports_every_pass_both_controls_and_scored_captions(joint_run):
+def test_max_time_stops_cleanly_and_the_same_command_continues(timed_run):
+    _, run_dir, [(out1, metrics1), (out2, metrics2)] = timed_run
+    assert "(new run)" in out1 and "stopped at trainer.max_time (step 1)" in out1
+    assert metrics1["global_step"] == 1
+    assert "resuming" in out2 and "stopped at trainer.max_time (step 2)" in out2  # its own 1 ms, from step 1
+    assert metrics2["global_step"] == 2
+    assert not (run_dir / "DONE").exists()  # a chunk, not a finished run
+
+
+def test_validation_reports_every_pass_both_controls_scored_captions_and_attention_maps(timed_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = joint_run
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["global_step"] == 6  # between validations: validate_at_end scored the final weights
+    _, run_dir, [_, (_, metrics)] = timed_run
     final = metrics["final"]
     for key in (
         "train/cap_coarse", "train/cap_fine_2", "train/rec_fine_2", "val/cap_coarse", "val/cap_fine_1",
@@ -51,43 +60,8 @@ def test_smoke_run_reports_every_pass_both_controls_and_scored_captions(joint_ru
     assert any(k.startswith("net.lm.") for k in ckpt["state_dict"])
 
 
-def test_eval_and_generate_rebuild_from_the_checkpoint(joint_run, fvlm_logs, shared_data, tmp_path):
-    run_dir, _ = joint_run
-    run_cli("eval.py", "experiment=fvlm_joint", "run=fvlm_joint-smoke", logs=fvlm_logs, data=shared_data)
-    got = json.loads((run_dir / "eval_val.json").read_text())["metrics"]
-    final = json.loads((run_dir / "metrics.json").read_text())["final"]
-    for key in ("val/cap_coarse", "val/cap_fine", "val/cap_ratio", "val/cap_autoregressive"):
-        assert got[key] == pytest.approx(final[key], rel=1e-5), key
-    out = tmp_path / "gen"
-    run_cli(
-        "generate.py", "experiment=fvlm_joint", "run=fvlm_joint-smoke", "n_samples=2", f"out_dir={out}",
-        logs=fvlm_logs, data=shared_data,
-    )  # fmt: skip
-    captions = json.loads((out / "captions.json").read_text())
-    assert captions["passes"] == ["coarse", "fine_2", "autoregressive"] and len(captions["clips"]) == 2
-    clip = captions["clips"][0]
-    assert clip["truth"].startswith("a") and isinstance(clip["autoregressive"]["caption"], str)
-    assert set(clip["autoregressive"]["correct"]) >= {"color", "action", "detail_color", "detail_shape"}
-    assert (out / "clip0_attention.png").exists() and (out / "clip1_attention.png").exists()
-
-
-def test_max_time_stops_cleanly_and_the_same_command_continues(fvlm_logs, shared_data):
-    args = (
-        "train.py", "experiment=fvlm_joint", "debug=smoke", "run=timed", "callbacks.progress_bar=false",
-        "trainer.max_steps=1000", "trainer.max_time={seconds:3}", "checkpoint_every_n_steps=1000",
-    )  # fmt: skip
-    run_dir = fvlm_logs / "fvlm_joint" / "timed"
-    first = run_cli(*args, logs=fvlm_logs, data=shared_data)
-    assert "stopped at trainer.max_time" in first.stdout and not (run_dir / "DONE").exists()
-    step1 = json.loads((run_dir / "metrics.json").read_text())["global_step"]
-    assert 0 < step1 < 1000
-    second = run_cli(*args, logs=fvlm_logs, data=shared_data)
-    assert "resuming" in second.stdout and "stopped at trainer.max_time" in second.stdout
-    step2 = json.loads((run_dir / "metrics.json").read_text())["global_step"]
-    assert step2 > step1  # continued from last.ckpt, with a fresh 3 s of its own
-
-
-def test_a_video_folder_with_captions_goes_through_prepare(tmp_path, fvlm_logs, shared_data):
+def test_a_video_folder_with_captions_goes_through_prepare(tmp_path, shared_data):
+    """A missing caption file is a unit test (tests/unit/test_fvlm_module.py)."""
     pytest.importorskip("av")
     from mmsuite.datamodules.shards import decode_sample, iter_raw_samples
     from mmsuite.sources import toyworld
@@ -100,7 +74,7 @@ def test_a_video_folder_with_captions_goes_through_prepare(tmp_path, fvlm_logs, 
         write_video(root / f"v{i}.mp4", clip.frames, fps=10)
         (root / f"v{i}.txt").write_text(clip.caption + "\n")
     args = ["experiment=fvlm_joint", "debug=smoke", "data.source.kind=video", f"data.source.root={root}"]
-    proc = run_cli("prepare.py", *args, "data.source.fps=5", logs=fvlm_logs, data=shared_data)
+    proc = run_cli("prepare.py", *args, "data.source.fps=5", logs=tmp_path / "logs", data=shared_data)
     assert "fvlm clips (videos)" in proc.stderr + proc.stdout
     folders = [p for p in shared_data.glob("fvlm-video-*") if (p / "manifest.json").exists()]
     assert len(folders) == 1
@@ -112,6 +86,3 @@ def test_a_video_folder_with_captions_goes_through_prepare(tmp_path, fvlm_logs, 
     assert sample["features"].shape == (8, 65, 64) and sample["features"].dtype.name == "float16"
     assert sample["caption"].startswith("a ") and sample["attributes"]["video"].startswith("v")
     assert list(folders[0].glob("text_bpe-*/tokenizer.json"))  # trained on the train captions
-    (root / "v0.txt").unlink()
-    proc = run_cli("prepare.py", *args, "data.source.fps=4", logs=fvlm_logs, data=shared_data, check=False)
-    assert proc.returncode != 0 and "v0.txt" in proc.stderr

@@ -4,6 +4,9 @@ per-command time limit."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -97,13 +100,19 @@ def test_a_video_without_its_caption_file_stops_naming_it(tmp_path):
         next(dm._iter_clips([]))
 
 
+def _module(**settings) -> FVLMModule:
+    """A tiny FVLMModule: 8-wide features, 2 latent channels, a 20-id LM, 2 fine passes."""
+    torch.manual_seed(0)
+    lm = {"vocab_size": 20, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    net = {"feature_dim": 8, "latent_channels": 2, "fine_iterations": 2, "glimpse": {"heads": 2}, "lm": lm}
+    return FVLMModule(net={**net, "film": {"channels": [4], "mlp_dim": 8}}, **settings)
+
+
 @pytest.mark.parametrize("coarse_only", [False, True])
 def test_throughput_counts_every_lm_position_the_training_passes_read(coarse_only):
     """Mode token + one glimpse per frame in every pass that runs, ``<sep>`` + the caption (padding left out) in the
     scored ones: what the LM is handed, padding removed."""
-    lm = {"vocab_size": 20, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
-    net = {"feature_dim": 8, "latent_channels": 2, "fine_iterations": 2, "glimpse": {"heads": 2}, "lm": lm}
-    module = FVLMModule(net={**net, "film": {"channels": [4], "mlp_dim": 8}}, loss={"coarse_only": coarse_only})
+    module = _module(loss={"coarse_only": coarse_only})
     b, t, length = 2, 3, 5
     mask = torch.arange(length)[None] < torch.tensor([4, 2])[:, None]  # 6 real caption tokens
     batch = {
@@ -122,6 +131,59 @@ def test_throughput_counts_every_lm_position_the_training_passes_read(coarse_onl
     padding = int((~mask).sum())
     assert samples == b and int(tokens) == b * sum(widths) - padding * widths.count(scored)
     assert int(tokens) == (b * 4 + 6 if coarse_only else b * 4 * 3 + 2 * 6)
+
+
+class _Words:
+    """A stand-in text tokenizer over the token space's ids 3..19 (one toy-world word each), EOS = 2."""
+
+    words = "a red blue figure jumping waving on plain striped background with small green cross square the of".split()
+    range, vocab_size, eos_id = SimpleNamespace(start=3), 17, 2
+
+    def decode_batch(self, batch, skip_specials=False):
+        return [" ".join(self.words[i - 3] for i in ids if i >= 3) for ids in batch]
+
+
+class _Clips:
+    """A stand-in of a set-up FVLMDataModule: one val batch of 3 clips, 4 frames of 2 x 2 patches + CLS."""
+
+    text_tokenizer, grid, has_cls = _Words(), (2, 2), True
+    feature_shape, latent_shape, token_space = (5, 8), (2, 4, 4), SimpleNamespace(vocab_size=20)
+
+    def setup(self, stage):
+        truth = "a red figure jumping on a plain blue background with a small green cross"
+        self.batch = {
+            "features": torch.randn(3, 4, 5, 8).half(),
+            "latents": torch.randn(3, 4, 2, 4, 4),
+            "frames": torch.randint(0, 255, (3, 4, 8, 8, 3), dtype=torch.uint8),
+            "caption": [truth] * 3,
+            "attributes": [{"clip": i} for i in range(3)],
+        }
+
+    def val_dataloader(self):
+        return [self.batch]
+
+
+def test_generate_hands_the_model_the_data_and_writes_scored_captions_and_attention_maps(tmp_path, monkeypatch):
+    """generate.py's path (mmsuite.run.generate) with the checkpoint's rebuild replaced by in-memory objects."""
+    from omegaconf import OmegaConf
+
+    import mmsuite.run
+
+    module, data = _module(eval={"max_new_tokens": 3}), _Clips()
+    monkeypatch.setattr(mmsuite.run, "rebuild_from_checkpoint", lambda cfg: (None, {}, data, module))
+    monkeypatch.setattr(mmsuite.run, "load_checkpoint_config", lambda path: ({}, {"state_dict": module.state_dict()}))
+    out = tmp_path / "gen"
+    mmsuite.run.generate(OmegaConf.create({"ckpt_path": "x.ckpt", "split": "val", "n_samples": 2, "out_dir": str(out)}))
+    captions = json.loads((out / "captions.json").read_text())
+    assert captions["passes"] == ["coarse", "fine_2", "autoregressive"] and len(captions["clips"]) == 2
+    clip = captions["clips"][1]
+    assert clip["clip"] == 1 and clip["truth"].startswith("a red figure")
+    for name in captions["passes"]:
+        caption = clip[name]["caption"]
+        assert isinstance(caption, str) and len(caption.split()) <= 3  # max_new_tokens, from the stand-in's words
+        assert set(clip[name]["correct"]) == {"color", "action", "background", "background_color", "detail_color",
+                                              "detail_shape"}  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.png")) == ["clip0_attention.png", "clip1_attention.png"]
 
 
 def test_captions_are_scored_per_attribute_and_the_detail_separately():
