@@ -311,7 +311,7 @@ def build_callbacks(cfg: DictConfig, config: dict, run_dir: Path, token_space: T
         callbacks.append(PerfMonitor(peak_flops=ccfg.get("peak_flops")))
     for extra in (ccfg.get("extra") or {}).values():
         callbacks.append(instantiate(extra))
-    if config["trainer"].get("max_time"):  # Lightning takes this timer instead of building its own
+    if config["trainer"].get("max_time"):  # a limit per command (callbacks/time_limit.py); the trainer gets no other
         callbacks.append(CommandTimer(config["trainer"]["max_time"]))
     return callbacks
 
