@@ -3,7 +3,7 @@
 Each benchmark measures its own ratio in one process where it can (e.g. Lightning vs a bare loop on the
 same model and batches), so that figures taken on a busy or different machine still compare.
 
-    python -m benchmarks.run [--only toyworld,shards,...,m4,dynamics,dynamics_gpu16gb] [--quick] [--threads N]
+    python -m benchmarks.run [--only toyworld,shards,...,m4,dynamics,dynamics_gpu16gb,fvlm,mmpt] [--quick] [--threads N]
         [--results DIR] [--prefix gpu-]
 
 The table (results/summary.md) covers every results/*.json, not only the benches of this invocation, so that
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -32,7 +33,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # keys of a result that describe the set-up rather than measure it: kept in the JSON, left out of the table
 CONFIG_KEYS = frozenset(
     {"batch", "image_size", "steps", "clips", "clip_s", "sample_rate", "n_q", "bins", "captions", "vocab_size"}
-    | {"warmup_steps", "padding_batch", "padding_draws", "grad_clip"}
+    | {"warmup_steps", "padding_batch", "padding_draws", "grad_clip", "available_memory_mib"}
 )
 
 
@@ -869,6 +870,120 @@ def bench_dynamics_gpu16gb(quick: bool) -> dict:
     return bench_dynamics(quick, hardware="gpu16gb")
 
 
+FVLM_QUICK_NET = [
+    "model.net.lm.hidden_size=32", "model.net.lm.num_layers=1", "model.net.lm.num_heads=2",
+    "model.net.lm.num_kv_heads=1", "model.net.lm.intermediate_size=64", "model.net.lm.vocab_size=515",
+    "model.net.film.channels=[8]", "data.frames=2",
+]  # fmt: skip
+FVLM_VOCAB = 49152 + 3  # SmolLM2's vocabulary + the token space's 3 specials: the caption logits' real width
+FVLM_CAPTION_TOKENS = 64  # the notes' max_caption_tokens (EOS included)
+
+
+def _fvlm_config(quick: bool):
+    """The train config of ``experiment=fvlm_joint hardware=rtx4090`` (the notes' shape), with the LM's vocabulary at
+    SmolLM2's size; ``quick``: a tiny LM over 2 of the frames."""
+    overrides = ["experiment=fvlm_joint", "hardware=rtx4090", f"model.net.lm.vocab_size={FVLM_VOCAB}"]
+    return compose("train", overrides + (FVLM_QUICK_NET if quick else []))
+
+
+def _fvlm_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) -> dict:
+    """Forward (coarse + fine passes, as training runs them) + backward + clip + AdamW of FVLMModule's net and loss
+    on seeded random features, latents and full-length captions, at ``batch``."""
+    from mmsuite.lightning_modules.fvlm.model import fvlm_loss, training_passes
+    from mmsuite.run import build_model
+
+    n_frames = int(cfg.data.frames)
+    n_tokens, dim = int(cfg.features.grid) ** 2 + 1, int(cfg.features.dim)
+    side = int(cfg.data.image_size) // 8
+    g = torch.Generator().manual_seed(0)
+    with _PeakMemory(device) as mem:
+        torch.manual_seed(0)
+        module = build_model(cfg).to(device)
+        module.train()
+        net, loss_cfg, optim = module.net, module.loss_cfg, module.settings.optim
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
+        vocab = net.lm.get_input_embeddings().num_embeddings
+        fine, scored = training_passes(loss_cfg, net.settings.fine_iterations)
+        features = torch.randn(batch, n_frames, n_tokens, dim, generator=g).half().to(device)
+        latents = torch.randn(batch, n_frames, net.settings.latent_channels, side, side, generator=g).to(device)
+        ids = torch.randint(0, vocab, (batch, FVLM_CAPTION_TOKENS), generator=g).to(device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def step() -> None:
+            with autocast:
+                loss, _ = fvlm_loss(net(features, ids, mask, latents, fine_iterations=fine, scored=scored), loss_cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+    return {
+        "samples_per_s": batch * steps / elapsed,
+        "s_per_step": elapsed / steps,
+        "peak_memory_mib": mem.mib,
+        "peak_memory_method": mem.method,
+        "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+    }
+
+
+def _fvlm_cpu_run(quick: bool, batch: int, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    return _fvlm_train(_fvlm_config(quick), batch, 1, steps, torch.device("cpu"))
+
+
+def bench_fvlm(quick: bool) -> dict:
+    """The foveated VLM's training step at the notes' shape (``experiment=fvlm_joint hardware=rtx4090``: 16 of 24
+    frames, 325 x 384 patch features, a SmolLM2-135M-shaped LM with its 49K vocabulary, captions of 64 tokens,
+    coarse + 2 fine passes, 8 x 32 x 32 latents): samples/s and peak memory. CUDA: bf16 autocast at batch 32, the
+    notes' anchor (about 100 samples/s in about 16 GB on a 4090). CPU: fp32 at batches 1 and 2, each in its own
+    process (a clean peak of the resident set); ``largest_batch_cpu_estimate`` is how many samples the memory this
+    machine has available would hold at the measured memory per sample (an extrapolation, not a run). ``quick``: a
+    tiny LM over 2 of the frames, one step per batch, both batches in this process (a check of the code, not
+    figures)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = _fvlm_config(quick)
+    out = {"device_type": device.type, "device_name": _device_name(device), "shape": {
+        "frames": int(cfg.data.frames), "stored_frames": int(cfg.data.clip_frames),
+        "features": [int(cfg.features.grid) ** 2 + 1, int(cfg.features.dim)],
+        "lm": dict(cfg.model.net.lm), "caption_tokens": FVLM_CAPTION_TOKENS,
+        "fine_iterations": int(cfg.model.net.fine_iterations),
+    }}  # fmt: skip
+    if device.type == "cuda":
+        res = _fvlm_train(cfg, 32, 2, 3 if quick else 10, device)
+        return {**out, **res, "batch": 32, "anchor_samples_per_s": 100.0, "anchor_memory_gib": 16.0}
+    if quick:
+        one, two = (_fvlm_train(cfg, b, 0, 1, device) for b in (1, 2))
+    else:  # each batch in a fresh process: a process's resident set does not shrink, so a second peak would hide
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            one, two = (pool.apply(_fvlm_cpu_run, (quick, b, 2, torch.get_num_threads())) for b in (1, 2))
+    per_sample = max(two["peak_memory_mib"] - one["peak_memory_mib"], 1e-3)
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
+    largest = int(2 + (available - two["peak_memory_mib"]) // per_sample)
+    return {
+        **out,
+        **{f"{k}_b1": v for k, v in one.items() if k != "peak_memory_method"},
+        **{f"{k}_b2": v for k, v in two.items()},
+        "memory_per_sample_mib": per_sample,
+        "available_memory_mib": available,
+        "largest_batch_cpu_estimate": largest,
+        "precision": "fp32",
+    }
+
+
 class _Batches:
     """An in-memory iterable of ready batches (a plain list would be read as several dataloaders)."""
 
@@ -983,6 +1098,7 @@ BENCHES = {
     "dynamics": bench_dynamics,
     "dynamics_gpu16gb": bench_dynamics_gpu16gb,
     "mmpt": bench_mmpt,
+    "fvlm": bench_fvlm,
 }
 
 

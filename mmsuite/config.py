@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mmsuite.datamodules.clips import FramesDataModule
 from mmsuite.datamodules.dynamics import DynamicsLatentDataModule
+from mmsuite.datamodules.fvlm import FVLMDataModule
 from mmsuite.datamodules.m4 import M4PoseDataModule
 from mmsuite.datamodules.mmpt import MMPTDataModule
 from mmsuite.datamodules.nano4m import Nano4MDataModule
@@ -27,6 +28,7 @@ from mmsuite.datamodules.sounds import ToySoundDataModule
 from mmsuite.lightning_modules.audio_tokenizer import AudioTokenizerModule
 from mmsuite.lightning_modules.dynamics.module import DynamicsModule
 from mmsuite.lightning_modules.fourm.module import FourMModule
+from mmsuite.lightning_modules.fvlm.module import FVLMModule
 from mmsuite.lightning_modules.image_tokenizer import ImageTokenizerModule
 from mmsuite.lightning_modules.mmpt.module import MMPTModule
 from mmsuite.nn.schedule import StepSchedule, TokenSchedule
@@ -40,6 +42,7 @@ TARGETS = {
         "fourm": FourMModule,
         "dynamics": DynamicsModule,
         "mmpt": MMPTModule,
+        "fvlm": FVLMModule,
     },
     "data": {
         "toyworld_frames": FramesDataModule,
@@ -48,6 +51,7 @@ TARGETS = {
         "nano4m": Nano4MDataModule,
         "dynamics_latents": DynamicsLatentDataModule,
         "mmpt": MMPTDataModule,
+        "fvlm_clips": FVLMDataModule,
     },
 }
 SCHEDULES = {"cosine": StepSchedule, "tokens": TokenSchedule}

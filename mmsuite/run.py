@@ -46,6 +46,7 @@ from mmsuite.callbacks.run_state import (
     write_text_atomic,
 )
 from mmsuite.callbacks.summary import RunSummary
+from mmsuite.callbacks.time_limit import CommandTimer
 from mmsuite.config import check_settings
 from mmsuite.console import ConsoleLog
 from mmsuite.datamodules.base import prepare_text_tokenizer
@@ -311,6 +312,8 @@ def build_callbacks(cfg: DictConfig, config: dict, run_dir: Path, token_space: T
         callbacks.append(PerfMonitor(peak_flops=ccfg.get("peak_flops")))
     for extra in (ccfg.get("extra") or {}).values():
         callbacks.append(instantiate(extra))
+    if config["trainer"].get("max_time"):  # a limit per command (callbacks/time_limit.py); the trainer gets no other
+        callbacks.append(CommandTimer(config["trainer"]["max_time"]))
     return callbacks
 
 
@@ -330,6 +333,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: Path
         cfg.trainer,
         enable_progress_bar=bool(cfg.callbacks.get("progress_bar")),
         callbacks=callbacks,
+        max_time=None,  # trainer.max_time is the CommandTimer among the callbacks (build_callbacks)
         logger=loggers or False,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
@@ -413,12 +417,15 @@ def _train(cfg: DictConfig, console: ConsoleLog | None = None) -> dict:
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_metrics: dict = {}
+        timed_out = any(isinstance(c, CommandTimer) and c.expired for c in callbacks) and not (
+            0 < trainer.max_steps <= trainer.global_step
+        )
         if not trainer.interrupted:  # the final state, with the metrics of the final validation
             trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
             # a budget that ends between validations: score the final weights (unless Lightning just did: it
             # validates when a module stops the fit with trainer.should_stop, as the token budget does)
             state = next(c for c in callbacks if isinstance(c, RunState))
-            if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step:
+            if cfg.get("validate_at_end") and state.last_validated_step != trainer.global_step and not timed_out:
                 # validate() replaces the metrics: keep the training ones (not the stale validation's) beside its own
                 fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("val/")}
                 trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -433,8 +440,13 @@ def _train(cfg: DictConfig, console: ConsoleLog | None = None) -> dict:
             if cfg.callbacks.get("hparams"):
                 log_hparams(trainer.loggers, config, metrics)
             write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-            write_text_atomic(run_dir / DONE_MARKER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
-            print(f"[mmsuite] finished; metrics in {run_dir / 'metrics.json'}")
+            if timed_out:  # a chunk of the run: no finished marker, so the same command continues it
+                print(
+                    f"[mmsuite] stopped at trainer.max_time (step {trainer.global_step}); rerun the command to continue"
+                )
+            else:
+                write_text_atomic(run_dir / DONE_MARKER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+                print(f"[mmsuite] finished; metrics in {run_dir / 'metrics.json'}")
         return metrics
 
 
@@ -569,6 +581,8 @@ def generate(cfg: DictConfig) -> Path:
     if not hasattr(model, "generate_samples"):
         raise NotImplementedError(f"{type(model).__name__} has no generate_samples(batch, out_dir)")
     datamodule.setup("validate")
+    if hasattr(model, "attach_data"):  # a model that decodes with the data's tokenizer (fvlm)
+        model.attach_data(datamodule)
     loader = datamodule.val_dataloader() if cfg.split == "val" else datamodule.test_dataloader()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

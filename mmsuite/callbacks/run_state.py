@@ -159,6 +159,7 @@ RESUME_MAY_CHANGE = (
     # how long it runs
     "trainer.max_steps",
     "trainer.max_epochs",
+    "trainer.max_time",
     "*schedule.warmup_*",
     "*schedule.total_*",
     # where files go, how the run reports and what it does after fitting

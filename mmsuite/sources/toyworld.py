@@ -12,11 +12,17 @@ Conventions:
   ``(floor(y), floor(x))`` and is inside the image iff ``0 <= x < S`` and ``0 <= y < S``.
 * The figure faces the viewer: its *left* joints appear on the image's right (larger x).
 * ``visible`` is False for a joint outside the image or whose pixel is covered by the occluder.
-* Drawing order: background, figure, occluder. The camera pan moves all three together.
+* Drawing order: background, figure, occluder, then (only with ``detail=True``) the small detail. The camera pan
+  moves all of them together.
+* The optional *small detail* (``ToyWorldConfig.detail``, off by default) is a few-pixel square, diamond or cross
+  of a named colour, fixed in the world away from the figure; the caption names it last ("... with a small green
+  cross", :func:`caption_detail` reads it back) and ``attributes`` give its box in every frame. It draws from its
+  own random stream, so the rest of a clip is the same with and without it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -78,6 +84,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 FIGURE_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black")
 BACKGROUNDS: tuple[str, ...] = ("plain", "stripes", "checker", "noise")
+DETAIL_COLORS: tuple[str, ...] = FIGURE_COLORS
+DETAIL_SHAPES: tuple[str, ...] = ("square", "diamond", "cross")
+DETAIL_STREAM = 1  # the detail's random stream is default_rng([seed, index, DETAIL_STREAM])
 # Bump when the rendering of a given (config, index) changes: it is part of every toy-world data set's name, so
 # shards built by older code are rebuilt instead of silently reused. 2: anti-aliased stripes / checkers.
 RENDER_VERSION = 2
@@ -127,9 +136,14 @@ class ToyWorldConfig:
     actions: tuple[str, ...] = ACTIONS  # actions to draw from (uniformly)
     backgrounds: tuple[str, ...] = BACKGROUNDS  # background kinds to draw from (uniformly)
     colors: tuple[str, ...] = FIGURE_COLORS  # figure colours to draw from (uniformly)
+    detail: bool = False  # draw a small named object (a few pixels) away from the figure, named in the caption
+    detail_size: float = 5.0  # its side in px at S=64 (scaled, rounded to an odd number >= 3)
+    detail_colors: tuple[str, ...] = DETAIL_COLORS  # detail colours to draw from (those contrasting the background)
+    detail_shapes: tuple[str, ...] = DETAIL_SHAPES
 
     def __post_init__(self):
-        for name in ("figure_height", "actions", "backgrounds", "colors"):  # lists from Hydra / JSON
+        lists = ("figure_height", "actions", "backgrounds", "colors", "detail_colors", "detail_shapes")
+        for name in lists:  # lists from Hydra / JSON
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_int("image_size", self.image_size, 32, 256)
         _check_int("frames", self.frames, 1, None)
@@ -144,7 +158,18 @@ class ToyWorldConfig:
         if len(lo_hi) != 2 or not 0.2 <= lo_hi[0] <= lo_hi[1] <= 0.75:
             msg = f"must be (lo, hi) with 0.2 <= lo <= hi <= 0.75, got {lo_hi}"
             raise ValueError(f"ToyWorldConfig.figure_height {msg}")
-        for name, allowed in (("actions", ACTIONS), ("backgrounds", BACKGROUNDS), ("colors", FIGURE_COLORS)):
+        if not isinstance(self.detail, (bool, np.bool_)):
+            raise ValueError(f"ToyWorldConfig.detail must be true or false, got {self.detail!r}")
+        if not 3.0 <= self.detail_size <= 16.0:
+            raise ValueError(f"ToyWorldConfig.detail_size must be in [3, 16], got {self.detail_size!r}")
+        named = (
+            ("actions", ACTIONS),
+            ("backgrounds", BACKGROUNDS),
+            ("colors", FIGURE_COLORS),
+            ("detail_colors", DETAIL_COLORS),
+            ("detail_shapes", DETAIL_SHAPES),
+        )
+        for name, allowed in named:
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
             if not values or bad or len(set(values)) != len(values):
@@ -217,6 +242,13 @@ def make_clip(cfg: ToyWorldConfig, index: int) -> Clip:
         hidden = covered[np.arange(n_frames)[:, None], rows, cols]
         visible = inside & ~hidden
 
+    detail = _place_detail(cfg, index, joints, drift, max(half_width, HEAD_RADIUS * height), background)
+    if detail is not None:
+        covered = _draw_detail(frames, detail)
+        cols = np.clip(np.floor(joints[..., 0]).astype(int), 0, size - 1)
+        rows = np.clip(np.floor(joints[..., 1]).astype(int), 0, size - 1)
+        visible = visible & ~covered[np.arange(n_frames)[:, None], rows, cols]
+
     colors = background["colors"]
     attributes = {
         "color": color,
@@ -226,6 +258,13 @@ def make_clip(cfg: ToyWorldConfig, index: int) -> Clip:
         "action": action,
         "occluder_color": list(occluder_color) if occluder_color is not None else None,
     }
+    if detail is not None:  # only with cfg.detail: default attributes keep their keys
+        attributes.update(
+            detail_color=detail["color"],
+            detail_shape=detail["shape"],
+            detail_size=detail["size"],
+            detail_topleft=detail["topleft"].tolist(),  # [T, 2] (row, col) of its size x size box in each frame
+        )
     return Clip(
         index=int(index),
         frames=frames,
@@ -255,7 +294,78 @@ def caption(attributes: dict) -> str:
         "noise": f"noisy {c0}",
     }[attributes["background"]]
     article = "an" if color[0] in "aeiou" else "a"
-    return f"{article} {color} figure {ACTION_PHRASES[attributes['action']]} on a {scene} background"
+    text = f"{article} {color} figure {ACTION_PHRASES[attributes['action']]} on a {scene} background"
+    if attributes.get("detail_color") is not None:
+        text += f" with a small {attributes['detail_color']} {attributes['detail_shape']}"
+    return text
+
+
+_DETAIL_PHRASE = re.compile(r"\bwith a small (\w+) (\w+)")
+_SCENE_PHRASE = re.compile(r"\bon an? (?:(plain|noisy) (\w+)|(\w+) and (\w+) (striped|checkered)) background\b")
+_SCENE_KINDS = {"plain": "plain", "noisy": "noise", "striped": "stripes", "checkered": "checker"}
+
+
+def caption_attributes(
+    text: str, colors: Sequence[str] = FIGURE_COLORS, actions: Sequence[str] = ACTIONS
+) -> dict[str, str | None]:
+    """The figure colour and action a (possibly generated) caption states (None where it states none).
+
+    Colour: the word directly before the first "figure", if it is one of ``colors``; action: of ``actions``, the one
+    whose phrase (:data:`ACTION_PHRASES`) starts earliest in the text, as whole words."""
+    words = text.split()
+    color = None
+    if "figure" in words:
+        i = words.index("figure")
+        color = words[i - 1] if i > 0 and words[i - 1] in colors else None
+    padded = f" {' '.join(words)} "
+    found = [(padded.find(f" {ACTION_PHRASES[a]} "), a) for a in actions]
+    found = [(pos, a) for pos, a in found if pos >= 0]
+    return {"color": color, "action": min(found)[1] if found else None}
+
+
+def caption_scene(text: str) -> dict[str, str | None]:
+    """The background a caption states: ``{"background": plain|stripes|checker|noise, "background_color": its first
+    colour}``, each None unless the text has "on a <scene> background" with a known colour."""
+    m = _SCENE_PHRASE.search(text)
+    if m is None:
+        return {"background": None, "background_color": None}
+    kind = _SCENE_KINDS[m.group(1) or m.group(5)]
+    first = m.group(2) or m.group(3)
+    return {"background": kind, "background_color": first if first in PALETTE else None}
+
+
+def read_caption(text: str) -> dict[str, str | None]:
+    """Every attribute a toy-world caption can state, read back from (possibly generated) text: ``color``, ``action``,
+    ``background``, ``background_color``, ``detail_color``, ``detail_shape`` (None where it states none)."""
+    detail = caption_detail(text)
+    return {
+        **caption_attributes(text),
+        **caption_scene(text),
+        "detail_color": detail["color"],
+        "detail_shape": detail["shape"],
+    }
+
+
+def caption_detail(text: str) -> dict[str, str | None]:
+    """The small detail a (possibly generated) caption names: ``{"color", "shape"}``, each None unless the text
+    has "with a small <colour> <shape>" with a known colour / shape (scored separately from the figure)."""
+    m = _DETAIL_PHRASE.search(text)
+    color, shape = (m.group(1), m.group(2)) if m else (None, None)
+    return {"color": color if color in DETAIL_COLORS else None, "shape": shape if shape in DETAIL_SHAPES else None}
+
+
+def detail_mask(shape: str, side: int) -> np.ndarray:
+    """bool ``[side, side]`` pixels of a detail ``shape`` (odd ``side``): a filled square, a diamond or a cross."""
+    r = side // 2
+    dy, dx = np.abs(np.arange(side) - r)[:, None], np.abs(np.arange(side) - r)[None, :]
+    if shape == "square":
+        return np.ones((side, side), bool)
+    if shape == "diamond":
+        return dy + dx <= r
+    if shape == "cross":
+        arm = side // 6  # half thickness of the bars: 1 px bars up to side 5, 3 px up to 11
+        return (dy <= arm) | (dx <= arm)
+    raise ValueError(f"unknown detail shape {shape!r}; choose one of {DETAIL_SHAPES}")
 
 
 def draw_skeleton(
@@ -365,6 +475,55 @@ def _occluder_color(figure: str, background: tuple[str, ...]) -> tuple[int, int,
     others = [PALETTE[figure]] + [PALETTE[c] for c in background]
     greys = [(g, g, g) for g in OCCLUDER_GREYS]
     return max(greys, key=lambda grey: min(_rgb_distance(grey, c) for c in others))
+
+
+def _place_detail(cfg: ToyWorldConfig, index: int, joints, drift, reach: float, background: dict) -> dict | None:
+    """Colour, shape, side and per-frame top-left pixel ``[T, 2]`` (row, col) of the small detail, or None when
+    ``cfg.detail`` is off. The detail is fixed in the world (it moves with the camera pan, snapped to whole
+    pixels), at least 1 px inside the frame, and kept off the figure's box (its joints widened by ``reach`` + 2 px)
+    in every frame; when 64 tries find no such place, the try that meets the figure in fewest frames is taken."""
+    if not cfg.detail:
+        return None
+    rng = np.random.default_rng([cfg.seed, int(index), DETAIL_STREAM])
+    size = cfg.image_size
+    side = max(3, 2 * int(round((cfg.detail_size * size / 64.0 - 1) / 2)) + 1)
+    swing = NOISE_AMPLITUDE if background["kind"] == "noise" else 0.0
+    contrast = {c: min(_contrast(c, b, swing) for b in background["colors"]) for c in cfg.detail_colors}
+    allowed = [c for c in cfg.detail_colors if contrast[c] >= MIN_CONTRAST] or [max(contrast, key=contrast.get)]
+    color = allowed[rng.integers(len(allowed))]
+    shape = cfg.detail_shapes[rng.integers(len(cfg.detail_shapes))]
+
+    gap = reach + 2.0  # the figure's box widened by its thickness, plus 1 px of background around the detail
+    fig_lo, fig_hi = joints.min(axis=1) - gap, joints.max(axis=1) + gap  # [T, 2] (x, y)
+    lo = np.ceil(1 + drift.max(axis=0)).astype(int)  # world (x, y) top-left range keeping the box inside
+    hi = np.floor(size - 1 - side + drift.min(axis=0)).astype(int)
+    hi = np.maximum(hi, lo)
+    best, best_hits = None, None
+    for _ in range(64):
+        world = np.array([rng.integers(lo[0], hi[0] + 1), rng.integers(lo[1], hi[1] + 1)])
+        topleft = np.floor(world - drift + 0.5).astype(int)  # [T, 2] (x, y)
+        topleft = np.clip(topleft, 0, size - side)
+        apart = (topleft + side <= fig_lo) | (topleft >= fig_hi)  # [T, 2]: separated along x / y
+        hits = int((~apart.any(axis=1)).sum())
+        if best_hits is None or hits < best_hits:
+            best, best_hits = topleft, hits
+        if hits == 0:
+            break
+    return {"color": color, "shape": shape, "size": side, "topleft": best[:, ::-1].copy()}
+
+
+def _draw_detail(frames: np.ndarray, detail: dict) -> np.ndarray:
+    """Paint the detail into ``frames`` in place; returns the bool ``[T, S, S]`` pixels it covers."""
+    n_frames, size = frames.shape[:2]
+    side, topleft = detail["size"], detail["topleft"]
+    dr, dc = np.nonzero(detail_mask(detail["shape"], side))
+    rows = topleft[:, :1] + dr[None]  # [T, n]
+    cols = topleft[:, 1:] + dc[None]
+    t = np.broadcast_to(np.arange(n_frames)[:, None], rows.shape)
+    frames[t, rows, cols] = PALETTE[detail["color"]]
+    covered = np.zeros((n_frames, size, size), bool)
+    covered[t, rows, cols] = True
+    return covered
 
 
 def _camera_path(rng, n_frames: int, max_drift: float) -> np.ndarray:

@@ -293,6 +293,22 @@ def checkpoint_sha256(path: str | os.PathLike) -> str | None:
     return _SHA256_CACHE[key]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".jit")
+
+
+def weights_sha256(path: str | os.PathLike) -> str | None:
+    """The identity of pretrained weights: :func:`checkpoint_sha256` of a file, or for a folder (a
+    ``save_pretrained`` model) the sha256 of its weight files' names and hashes, in name order; None if missing."""
+    path = Path(path)
+    if path.is_file():
+        return checkpoint_sha256(path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    listing = [[str(p.relative_to(path)), checkpoint_sha256(p)] for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def check_same(expected_sha: str, expected_from: str, got_sha: str, got_from: str) -> None:
     """Stop with both hashes and both sources when two token spaces differ."""
     if expected_sha != got_sha:

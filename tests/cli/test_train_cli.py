@@ -21,7 +21,8 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 CASES = [(e, ()) for e in EXPERIMENTS] + [("image_tokenizer", ("tokenizer=continuous",))]
 
 
-TOKEN_FAMILIES = {"m4_pose", "nano4m", "dynamics", "dynamics_shortcut", "mmpt_stage4"}  # the others log samples/s only
+# the families that log perf/tokens_per_s too; the others log samples/s only
+TOKEN_FAMILIES = {"m4_pose", "nano4m", "dynamics", "dynamics_shortcut", "mmpt_stage4", "fvlm_joint", "fvlm_coarse_only"}
 
 
 @pytest.mark.parametrize(("experiment", "extra"), CASES)

@@ -110,3 +110,25 @@ def test_unreadable_result_names_the_file(tmp_path):
     (tmp_path / "toyworld.json").write_text("{not json")
     with pytest.raises(ValueError, match="toyworld.json: not a readable benchmark result"):
         run.load_results(tmp_path)
+
+
+def test_fvlm_bench_quick():
+    import torch
+
+    full = run._fvlm_config(quick=False)  # what the bench times: the notes' shape
+    assert (full.data.clip_frames, full.data.frames, full.features.grid, full.features.dim) == (24, 16, 18, 384)
+    assert full.model.net.lm.hidden_size == 576 and full.model.net.lm.vocab_size == run.FVLM_VOCAB
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `--quick --threads 1`: a tiny model's ops only wait for a second core
+    try:
+        res = run.bench_fvlm(quick=True)  # a tiny LM over 2 of the frames, batches 1 and 2 on a CPU
+    finally:
+        torch.set_num_threads(threads)
+    assert res["shape"]["features"] == [325, 384] and res["shape"]["frames"] == 2
+    assert res["shape"]["stored_frames"] == 24 and res["shape"]["caption_tokens"] == 64
+    if res["device_type"] == "cpu":
+        _check_figures(res, ("samples_per_s_b1", "samples_per_s_b2", "peak_memory_mib_b2", "memory_per_sample_mib"))
+        assert res["largest_batch_cpu_estimate"] >= 2
+    else:
+        _check_figures(res, ("samples_per_s", "peak_memory_mib"))
+        assert res["batch"] == 32

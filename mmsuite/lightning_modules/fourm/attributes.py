@@ -5,8 +5,8 @@ alone (MaskGIT or ROAR, :func:`~mmsuite.lightning_modules.fourm.generate.generat
 attributes (figure colour, action) in what it generated:
 
 * ``image -> caption`` (target ``caption``): the generated caption is detokenised with the data's text BPE and
-  parsed (:func:`caption_attributes`): the colour is the word right before "figure" (so a background colour
-  never counts), the action is the earliest action phrase in the text ("waving its left arm", ...);
+  parsed (:func:`mmsuite.sources.toyworld.caption_attributes`): the colour is the word right before "figure" (so a
+  background colour never counts), the action is the earliest action phrase in the text ("waving its left arm", ...);
 * ``caption -> image`` (target an image modality): the generated image tokens are classified by
   :class:`AttributeProbe`, a small convolutional classifier over the token grid fitted once, at the first
   evaluation, on the real frames of the TRAIN split. Its accuracy on the real frames of the evaluated split is
@@ -31,26 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsuite.sources.toyworld import ACTION_PHRASES
+from mmsuite.sources.toyworld import caption_attributes
 
 ATTRIBUTES = ("color", "action")
-
-
-# -- captions -> attributes ------------------------------------------------------------------------------------
-def caption_attributes(text: str, colors: Sequence[str], actions: Sequence[str]) -> dict[str, str | None]:
-    """The figure colour and action a toy-world caption states (None where it states none).
-
-    Colour: the word directly before the first "figure", if it is one of ``colors``; action: of ``actions``, the one
-    whose phrase (:data:`~mmsuite.sources.toyworld.ACTION_PHRASES`) starts earliest in the text, as whole words."""
-    words = text.split()
-    color = None
-    if "figure" in words:
-        i = words.index("figure")
-        color = words[i - 1] if i > 0 and words[i - 1] in colors else None
-    padded = f" {' '.join(words)} "
-    found = [(padded.find(f" {ACTION_PHRASES[a]} "), a) for a in actions]
-    found = [(pos, a) for pos, a in found if pos >= 0]
-    return {"color": color, "action": min(found)[1] if found else None}
 
 
 # -- the attribute probe --------------------------------------------------------------------------------------
