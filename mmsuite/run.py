@@ -8,6 +8,7 @@ writes into it, under a lock, and only once the config has built the token space
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -559,8 +560,10 @@ def generate(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = next(iter(loader))
     batch = {k: v[: cfg.n_samples] if torch.is_tensor(v) else v for k, v in batch.items()}
+    # a model that decodes with the data's tokenizers (nano4m) takes the datamodule too
+    wants_data = "datamodule" in inspect.signature(model.generate_samples).parameters
     with torch.no_grad():
-        written = model.generate_samples(batch, out_dir)
+        written = model.generate_samples(batch, out_dir, **({"datamodule": datamodule} if wants_data else {}))
     for p in written:
         print(f"[mmsuite] wrote {p}")
     return out_dir
