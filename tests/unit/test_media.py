@@ -27,6 +27,13 @@ def test_prompts_are_drawn_under_the_frames():
     assert int(text_area.amax()) > 200 and bool((tiles[0] != tiles[1]).any())  # white text, per prompt
 
 
+def test_captions_can_stand_beside_the_frame():
+    frames = [torch.zeros(1, 8, 8, 3, dtype=torch.uint8)]
+    tiles = _captioned_tiles(frames, ["made: a red figure\ntrue: a blue figure"], beside=True)
+    assert tiles.shape[2] == 96 and tiles.shape[3] > 96  # one frame high, the text to its right
+    assert int(tiles[:, :, :, :96].amax()) == 0 and int(tiles[:, :, :, 100:].amax()) > 200
+
+
 def test_text_tables_reach_tensorboard_and_file_loggers(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -186,30 +186,49 @@ def _probe(module, dm, image: str) -> AttributeProbe:
     return cache[image]
 
 
-def generate_target(module, tokens: torch.Tensor, task: dict, batch_idx: int, constrain=None) -> torch.Tensor:
-    """``task['target']`` (local ids ``[B, length]``) generated from ``task['inputs']`` alone, with the task's
-    ``scheme``, ``steps``, ``temperature``, ``top_k``, ``top_p``, seeded by the module's seed and ``batch_idx``;
-    ``constrain``: an optional per-slot hook (:data:`~mmsuite.lightning_modules.fourm.generate.Constraint`)."""
+def generate_chained(
+    module,
+    tokens: torch.Tensor,
+    inputs: Sequence[str],
+    targets: Sequence[str],
+    settings: dict,
+    batch_idx: int,
+    constraints: Mapping | None = None,
+) -> torch.Tensor:
+    """``targets`` generated in order from ``inputs`` alone (each finished target is input to the next), with the
+    ``settings`` ``scheme``, ``steps``, ``temperature``, ``top_k``, ``top_p``, seeded by the module's seed and
+    ``batch_idx``; ``constraints``: optional per-slot hooks by target name
+    (:data:`~mmsuite.lightning_modules.fourm.generate.Constraint`). -> every modality, local ids ``[B, S]`` (the
+    positions of modalities neither given nor generated hold 0)."""
     from mmsuite.lightning_modules.fourm.generate import generate_chain
 
     known = torch.zeros_like(tokens, dtype=torch.bool)
-    for name in task["inputs"]:
+    for name in inputs:
         _, off, length = module._modality(name)
         known[:, off : off + length] = True
     gen = torch.Generator(device=tokens.device).manual_seed(int(module.seed) * 1_000_003 + int(batch_idx))
+    constraints = constraints or {}
     out, _ = generate_chain(
         module.net,
         tokens.masked_fill(~known, 0),
         known,
-        [{"target": task["target"], "constrain": constrain}],
-        steps=task["steps"],
-        scheme=task["scheme"],
-        temperature=task["temperature"],
-        top_k=task["top_k"],
-        top_p=task["top_p"],
+        [{"target": t, "constrain": constraints.get(t)} for t in targets],
+        steps=settings["steps"],
+        scheme=settings["scheme"],
+        temperature=settings["temperature"],
+        top_k=settings.get("top_k"),
+        top_p=settings.get("top_p"),
         generator=gen,
     )
-    _, off, length = module._modality(task["target"])
+    return out
+
+
+def generate_target(module, tokens: torch.Tensor, task: dict, batch_idx: int, constrain=None) -> torch.Tensor:
+    """``task['target']`` (local ids ``[B, length]``) generated from ``task['inputs']`` alone, with the task's
+    generation settings (:func:`generate_chained`); ``constrain``: an optional per-slot hook."""
+    target = task["target"]
+    out = generate_chained(module, tokens, task["inputs"], [target], task, batch_idx, {target: constrain})
+    _, off, length = module._modality(target)
     return out[:, off : off + length]
 
 

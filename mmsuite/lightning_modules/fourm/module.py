@@ -458,13 +458,21 @@ class FourMModule(L.LightningModule):
         return poses
 
     @torch.no_grad()
-    def generate_samples(self, batch, out_dir) -> list:
-        """:meth:`generate_chain` on a batch, then ``samples.json`` (generated and true joints, canvas pixels)
-        and, with an image tokenizer, ``samples.png`` (:meth:`sample_grid`)."""
+    def generate_samples(self, batch, out_dir, datamodule=None) -> list:
+        """With captions (nano4m): caption -> image, image -> caption, caption -> sound, sound -> caption and the
+        ``generation`` chain as PNG / WAV / JSON files (:func:`.media.write_samples`; needs the ``datamodule``: its
+        tokenizers). Else :meth:`generate_chain` on a batch, then ``samples.json`` (generated and true joints,
+        canvas pixels) and, with an image tokenizer, ``samples.png`` (:meth:`sample_grid`)."""
         import json
         from pathlib import Path
 
         tokens = batch["tokens"].to(self.device)
+        if "caption" in self.names:
+            from mmsuite.lightning_modules.fourm.media import write_samples
+
+            if datamodule is None:
+                raise ValueError("generate_samples: a model with captions needs the datamodule (its tokenizers)")
+            return write_samples(self, datamodule, tokens, out_dir, tokens.shape[0])
         out, given, chain = self.generate_chain(tokens)
         out_dir = Path(out_dir)
         record = {"given": given, "chain": chain, "samples": []}
