@@ -42,3 +42,28 @@ def run_cli(
 def shared_data(tmp_path_factory) -> Path:
     """One data dir for the whole session: the smoke toy world is built once."""
     return tmp_path_factory.mktemp("data")
+
+
+# the experiments that train a tokenizer themselves: their runs would share a name with the smoke tokenizers that
+# the other experiments build in their log dir, so each gets a log dir of its own
+TOKENIZER_EXPERIMENTS = {"image_tokenizer", "audio_tokenizer"}
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory, shared_data):
+    """``smoke_runs(experiment, *overrides)`` -> (run dir, process) of ``train.py experiment=... debug=smoke``, run once
+    per session for every test that reads it; the other experiments share one log dir, so the smoke tokenizers they
+    need are trained once."""
+    runs: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+    shared_logs = tmp_path_factory.mktemp("smoke_logs")
+
+    def get(experiment: str, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
+        key = (experiment, *extra)
+        if key not in runs:
+            own = experiment in TOKENIZER_EXPERIMENTS
+            logs = tmp_path_factory.mktemp(f"smoke_{experiment}") if own else shared_logs
+            proc = run_cli("train.py", f"experiment={experiment}", "debug=smoke", *extra, logs=logs, data=shared_data)
+            runs[key] = (logs / experiment / f"{experiment}-smoke", proc)
+        return runs[key]
+
+    return get

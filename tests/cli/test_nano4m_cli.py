@@ -14,11 +14,10 @@ from tests.cli.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def nano4m_logs(tmp_path_factory, shared_data):
-    """The smoke run, trained once for this module's tests."""
-    logs = tmp_path_factory.mktemp("nano4m_logs")
-    run_cli("train.py", "experiment=nano4m", "debug=smoke", "logger=csv", logs=logs, data=shared_data)
-    return logs
+def nano4m_logs(smoke_runs):
+    """The log dir of the session's smoke run (the one test_every_experiment_runs_with_smoke checks too)."""
+    run_dir, _ = smoke_runs("nano4m")
+    return run_dir.parents[1]
 
 
 def test_nano4m_smoke_reports_caption_and_image_attribute_metrics(nano4m_logs, shared_data):

@@ -26,9 +26,8 @@ TOKEN_FAMILIES = {"m4_pose", "nano4m", "dynamics", "dynamics_shortcut", "mmpt_st
 
 
 @pytest.mark.parametrize(("experiment", "extra"), CASES)
-def test_every_experiment_runs_with_smoke(experiment, extra, tmp_path, shared_data):
-    proc = run_cli("train.py", f"experiment={experiment}", "debug=smoke", *extra, logs=tmp_path, data=shared_data)
-    run_dir = tmp_path / experiment / f"{experiment}-smoke"
+def test_every_experiment_runs_with_smoke(experiment, extra, smoke_runs):
+    run_dir, proc = smoke_runs(experiment, *extra)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 8
     for name in ("config.yaml", "token_space.json", "overrides.json", "commands.log", "DONE", "checkpoints/last.ckpt"):
