@@ -27,7 +27,7 @@ train: $(VENV_OK) ## the main job: m4_pose (builds the toy world, image tokenize
 	$(PY) train.py experiment=m4_pose $(ARGS)
 
 test: $(VENV_OK) ## all tests (unit + CLI)
-	$(PY) -m pytest tests -q $(ARGS)
+	$(PY) -m pytest tests -q -n 2 --dist loadfile $(ARGS)
 
 test-fast: $(VENV_OK) ## unit tests only
 	$(PY) -m pytest tests/unit -q $(ARGS)
