@@ -1,11 +1,14 @@
 """Helpers for subprocess runs of the entry points (train.py, eval.py, prepare.py, generate.py)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,3 +70,20 @@ def smoke_runs(tmp_path_factory, shared_data):
         return runs[key]
 
     return get
+
+
+def kill_after_checkpoint(cmd: list[str], last: Path, min_step: int, timeout: float) -> int:
+    """Start ``cmd`` (a train.py command line), SIGKILL its process group once ``last`` holds a checkpoint of at
+    least ``min_step`` steps, and return the step the checkpoint holds."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=True)["global_step"] >= min_step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return torch.load(last, weights_only=True)["global_step"]

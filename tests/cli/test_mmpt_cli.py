@@ -6,16 +6,12 @@ ends with the same LoRA, rows and mixture state as that uninterrupted one (gate 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from tests.cli.conftest import ROOT, cli_env, run_cli
+from tests.cli.conftest import ROOT, kill_after_checkpoint, run_cli
 
 # deterministic kernels and a checkpoint every 3 steps (between the validations at 4 and 8), so that a run killed
 # after any checkpoint resumes onto the uninterrupted run's path
@@ -83,18 +79,7 @@ def test_mmpt_killed_run_resumes_with_the_same_lora_rows_and_mixture_state(mmpt_
     cmd += [*COMMON, "run=killed"]
     killed = logs / "mmpt_stage4" / "killed"
     last = killed / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists() and torch.load(last, weights_only=True)["global_step"] >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(last, weights_only=True)["global_step"]
+    killed_at = kill_after_checkpoint(cmd, last, min_step=3, timeout=600)
     assert 3 <= killed_at < 8 and not (killed / "DONE").exists()
     out = run_cli("train.py", *COMMON, "run=killed", logs=logs, data=shared_data, timeout=900)
     assert "resuming" in out.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli.conftest import ROOT, cli_env, run_cli
+from tests.cli.conftest import ROOT, cli_env, kill_after_checkpoint, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
@@ -251,20 +251,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, shared_data):
     ]
     run_dir = tmp_path / "image_tokenizer" / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists():
-            step = torch.load(last, weights_only=True)["global_step"]
-            if step >= 9:
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(last, weights_only=True)["global_step"]
+    killed_at = kill_after_checkpoint(cmd, last, min_step=9, timeout=240)
     assert 9 <= killed_at < 40 and not (run_dir / "DONE").exists()
 
     out = run_cli("train.py", *common, "run=killed", logs=tmp_path, data=shared_data)

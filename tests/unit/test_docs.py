@@ -48,15 +48,15 @@ def test_the_scan_sees_links_and_paths_that_leave_the_repository():
     doc = ROOT / "experiments" / "x" / "README.md"  # where it would live; only its folder matters
     text = "\n".join(
         [
-            "Notes: `../../../shared/research/fourm.md` (masking).",  # a path in backticks, three levels up
-            "See [the design](../../../shared/ARCHITECTURE.md).",  # a markdown link
+            "Notes: `../../../notes/research/fourm.md` (masking).",  # a path in backticks, three levels up
+            "See [the design](../../../notes/DESIGN.md).",  # a markdown link
             "[ok](../../README.md), [ok](#layout), [web](https://example.org/a/../b), `../m4_pose/README.md`",
             "[abs](/etc/passwd) and file:///tmp/x",
         ]
     )
     assert outside_references(doc, text) == [
-        "1: ../../../shared/research/fourm.md",
-        "2: ../../../shared/ARCHITECTURE.md",
+        "1: ../../../notes/research/fourm.md",
+        "2: ../../../notes/DESIGN.md",
         "4: /etc/passwd",
         "4: file:///tmp/x",
     ]
