@@ -64,7 +64,8 @@ class _GoldenCallback(L.Callback):
 class GoldenDecoding(_GoldenCallback):
     """Greedy decoding of every golden set: ``<out_dir>/step_<k>/<task>.jsonl`` with the png / wav outputs,
     ``<out_dir>/golden_summary.json`` (per step and task: constrained and unconstrained decode rates, errors by
-    kind, illegal mass, caption attribute accuracy), metrics, and media to TensorBoard / wandb."""
+    kind, illegal mass, caption attribute accuracy beside the share of the set's most common value), metrics,
+    and media to TensorBoard / wandb."""
 
     def __init__(self, out_dir: str, unconstrained: bool = True, media_per_task: int = 4):
         super().__init__()
@@ -117,6 +118,9 @@ class GoldenDecoding(_GoldenCallback):
             for attr in scored[0]["attributes"]:
                 hits = [bool(r.get("attributes", {}).get(attr, False)) for r in recs]
                 s[f"{attr}_acc"] = float(np.mean(hits))
+                # the share the golden set's most common value has: what one fixed answer would score
+                truth = Counter(str(dm.golden_attributes.get(r["key"], {}).get(attr)) for r in recs)
+                s[f"{attr}_majority"] = truth.most_common(1)[0][1] / len(recs)
         return s
 
     def _log_media(self, trainer, task: str, out: Path, recs: list[dict]) -> None:

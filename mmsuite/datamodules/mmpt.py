@@ -410,6 +410,19 @@ class MMPTDataModule(ShardDataModule):
                     return {"records": n, "sequences": built}
         return {"records": n, "sequences": built}
 
+    def reading_sequences(self, split: str) -> list:
+        """Every A2T and I2T sequence of ``split`` (the reading tasks), in stored order: what a Stage 3 base is
+        pretrained on (train) and scored on (val)."""
+        builder = SequenceBuilder(self.layout, self.fmt, self.settings.sequence)
+        seqs = []
+        for shard in split_shards(self.root, split, self.manifest or read_manifest(self.root)):
+            for raw in iter_raw_samples(shard.path, self.on_corrupt):
+                item = self.expand(decode_sample(raw))[0]
+                seq = builder.build("i2t" if item.image is not None else "a2t", item)
+                if seq is not None:
+                    seqs.append(seq)
+        return seqs
+
     # -- checkpointed state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {**super().state_dict(), "mixture": self.mixture.state_dict(), "drops": self.drops.state_dict()}

@@ -155,6 +155,24 @@ def test_golden_decoding_writes_every_output_and_decodes_all_writing_targets(tmp
     assert [e["step"] for e in json.loads((tmp_path / "qual" / "golden_summary.json").read_text())["history"]] == [3]
 
 
+def test_caption_scores_sit_beside_the_share_of_the_sets_most_common_value(tmp_path, monkeypatch):
+    m = _module(tmp_path / "base")
+    m.eval()
+    monkeypatch.setattr(m, "log", lambda *a, **k: None)
+    trainer = _fake_run(m, tmp_path)
+    colors = ["red", "red", "red", "blue"]
+    trainer.datamodule.golden_attributes = {f"i2t{i}": {"color": c} for i, c in enumerate(colors)}
+    said = iter([True, False, False, True])  # whether each generated caption names the right colour
+
+    def media(task, row, out, text_tokenizer, attributes):
+        return {"key": row["key"], **({"attributes": {"color": next(said)}} if attributes else {})}
+
+    monkeypatch.setattr(m, "golden_media", media)
+    GoldenDecoding(str(tmp_path / "qual"), unconstrained=False).on_validation_epoch_end(trainer, m)
+    s = json.loads((tmp_path / "qual" / "golden_summary.json").read_text())["latest"]["i2t"]
+    assert s["color_acc"] == 0.5 and s["color_majority"] == 0.75
+
+
 def test_prompt_ablation_writes_gaps_with_intervals_and_their_growth(tmp_path, monkeypatch):
     m = _module(tmp_path / "base")
     m.eval()
@@ -383,3 +401,51 @@ def test_a_local_hf_base_is_extended_with_its_own_specials_banned_from_text(tmp_
     m = _module(tmp_path, base={"path": str(src)})
     assert m.layout.banned_text_ids == (TEXT - 1,) and (m.base_dir / "tokenizer.json").is_file()
     assert m.grammar.allowed[m.grammar.state["text"], TEXT - 1].item() is False
+
+
+class _ReadingData:
+    """What the module asks of the datamodule to pretrain a base: reading sequences and the data set's name."""
+
+    def __init__(self, layout, name="mmpt-aaaa"):
+        rng = np.random.default_rng(0)
+        builder = SequenceBuilder(layout, FMT)
+
+        # a learnable reading task: the caption repeats the first image tokens' offsets as text ids
+        def seq(i):
+            it = random_item(layout, rng, f"r{i}", text_len=3)
+            it.text = [layout.text.start + (t - layout.image.start) % TEXT for t in it.image[:3]]
+            return builder.build("i2t", it)
+
+        self.seqs = {"train": [seq(i) for i in range(64)], "val": [seq(100 + i) for i in range(16)]}
+        self.root = SimpleNamespace(name=name)
+        self.calls = []
+
+    def reading_sequences(self, split):
+        self.calls.append(split)
+        return self.seqs[split]
+
+
+def test_a_pretrained_base_waits_for_the_data_then_trains_every_weight_on_the_reading_tasks(tmp_path, capsys):
+    pretrain = {"steps": 30, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "val_sequences": 16}
+    base = {"toy": {**TOY, "max_position_embeddings": 128}, "init_noise": 0.1, "pretrain": pretrain}
+    m = _module(tmp_path, base=base)
+    assert m.model is None and not m.base_dir.exists()  # no data yet: Lightning's hook builds it later
+    data = _ReadingData(m.layout)
+    m._trainer = SimpleNamespace(datamodule=data)
+    m.configure_model()
+    assert data.calls == ["train", "val"] and "Stage 3: 30 steps on 64 A2T/I2T sequences" in capsys.readouterr().out
+    record = json.loads((m.base_dir / "mmpt_base.json").read_text())["pretrain"]
+    assert record["data"] == "mmpt-aaaa" and record["steps"] == 30
+    assert record["val_loss_after"] < record["val_loss_before"] - 0.5
+    # every weight moved (not only the rows or LoRA): compare with the same base built without pretraining
+    plain = _module(tmp_path / "plain", base={**base, "pretrain": {"steps": 0}})
+    trained = dict(m.model.get_base_model().named_parameters())
+    for n, p in plain.model.get_base_model().named_parameters():
+        if "lora_" not in n and "trainable_tokens" not in n:
+            assert not torch.equal(p, trained[n]), n
+    # a later run finds the base (built at __init__, no data needed) and refuses other task shards
+    again = _module(tmp_path, base=base)
+    assert again.model is not None
+    again.check_base_data(SimpleNamespace(root=SimpleNamespace(name="mmpt-aaaa")))
+    with pytest.raises(ValueError, match="pretrained on the task shards mmpt-aaaa, this run reads mmpt-bbbb"):
+        again.check_base_data(SimpleNamespace(root=SimpleNamespace(name="mmpt-bbbb")))

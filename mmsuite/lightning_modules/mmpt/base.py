@@ -53,9 +53,25 @@ class ToyLMSettings:
 
 
 @dataclass
+class PretrainSettings:
+    """Stage 3 on the run's own task shards: every weight of the extended base trained on the reading tasks (A2T,
+    I2T), so that Stage 4 starts from a model that reads image and audio tokens. ``steps: 0``: the base as built."""
+
+    steps: int = setting(0, ge=0)
+    batch_size: int = setting(32, ge=1)  # sequences per step
+    lr: float = setting(3.0e-3, gt=0.0)
+    warmup_steps: int = setting(50, ge=0)
+    weight_decay: float = setting(0.01, ge=0.0)
+    grad_clip: float = setting(1.0, gt=0.0)
+    seed: int = setting(0, ge=0)  # order of the training sequences
+    val_sequences: int = setting(256, ge=1)  # held-out (val split) reading sequences scored before and after
+
+
+@dataclass
 class BaseSettings:
     path: str = ""  # a local Hugging Face causal-LM folder with its tokenizer; "": the toy LM of `toy`
     toy: ToyLMSettings = setting(ToyLMSettings())
+    pretrain: PretrainSettings = setting(PretrainSettings())
     layout: LayoutSettings = setting(LayoutSettings())
     init_seed: int = setting(0, ge=0)  # seed of the new rows' noise
     init_noise: float = setting(0.02, ge=0.0)  # new row = mean of the text rows + init_noise * per-dim std * N(0, 1)
@@ -248,3 +264,73 @@ def load_base(
     if heads_tied(model) != bool(record["tie_word_embeddings"]):
         raise ValueError(f"{path}: the loaded head is {'' if heads_tied(model) else 'not '}tied, unlike when saved")
     return model, layout
+
+
+@torch.no_grad()
+def reading_loss(model, layout: MMPTLayout, seqs: list, batch_size: int = 64) -> float:
+    """Token-weighted mean cross-entropy (nats/token) of ``model`` over the target spans of ``seqs``."""
+    import torch.nn.functional as F
+
+    from mmsuite.lightning_modules.mmpt.loss import TargetLoss
+    from mmsuite.tokenizers.mmpt_sequences import collate
+
+    loss_fn, device = TargetLoss(layout), next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(seqs[i : i + batch_size], layout.pad_id).items()}
+        logits, targets, _ = loss_fn.target_logits(model, batch)
+        total += float(F.cross_entropy(logits, targets, reduction="sum"))
+        count += targets.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def pretrain_base(model, layout: MMPTLayout, train: list, val: list, settings: PretrainSettings) -> dict:
+    """Stage 3: train every weight of ``model`` on the reading sequences ``train`` (A2T/I2T, labels on the caption)
+    for ``settings.steps`` AdamW steps; returns what it did and the held-out loss before and after. A plain loop,
+    not a Trainer: it runs inside the Stage 4 run's setup, where a second Trainer would share its loggers."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from mmsuite.lightning_modules.mmpt.loss import TargetLoss
+    from mmsuite.nn.schedule import warmup_cosine_scheduler
+    from mmsuite.tokenizers.mmpt_sequences import collate
+
+    if not train:
+        raise ValueError("Stage 3 pretraining (model.base.pretrain) found no reading sequences in the train split")
+    val = val[: settings.val_sequences]
+    start = time.perf_counter()
+    before = reading_loss(model, layout, val) if val else float("nan")
+    loss_fn, device = TargetLoss(layout), next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = warmup_cosine_scheduler(opt, settings.warmup_steps, settings.steps, 0.1)
+    generator = torch.Generator().manual_seed(settings.seed)
+    order, pos, last = torch.randperm(len(train), generator=generator), 0, float("nan")
+    b = min(settings.batch_size, len(train))
+    model.train()
+    for _ in tqdm(range(settings.steps), desc="Stage 3 base (reading tasks)", unit="step"):
+        if pos + b > len(train):
+            order, pos = torch.randperm(len(train), generator=generator), 0
+        rows = [train[int(i)] for i in order[pos : pos + b]]
+        pos += b
+        batch = {k: v.to(device) for k, v in collate(rows, layout.pad_id).items()}
+        loss = loss_fn.task_losses(model, batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        sched.step()
+        last = float(loss.detach())
+    model.eval()
+    after = reading_loss(model, layout, val) if val else float("nan")
+    return {
+        "train_sequences": len(train),
+        "val_sequences": len(val),
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "train_loss_last": last,
+        "seconds": round(time.perf_counter() - start, 1),
+    }

@@ -1,8 +1,9 @@
 """The MMPT Stage 4 LightningModule: a causal LM over the MMPT token space, trained with LoRA and the new rows.
 
-Before training (``setup``): the Stage 3 base is loaded from ``base_dir`` with its token space checked against the
-run's (gate A1; a missing toy base is built there first), PEFT adds LoRA and the trainable rows and the trainable
-set is checked against the formula (gate A2, the count printed). ``on_fit_start`` runs gates A3 (sequence
+Before training (``configure_model``): the Stage 3 base is loaded from ``base_dir`` with its token space checked
+against the run's (gate A1; a missing base is built there first, and with ``base.pretrain.steps`` trained on the
+run's reading sequences, which is why that build waits for the data), PEFT adds LoRA and the trainable rows and
+the trainable set is checked against the formula (gate A2, the count printed). ``on_fit_start`` runs gates A3 (sequence
 builders) and A4 (strict decode of stored tokens through the image and audio tokenizers) on the data.
 
 Training: per-task token-weighted losses (:class:`~mmsuite.lightning_modules.mmpt.loss.TargetLoss`), the total a
@@ -37,7 +38,16 @@ from mmsuite.lightning_modules.mmpt.adapters import (
     param_groups,
     rows_written_in,
 )
-from mmsuite.lightning_modules.mmpt.base import BaseSettings, build_toy_lm, extend_vocabulary, load_base, save_base
+from mmsuite.lightning_modules.mmpt.base import (
+    RECORD_FILE,
+    TOKEN_SPACE_FILE,
+    BaseSettings,
+    build_toy_lm,
+    extend_vocabulary,
+    load_base,
+    pretrain_base,
+    save_base,
+)
 from mmsuite.lightning_modules.mmpt.loss import TargetLoss
 from mmsuite.nn.schedule import StepSchedule, warmup_cosine_scheduler
 from mmsuite.settings import as_dict, parse, setting
@@ -82,9 +92,9 @@ class MMPTModule(L.LightningModule):
         self.train_task = torch.nn.ModuleList(MeanMetric() for _ in TASK_NAMES)
         self.val_task = torch.nn.ModuleList(MeanMetric() for _ in TASK_NAMES)
         self._tokenizers: dict = {}
-        self.configure_model()  # the base's layout (with its banned text ids) replaces the config's
         self.grammar = TaskGrammar(self.layout, self.fmt)
         self.loss_fn = TargetLoss(self.layout)
+        self.configure_model()  # now, unless the base must first be trained on the data (then Lightning's hook)
 
     # -- the base and its adapters (gates A1, A2) -------------------------------------------------------
     @property
@@ -96,13 +106,23 @@ class MMPTModule(L.LightningModule):
         return Path(s.base_root) / f"mmpt-base-{settings_hash(key)}"
 
     def configure_model(self) -> None:
+        """Load the Stage 3 base (building it when missing) and add the adapters. Called from ``__init__``, and
+        again by Lightning after ``prepare_data``/``setup``: a base pretrained on the run's task shards
+        (``base.pretrain.steps``) is built only then, from the datamodule's reading sequences."""
         if self.model is not None:
             return
         path = self.base_dir
-        if not (path / "token_space.json").is_file() and not self.settings.base_dir:
-            ensure_base(self.layout, self.settings.base, path)
+        if not (path / TOKEN_SPACE_FILE).is_file() and not self.settings.base_dir:
+            data = None
+            if self.settings.base.pretrain.steps:
+                data = self._trainer.datamodule if self._trainer is not None else None
+                if data is None or not hasattr(data, "reading_sequences"):
+                    return  # Lightning calls this hook again once the data exist
+            ensure_base(self.layout, self.settings.base, path, data)
         model, layout = load_base(path, expected_sha256=self.layout.sha256, expected_from="the run's token space")
         self.layout = layout  # carries the base's banned text ids
+        self.grammar = TaskGrammar(layout, self.fmt)
+        self.loss_fn = TargetLoss(layout)
         self.model = add_adapters(model, layout, self.settings.adapters)
         self.model.train()  # from_pretrained returns the base in eval mode (LoRA dropout off)
         self.trainable_counts = check_trainable(self.model, layout, self.settings.adapters)
@@ -118,9 +138,20 @@ class MMPTModule(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "check_records"):
             return
+        self.check_base_data(dm)
         checked = dm.check_records("val")
         self.decode_stored(dm)
         print(f"[mmpt] gates A3/A4: {checked['sequences']} sequences of {checked['records']} records pass", flush=True)
+
+    def check_base_data(self, dm) -> None:
+        """A base pretrained on task shards must have read this run's (same tokenizers, same data settings)."""
+        record = json.loads((self.base_dir / RECORD_FILE).read_text())
+        built_on = record.get("pretrain", {}).get("data")
+        if built_on is not None and built_on != dm.root.name:
+            raise ValueError(
+                f"the Stage 3 base {self.base_dir} was pretrained on the task shards {built_on}, this run reads "
+                f"{dm.root.name}: delete the base to rebuild it, or set model.base_dir to a base made for this data"
+            )
 
     def decode_stored(self, dm) -> None:
         """Gate A4: the first golden target of each writing task decodes through the tokenizers."""
@@ -378,16 +409,17 @@ def score_caption(text: str, attributes: dict) -> dict[str, bool]:
     return {a: said[a] == attributes[a] for a in toysound.SOUND_ATTRIBUTES}
 
 
-def ensure_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path) -> Path:
+def ensure_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=None) -> Path:
     """Build the Stage 3 base for ``layout`` at ``out_dir``: the toy Qwen3 (random weights) or the local base LM
-    of ``settings.path``, its vocabulary extended with every new row initialised (seeded mean + noise). The run's
-    random stream is left as it was (transformers' resizing draws from it), so a run that builds the base and one
-    that finds it built get the same LoRA initialisation."""
+    of ``settings.path``, its vocabulary extended with every new row initialised (seeded mean + noise), then, with
+    ``settings.pretrain.steps``, every weight trained on the reading sequences of ``data`` (the MMPT datamodule,
+    set up). The run's random stream is left as it was (transformers' resizing draws from it), so a run that
+    builds the base and one that finds it built get the same LoRA initialisation."""
     with torch.random.fork_rng(devices=[]):
-        return _build_base(layout, settings, out_dir)
+        return _build_base(layout, settings, out_dir, data)
 
 
-def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path) -> Path:
+def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=None) -> Path:
     from mmsuite.lightning_modules.mmpt.base import DTYPES, load_hf_lm
 
     if settings.path:
@@ -412,4 +444,17 @@ def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path) -> Pa
     record = {"source": source, "init_seed": settings.init_seed, "init_noise": settings.init_noise}
     record["dtype"] = settings.dtype
     print(f"[mmpt] building the Stage 3 base at {out_dir}", flush=True)
+    if settings.pretrain.steps:
+        if data is None:
+            raise ValueError("model.base.pretrain.steps > 0 trains the base on the task shards: it needs the data")
+        done = pretrain_base(
+            model, layout, data.reading_sequences("train"), data.reading_sequences("val"), settings.pretrain
+        )
+        record["pretrain"] = {**dataclasses.asdict(settings.pretrain), **done, "data": data.root.name}
+        print(
+            f"[mmpt] Stage 3: {settings.pretrain.steps} steps on {done['train_sequences']} A2T/I2T sequences in "
+            f"{done['seconds']:.0f} s; held-out caption loss {done['val_loss_before']:.3f} -> "
+            f"{done['val_loss_after']:.3f} nats/token",
+            flush=True,
+        )
     return save_base(model, layout, out_dir, record, tokenizer_dir=settings.path or None)
