@@ -54,6 +54,7 @@ from mmsuite.tokenizers.mmpt_sequences import (
     SequenceBuilder,
     SequenceSettings,
     TaskItem,
+    assemble_text,
     collate,
     verify_sequence,
 )
@@ -410,18 +411,19 @@ class MMPTDataModule(ShardDataModule):
                     return {"records": n, "sequences": built}
         return {"records": n, "sequences": built}
 
-    def reading_sequences(self, split: str) -> list:
-        """Every A2T and I2T sequence of ``split`` (the reading tasks), in stored order: what a Stage 3 base is
-        pretrained on (train) and scored on (val)."""
+    def stage3_rows(self, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """What a Stage 3 base is pretrained on (train) and scored on (val), as ``(input_ids, labels)`` pairs: each
+        record's reading sequence (A2T or I2T, labels on the caption) and its caption alone (text-only, labelled)."""
         builder = SequenceBuilder(self.layout, self.fmt, self.settings.sequence)
-        seqs = []
+        rows = []
         for shard in split_shards(self.root, split, self.manifest or read_manifest(self.root)):
             for raw in iter_raw_samples(shard.path, self.on_corrupt):
                 item = self.expand(decode_sample(raw))[0]
                 seq = builder.build("i2t" if item.image is not None else "a2t", item)
                 if seq is not None:
-                    seqs.append(seq)
-        return seqs
+                    rows.append((seq.input_ids, seq.labels))
+                rows.append(assemble_text(self.layout, item.text))
+        return rows
 
     # -- checkpointed state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -264,6 +264,13 @@ def test_gate_a3_checks_stored_records_and_stops_on_a_broken_one(tmp_path):
     good = [(f"r{i}", random_item(layout, rng, f"r{i}"), "image" if i % 2 else "audio") for i in range(4)]
     _write_records(tmp_path / "mmpt-test", layout, good)
     assert dm.check_records("val") == {"records": 4, "sequences": 8}
+    # Stage 3 rows: each record's reading sequence (labels on the caption) and its caption alone
+    rows = dm.stage3_rows("val")
+    t_open, t_close, _ = layout.tags("text")
+    for (ids, labels), (text_ids, text_labels), (_, item, _) in zip(rows[::2], rows[1::2], good):
+        assert list(ids[labels != -100])[-len(item.text) - 1 :] == [*item.text, t_close]
+        assert list(text_ids) == [t_open, *item.text, t_close] and text_labels[0] == -100
+        assert (text_labels[1:] == text_ids[1:]).all()
     bad = random_item(layout, rng, "bad")
     bad.image = bad.image[:-1]  # one image token short
     (tmp_path / "mmpt-test").rename(tmp_path / "old")
@@ -404,7 +411,7 @@ def test_a_local_hf_base_is_extended_with_its_own_specials_banned_from_text(tmp_
 
 
 class _ReadingData:
-    """What the module asks of the datamodule to pretrain a base: reading sequences and the data set's name."""
+    """What the module asks of the datamodule to pretrain a base: Stage 3 rows and the data set's name."""
 
     def __init__(self, layout, name="mmpt-aaaa"):
         rng = np.random.default_rng(0)
@@ -414,26 +421,30 @@ class _ReadingData:
         def seq(i):
             it = random_item(layout, rng, f"r{i}", text_len=3)
             it.text = [layout.text.start + (t - layout.image.start) % TEXT for t in it.image[:3]]
-            return builder.build("i2t", it)
+            s = builder.build("i2t", it)
+            return s.input_ids, s.labels
 
         self.seqs = {"train": [seq(i) for i in range(64)], "val": [seq(100 + i) for i in range(16)]}
         self.root = SimpleNamespace(name=name)
         self.calls = []
 
-    def reading_sequences(self, split):
+    def stage3_rows(self, split):
         self.calls.append(split)
         return self.seqs[split]
 
 
 def test_a_pretrained_base_waits_for_the_data_then_trains_every_weight_on_the_reading_tasks(tmp_path, capsys):
-    pretrain = {"steps": 30, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "val_sequences": 16}
+    pretrain = {"steps": 30, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "val_rows": 16}
     base = {"toy": {**TOY, "max_position_embeddings": 128}, "init_noise": 0.1, "pretrain": pretrain}
     m = _module(tmp_path, base=base)
     assert m.model is None and not m.base_dir.exists()  # no data yet: Lightning's hook builds it later
     data = _ReadingData(m.layout)
     m._trainer = SimpleNamespace(datamodule=data)
     m.configure_model()
-    assert data.calls == ["train", "val"] and "Stage 3: 30 steps on 64 A2T/I2T sequences" in capsys.readouterr().out
+    assert (
+        data.calls == ["train", "val"]
+        and "Stage 3: 30 steps on 64 A2T/I2T and text-only rows" in capsys.readouterr().out
+    )
     record = json.loads((m.base_dir / "mmpt_base.json").read_text())["pretrain"]
     assert record["data"] == "mmpt-aaaa" and record["steps"] == 30
     assert record["val_loss_after"] < record["val_loss_before"] - 0.5

@@ -55,7 +55,8 @@ class ToyLMSettings:
 @dataclass
 class PretrainSettings:
     """Stage 3 on the run's own task shards: every weight of the extended base trained on the reading tasks (A2T,
-    I2T), so that Stage 4 starts from a model that reads image and audio tokens. ``steps: 0``: the base as built."""
+    I2T) and on the captions alone, so that Stage 4 starts from a model that reads image and audio tokens and
+    writes text. ``steps: 0``: the base as built."""
 
     steps: int = setting(0, ge=0)
     batch_size: int = setting(32, ge=1)  # sequences per step
@@ -64,7 +65,7 @@ class PretrainSettings:
     weight_decay: float = setting(0.01, ge=0.0)
     grad_clip: float = setting(1.0, gt=0.0)
     seed: int = setting(0, ge=0)  # order of the training sequences
-    val_sequences: int = setting(256, ge=1)  # held-out (val split) reading sequences scored before and after
+    val_rows: int = setting(256, ge=1)  # held-out (val split) rows scored before and after
 
 
 @dataclass
@@ -267,19 +268,19 @@ def load_base(
 
 
 @torch.no_grad()
-def reading_loss(model, layout: MMPTLayout, seqs: list, batch_size: int = 64) -> float:
-    """Token-weighted mean cross-entropy (nats/token) of ``model`` over the target spans of ``seqs``."""
+def rows_loss(model, layout: MMPTLayout, rows: list, batch_size: int = 64) -> float:
+    """Token-mean cross-entropy (nats/token) of ``model`` over the labelled tokens of ``(input_ids, labels)`` rows."""
     import torch.nn.functional as F
 
     from mmsuite.lightning_modules.mmpt.loss import TargetLoss
-    from mmsuite.tokenizers.mmpt_sequences import collate
+    from mmsuite.tokenizers.mmpt_sequences import collate_rows
 
     loss_fn, device = TargetLoss(layout), next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(seqs[i : i + batch_size], layout.pad_id).items()}
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate_rows(rows[i : i + batch_size], layout.pad_id).items()}
         logits, targets, _ = loss_fn.target_logits(model, batch)
         total += float(F.cross_entropy(logits, targets, reduction="sum"))
         count += targets.numel()
@@ -288,22 +289,24 @@ def reading_loss(model, layout: MMPTLayout, seqs: list, batch_size: int = 64) ->
 
 
 def pretrain_base(model, layout: MMPTLayout, train: list, val: list, settings: PretrainSettings) -> dict:
-    """Stage 3: train every weight of ``model`` on the reading sequences ``train`` (A2T/I2T, labels on the caption)
-    for ``settings.steps`` AdamW steps; returns what it did and the held-out loss before and after. A plain loop,
-    not a Trainer: it runs inside the Stage 4 run's setup, where a second Trainer would share its loggers."""
+    """Stage 3: train every weight of ``model`` on ``(input_ids, labels)`` rows (the reading tasks and the captions
+    alone) for ``settings.steps`` AdamW steps, token-mean cross-entropy; returns what it did and the held-out loss
+    before and after. A plain loop, not a Trainer: it runs inside the Stage 4 run's ``configure_model``, where a
+    second Trainer would share the run's loggers."""
     import time
 
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from mmsuite.lightning_modules.mmpt.loss import TargetLoss
     from mmsuite.nn.schedule import warmup_cosine_scheduler
-    from mmsuite.tokenizers.mmpt_sequences import collate
+    from mmsuite.tokenizers.mmpt_sequences import collate_rows
 
     if not train:
-        raise ValueError("Stage 3 pretraining (model.base.pretrain) found no reading sequences in the train split")
-    val = val[: settings.val_sequences]
+        raise ValueError("Stage 3 pretraining (model.base.pretrain) found no sequences in the train split")
+    val = val[: settings.val_rows]
     start = time.perf_counter()
-    before = reading_loss(model, layout, val) if val else float("nan")
+    before = rows_loss(model, layout, val) if val else float("nan")
     loss_fn, device = TargetLoss(layout), next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = warmup_cosine_scheduler(opt, settings.warmup_steps, settings.steps, 0.1)
@@ -311,13 +314,14 @@ def pretrain_base(model, layout: MMPTLayout, train: list, val: list, settings: P
     order, pos, last = torch.randperm(len(train), generator=generator), 0, float("nan")
     b = min(settings.batch_size, len(train))
     model.train()
-    for _ in tqdm(range(settings.steps), desc="Stage 3 base (reading tasks)", unit="step"):
+    for _ in tqdm(range(settings.steps), desc="Stage 3 base (reading tasks + captions)", unit="step"):
         if pos + b > len(train):
             order, pos = torch.randperm(len(train), generator=generator), 0
         rows = [train[int(i)] for i in order[pos : pos + b]]
         pos += b
-        batch = {k: v.to(device) for k, v in collate(rows, layout.pad_id).items()}
-        loss = loss_fn.task_losses(model, batch)["loss"]
+        batch = {k: v.to(device) for k, v in collate_rows(rows, layout.pad_id).items()}
+        logits, targets, _ = loss_fn.target_logits(model, batch)
+        loss = F.cross_entropy(logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -325,10 +329,10 @@ def pretrain_base(model, layout: MMPTLayout, train: list, val: list, settings: P
         sched.step()
         last = float(loss.detach())
     model.eval()
-    after = reading_loss(model, layout, val) if val else float("nan")
+    after = rows_loss(model, layout, val) if val else float("nan")
     return {
-        "train_sequences": len(train),
-        "val_sequences": len(val),
+        "train_rows": len(train),
+        "val_rows": len(val),
         "val_loss_before": before,
         "val_loss_after": after,
         "train_loss_last": last,

@@ -1,10 +1,10 @@
 """The MMPT Stage 4 LightningModule: a causal LM over the MMPT token space, trained with LoRA and the new rows.
 
 Before training (``configure_model``): the Stage 3 base is loaded from ``base_dir`` with its token space checked
-against the run's (gate A1; a missing base is built there first, and with ``base.pretrain.steps`` trained on the
-run's reading sequences, which is why that build waits for the data), PEFT adds LoRA and the trainable rows and
-the trainable set is checked against the formula (gate A2, the count printed). ``on_fit_start`` runs gates A3 (sequence
-builders) and A4 (strict decode of stored tokens through the image and audio tokenizers) on the data.
+against the run's (gate A1; a missing base is built there first, with ``base.pretrain.steps`` trained on the run's
+reading sequences and captions, which is why that build waits for the data), PEFT adds LoRA and the trainable
+rows and the trainable set is checked against the formula (gate A2, the count printed). ``on_fit_start`` runs gates
+A3 (sequence builders) and A4 (strict decode of stored tokens through the image and audio tokenizers) on the data.
 
 Training: per-task token-weighted losses (:class:`~mmsuite.lightning_modules.mmpt.loss.TargetLoss`), the total a
 mean over the tasks present; logged ``train/loss_<task>``, ``train/loss``, ``train/loss_token_weighted`` (the plain
@@ -108,7 +108,7 @@ class MMPTModule(L.LightningModule):
     def configure_model(self) -> None:
         """Load the Stage 3 base (building it when missing) and add the adapters. Called from ``__init__``, and
         again by Lightning after ``prepare_data``/``setup``: a base pretrained on the run's task shards
-        (``base.pretrain.steps``) is built only then, from the datamodule's reading sequences."""
+        (``base.pretrain.steps``) is built only then, from the datamodule's Stage 3 rows."""
         if self.model is not None:
             return
         path = self.base_dir
@@ -116,7 +116,7 @@ class MMPTModule(L.LightningModule):
             data = None
             if self.settings.base.pretrain.steps:
                 data = self._trainer.datamodule if self._trainer is not None else None
-                if data is None or not hasattr(data, "reading_sequences"):
+                if data is None or not hasattr(data, "stage3_rows"):
                     return  # Lightning calls this hook again once the data exist
             ensure_base(self.layout, self.settings.base, path, data)
         model, layout = load_base(path, expected_sha256=self.layout.sha256, expected_from="the run's token space")
@@ -412,9 +412,9 @@ def score_caption(text: str, attributes: dict) -> dict[str, bool]:
 def ensure_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=None) -> Path:
     """Build the Stage 3 base for ``layout`` at ``out_dir``: the toy Qwen3 (random weights) or the local base LM
     of ``settings.path``, its vocabulary extended with every new row initialised (seeded mean + noise), then, with
-    ``settings.pretrain.steps``, every weight trained on the reading sequences of ``data`` (the MMPT datamodule,
-    set up). The run's random stream is left as it was (transformers' resizing draws from it), so a run that
-    builds the base and one that finds it built get the same LoRA initialisation."""
+    ``settings.pretrain.steps``, every weight trained on the Stage 3 rows of ``data`` (the MMPT datamodule, set up:
+    its reading sequences and captions). The run's random stream is left as it was (transformers' resizing draws
+    from it), so a run that builds the base and one that finds it built get the same LoRA initialisation."""
     with torch.random.fork_rng(devices=[]):
         return _build_base(layout, settings, out_dir, data)
 
@@ -447,13 +447,11 @@ def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=
     if settings.pretrain.steps:
         if data is None:
             raise ValueError("model.base.pretrain.steps > 0 trains the base on the task shards: it needs the data")
-        done = pretrain_base(
-            model, layout, data.reading_sequences("train"), data.reading_sequences("val"), settings.pretrain
-        )
+        done = pretrain_base(model, layout, data.stage3_rows("train"), data.stage3_rows("val"), settings.pretrain)
         record["pretrain"] = {**dataclasses.asdict(settings.pretrain), **done, "data": data.root.name}
         print(
-            f"[mmpt] Stage 3: {settings.pretrain.steps} steps on {done['train_sequences']} A2T/I2T sequences in "
-            f"{done['seconds']:.0f} s; held-out caption loss {done['val_loss_before']:.3f} -> "
+            f"[mmpt] Stage 3: {settings.pretrain.steps} steps on {done['train_rows']} A2T/I2T and text-only rows in "
+            f"{done['seconds']:.0f} s; held-out loss {done['val_loss_before']:.3f} -> "
             f"{done['val_loss_after']:.3f} nats/token",
             flush=True,
         )
