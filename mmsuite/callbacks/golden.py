@@ -183,6 +183,7 @@ class PromptAblation(_GoldenCallback):
                 metrics = {
                     f"{task}_gap_{cond}": gap["mean"],
                     f"{task}_gap_{cond}_ci_low": gap["ci95"][0],
+                    f"{task}_gap_{cond}_ci_high": gap["ci95"][1],
                     f"{task}_correct_loses_{cond}": res[f"correct_loses_{cond}"],
                 }
                 for k, v in metrics.items():
@@ -190,7 +191,15 @@ class PromptAblation(_GoldenCallback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "prompt_ablation.json"
         history = [*_history(path, step), entry]
-        _write_json(path, {"history": history, "latest": entry, "growth": growth(history, self.tasks)})
+        grown = growth(history, self.tasks)
+        _write_json(path, {"history": history, "latest": entry, "growth": grown})
+        for task in self.tasks:  # gate C2 in the metrics: each gap at the first validation, and its growth since
+            for cond in ("shuffled", "empty"):
+                g = grown[f"{task}_gap_{cond}"]
+                pl_module.log(f"val/ablation/{task}_gap_{cond}_first", float(g["first"]), rank_zero_only=True)
+                pl_module.log(
+                    f"val/ablation/{task}_gap_{cond}_growth", float(g["last"] - g["first"]), rank_zero_only=True
+                )
 
 
 def growth(history: list[dict], tasks: list[str]) -> dict:

@@ -176,16 +176,25 @@ def test_caption_scores_sit_beside_the_share_of_the_sets_most_common_value(tmp_p
 def test_prompt_ablation_writes_gaps_with_intervals_and_their_growth(tmp_path, monkeypatch):
     m = _module(tmp_path / "base")
     m.eval()
-    monkeypatch.setattr(m, "log", lambda *a, **k: None)
+    logged = {}
+    monkeypatch.setattr(m, "log", lambda k, v, **_: logged.__setitem__(k, v))
     cb = PromptAblation(str(tmp_path), tasks=["t2a", "t2i"], n_boot=200)
     cb.on_validation_epoch_end(_fake_run(m, tmp_path, step=2), m)
+    with torch.no_grad():  # the model moves between the two validations, so the gaps do too
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
     cb.on_validation_epoch_end(_fake_run(m, tmp_path, step=6), m)
     res = json.loads((tmp_path / "prompt_ablation.json").read_text())
     assert [e["step"] for e in res["history"]] == [2, 6]
     for task in ("t2a", "t2i"):
         gap = res["latest"][task]["gap_shuffled"]
         assert gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1]
-        assert set(res["growth"][f"{task}_gap_empty"]) == {"first", "last", "grew"}
+        assert gap["ci95"] == [logged[f"val/ablation/{task}_gap_shuffled_ci_{e}"] for e in ("low", "high")]
+        g = res["growth"][f"{task}_gap_empty"]
+        assert set(g) == {"first", "last", "grew"} and g["first"] != g["last"]
+        assert logged[f"val/ablation/{task}_gap_empty_first"] == g["first"]
+        assert logged[f"val/ablation/{task}_gap_empty_growth"] == pytest.approx(g["last"] - g["first"])
     with pytest.raises(ValueError, match="unknown tasks"):
         PromptAblation(str(tmp_path), tasks=["t2x"])
 
