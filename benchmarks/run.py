@@ -23,6 +23,8 @@ import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -939,20 +941,21 @@ def _fvlm_train(cfg, batch: int, warmup: int, steps: int, device: torch.device) 
     }
 
 
-def _fvlm_cpu_run(quick: bool, batch: int, steps: int, threads: int) -> dict:
+def _fvlm_cpu_run(quick: bool, batch: int, warmup: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    return _fvlm_train(_fvlm_config(quick), batch, 1, steps, torch.device("cpu"))
+    return _fvlm_train(_fvlm_config(quick), batch, warmup, steps, torch.device("cpu"))
 
 
 def bench_fvlm(quick: bool) -> dict:
     """The foveated VLM's training step at the notes' shape (``experiment=fvlm_joint hardware=rtx4090``: 16 of 24
     frames, 325 x 384 patch features, a SmolLM2-135M-shaped LM with its 49K vocabulary, captions of 64 tokens,
     coarse + 2 fine passes, 8 x 32 x 32 latents): samples/s and peak memory. CUDA: bf16 autocast at batch 32, the
-    notes' anchor (about 100 samples/s in about 16 GB on a 4090). CPU: fp32 at batches 1 and 2, each in its own
-    process (a clean peak of the resident set); ``largest_batch_cpu_estimate`` is how many samples the memory this
-    machine has available would hold at the measured memory per sample (an extrapolation, not a run). ``quick``: a
-    tiny LM over 2 of the frames, one step per batch, both batches in this process (a check of the code, not
-    figures)."""
+    notes' anchor (about 100 samples/s in about 16 GB on a 4090). CPU: fp32 at batches 1, 2 and 8, each in its own
+    process (a clean peak of the resident set); ``memory_per_sample_mib`` is the slope from batch 2 to 8,
+    ``largest_batch_cpu_estimate`` how many samples the memory available would hold at that slope, and the
+    ``_largest`` keys one step run at 85 % of that batch in a fresh process (backing off toward batch 8 when the
+    kernel kills it; ``killed_batches`` lists those). ``quick``: a tiny LM over 2 of the frames, one step at batches
+    1 and 2 in this process (a check of the code, not figures)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _fvlm_config(quick)
     out = {"device_type": device.type, "device_name": _device_name(device), "shape": {
@@ -964,22 +967,37 @@ def bench_fvlm(quick: bool) -> dict:
     if device.type == "cuda":
         res = _fvlm_train(cfg, 32, 2, 3 if quick else 10, device)
         return {**out, **res, "batch": 32, "anchor_samples_per_s": 100.0, "anchor_memory_gib": 16.0}
-    if quick:
-        one, two = (_fvlm_train(cfg, b, 0, 1, device) for b in (1, 2))
-    else:  # each batch in a fresh process: a process's resident set does not shrink, so a second peak would hide
-        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-            one, two = (pool.apply(_fvlm_cpu_run, (quick, b, 2, torch.get_num_threads())) for b in (1, 2))
-    per_sample = max(two["peak_memory_mib"] - one["peak_memory_mib"], 1e-3)
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
-    largest = int(2 + (available - two["peak_memory_mib"]) // per_sample)
+    if quick:
+        runs = {b: _fvlm_train(cfg, b, 0, 1, device) for b in (1, 2)}
+        lo, hi = 1, 2
+    else:  # each batch in a fresh process: a process's resident set does not shrink, so a second peak would hide
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            runs = {b: pool.apply(_fvlm_cpu_run, (quick, b, 1, 2, torch.get_num_threads())) for b in (1, 2, 8)}
+        lo, hi = 2, 8
+    per_sample = max((runs[hi]["peak_memory_mib"] - runs[lo]["peak_memory_mib"]) / (hi - lo), 1e-3)
+    largest = int(hi + (available - runs[hi]["peak_memory_mib"]) // per_sample)
+    big: dict = {}
+    if not quick:  # one step at the largest batch, in a process of its own; one the kernel kills is reported
+        batch, killed = max(hi + 1, int(0.85 * largest)), []
+        while batch > hi:
+            try:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                    run = ex.submit(_fvlm_cpu_run, quick, batch, 0, 1, torch.get_num_threads()).result()
+                big = {f"{k}_largest": v for k, v in run.items() if k != "peak_memory_method"}
+                break
+            except BrokenProcessPool:
+                killed.append(batch)
+                batch = (batch + hi) // 2
+        big = {"batch_largest": batch if big else None, **big, "killed_batches": killed}
     return {
         **out,
-        **{f"{k}_b1": v for k, v in one.items() if k != "peak_memory_method"},
-        **{f"{k}_b2": v for k, v in two.items()},
+        **{f"{k}_b{b}": v for b, r in runs.items() for k, v in r.items() if k != "peak_memory_method" or b == lo},
         "memory_per_sample_mib": per_sample,
         "available_memory_mib": available,
         "largest_batch_cpu_estimate": largest,
+        **big,
         "precision": "fp32",
     }
 
