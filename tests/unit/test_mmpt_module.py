@@ -447,6 +447,8 @@ def test_a_pretrained_base_waits_for_the_data_then_trains_every_weight_on_the_re
     base = {"toy": {**TOY, "max_position_embeddings": 128}, "init_noise": 0.1, "pretrain": pretrain}
     m = _module(tmp_path, base=base)
     assert m.model is None and not m.base_dir.exists()  # no data yet: Lightning's hook builds it later
+    with pytest.raises(FileNotFoundError, match="python train.py"):  # a checkpoint cannot be loaded into nothing
+        m.on_load_checkpoint({"state_dict": {}})
     data = _ReadingData(m.layout)
     m._trainer = SimpleNamespace(datamodule=data)
     m.configure_model()

@@ -230,6 +230,11 @@ class MMPTModule(L.LightningModule):
 
     # -- checkpoints: the trainable tensors only ----------------------------------------------------------
     def _trainable_keys(self) -> set[str]:
+        if self.model is None:  # a pretrained base is built by a training run, once its task shards exist
+            raise FileNotFoundError(
+                f"the Stage 3 base {self.base_dir} does not exist: `python train.py` with this experiment builds it "
+                "(model.base.pretrain trains it on the task shards), or set model.base_dir to one made elsewhere"
+            )
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
