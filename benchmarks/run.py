@@ -954,8 +954,8 @@ def bench_fvlm(quick: bool) -> dict:
     process (a clean peak of the resident set); ``memory_per_sample_mib`` is the slope from batch 2 to 8,
     ``largest_batch_cpu_estimate`` how many samples the memory available would hold at that slope, and the
     ``_largest`` keys one step run at 85 % of that batch in a fresh process (backing off toward batch 8 when the
-    kernel kills it; ``killed_batches`` lists those). ``quick``: a tiny LM over 2 of the frames, one step at batches
-    1 and 2 in this process (a check of the code, not figures)."""
+    kernel kills it or an allocation fails; ``killed_batches`` lists those). ``quick``: a tiny LM over 2 of the
+    frames, one step at batches 1 and 2 in this process (a check of the code, not figures)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _fvlm_config(quick)
     out = {"device_type": device.type, "device_name": _device_name(device), "shape": {
@@ -987,7 +987,7 @@ def bench_fvlm(quick: bool) -> dict:
                     run = ex.submit(_fvlm_cpu_run, quick, batch, 0, 1, torch.get_num_threads()).result()
                 big = {f"{k}_largest": v for k, v in run.items() if k != "peak_memory_method"}
                 break
-            except BrokenProcessPool:
+            except (BrokenProcessPool, MemoryError, RuntimeError):  # killed, or an allocation that failed inside
                 killed.append(batch)
                 batch = (batch + hi) // 2
         big = {"batch_largest": batch if big else None, **big, "killed_batches": killed}

@@ -419,6 +419,11 @@ def test_a_local_hf_base_is_extended_with_its_own_specials_banned_from_text(tmp_
     assert m.grammar.allowed[m.grammar.state["text"], TEXT - 1].item() is False
 
 
+def _fake_trainer(data, barriers, rank_zero=True):
+    strategy = SimpleNamespace(root_device=torch.device("cpu"), barrier=barriers.append)
+    return SimpleNamespace(datamodule=data, is_global_zero=rank_zero, strategy=strategy)
+
+
 class _ReadingData:
     """What the module asks of the datamodule to pretrain a base: Stage 3 rows and the data set's name."""
 
@@ -450,8 +455,11 @@ def test_a_pretrained_base_waits_for_the_data_then_trains_every_weight_on_the_re
     with pytest.raises(FileNotFoundError, match="python train.py"):  # a checkpoint cannot be loaded into nothing
         m.on_load_checkpoint({"state_dict": {}})
     data = _ReadingData(m.layout)
-    m._trainer = SimpleNamespace(datamodule=data)
-    m.configure_model()
+    barriers = []
+    m._trainer = _fake_trainer(data, barriers)
+    with torch.device("meta"):  # Lightning's hook runs under the accelerator as default device: building ignores it
+        m.configure_model()
+    assert barriers == ["mmpt-stage3-base"] and next(m.model.parameters()).device.type == "cpu"
     assert (
         data.calls == ["train", "val"]
         and "Stage 3: 30 steps on 64 A2T/I2T and text-only rows" in capsys.readouterr().out
@@ -471,3 +479,14 @@ def test_a_pretrained_base_waits_for_the_data_then_trains_every_weight_on_the_re
     again.check_base_data(SimpleNamespace(root=SimpleNamespace(name="mmpt-aaaa")))
     with pytest.raises(ValueError, match="pretrained on the task shards mmpt-aaaa, this run reads mmpt-bbbb"):
         again.check_base_data(SimpleNamespace(root=SimpleNamespace(name="mmpt-bbbb")))
+    # another rank does not build it: it waits at the barrier and loads what rank 0 built
+    other = _module(tmp_path / "rank1", base=base)
+    barriers.clear()
+    other._trainer = _fake_trainer(_ReadingData(other.layout), barriers, rank_zero=False)
+    with pytest.raises(FileNotFoundError, match="not a Stage 3 base"):  # rank 0 never ran in this test
+        other.configure_model()
+    assert barriers == ["mmpt-stage3-base"] and not other.base_dir.exists()
+    # a run without the MMPT datamodule is told so, not left without a model
+    other._trainer = _fake_trainer(None, barriers)
+    with pytest.raises(ValueError, match="needs the MMPT datamodule"):
+        other.configure_model()

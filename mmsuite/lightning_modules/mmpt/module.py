@@ -111,14 +111,26 @@ class MMPTModule(L.LightningModule):
         (``base.pretrain.steps``) is built only then, from the datamodule's Stage 3 rows."""
         if self.model is not None:
             return
-        path = self.base_dir
+        with torch.device("cpu"):  # Lightning's hook runs under the accelerator as default device; build as __init__
+            self._configure_model()
+
+    def _configure_model(self) -> None:
+        path, trainer = self.base_dir, self._trainer
         if not (path / TOKEN_SPACE_FILE).is_file() and not self.settings.base_dir:
-            data = None
+            data, device = None, None
             if self.settings.base.pretrain.steps:
-                data = self._trainer.datamodule if self._trainer is not None else None
-                if data is None or not hasattr(data, "stage3_rows"):
+                if trainer is None:
                     return  # Lightning calls this hook again once the data exist
-            ensure_base(self.layout, self.settings.base, path, data)
+                data, device = trainer.datamodule, trainer.strategy.root_device
+                if data is None or not hasattr(data, "stage3_rows"):
+                    raise ValueError(
+                        "model.base.pretrain.steps > 0 trains the Stage 3 base on the task shards: the run needs the "
+                        f"MMPT datamodule (data=mmpt), got {type(data).__name__}"
+                    )
+            if trainer is None or trainer.is_global_zero:  # one rank builds it, the others wait and load it
+                ensure_base(self.layout, self.settings.base, path, data, device)
+            if trainer is not None:
+                trainer.strategy.barrier("mmpt-stage3-base")
         model, layout = load_base(path, expected_sha256=self.layout.sha256, expected_from="the run's token space")
         self.layout = layout  # carries the base's banned text ids
         self.grammar = TaskGrammar(layout, self.fmt)
@@ -414,17 +426,19 @@ def score_caption(text: str, attributes: dict) -> dict[str, bool]:
     return {a: said[a] == attributes[a] for a in toysound.SOUND_ATTRIBUTES}
 
 
-def ensure_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=None) -> Path:
+def ensure_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=None, device=None) -> Path:
     """Build the Stage 3 base for ``layout`` at ``out_dir``: the toy Qwen3 (random weights) or the local base LM
     of ``settings.path``, its vocabulary extended with every new row initialised (seeded mean + noise), then, with
     ``settings.pretrain.steps``, every weight trained on the Stage 3 rows of ``data`` (the MMPT datamodule, set up:
-    its reading sequences and captions). The run's random stream is left as it was (transformers' resizing draws
-    from it), so a run that builds the base and one that finds it built get the same LoRA initialisation."""
-    with torch.random.fork_rng(devices=[]):
-        return _build_base(layout, settings, out_dir, data)
+    its reading sequences and captions; on ``device``, default the CPU). The run's random streams are left as they
+    were (transformers' resizing draws from them), so a run that builds the base and one that finds it built get
+    the same LoRA initialisation."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _build_base(layout, settings, out_dir, data, device)
 
 
-def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=None) -> Path:
+def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=None, device=None) -> Path:
     from mmsuite.lightning_modules.mmpt.base import DTYPES, load_hf_lm
 
     if settings.path:
@@ -452,7 +466,10 @@ def _build_base(layout: MMPTLayout, settings: BaseSettings, out_dir: Path, data=
     if settings.pretrain.steps:
         if data is None:
             raise ValueError("model.base.pretrain.steps > 0 trains the base on the task shards: it needs the data")
-        done = pretrain_base(model, layout, data.stage3_rows("train"), data.stage3_rows("val"), settings.pretrain)
+        train, val = data.stage3_rows("train"), data.stage3_rows("val")
+        model.to(device or "cpu")
+        done = pretrain_base(model, layout, train, val, settings.pretrain)
+        model.to("cpu")
         record["pretrain"] = {**dataclasses.asdict(settings.pretrain), **done, "data": data.root.name}
         print(
             f"[mmpt] Stage 3: {settings.pretrain.steps} steps on {done['train_rows']} A2T/I2T and text-only rows in "
