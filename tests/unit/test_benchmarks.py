@@ -127,8 +127,9 @@ def test_fvlm_bench_quick():
     assert res["shape"]["features"] == [325, 384] and res["shape"]["frames"] == 2
     assert res["shape"]["stored_frames"] == 24 and res["shape"]["caption_tokens"] == 64
     if res["device_type"] == "cpu":
-        _check_figures(res, ("samples_per_s_b1", "samples_per_s_b2", "peak_memory_mib_b2", "memory_per_sample_mib"))
-        assert res["largest_batch_cpu_estimate"] >= 2
+        _check_figures(res, ("samples_per_s_b1", "samples_per_s_b2", "memory_per_sample_mib"))
+        # quick runs both batches in this process: the second peak can add nothing to what the first left resident
+        assert res["peak_memory_mib_b2"] >= 0 and res["largest_batch_cpu_estimate"] >= 2
     else:
         _check_figures(res, ("samples_per_s", "peak_memory_mib"))
         assert res["batch"] == 32
