@@ -396,33 +396,35 @@ class MMPTDataModule(ShardDataModule):
         strict decode of the target), and no record is dropped. Raises ValueError naming the first problem."""
         n, built = 0, 0
         builder = SequenceBuilder(self.layout, self.fmt, self.settings.sequence)
+        for item in self.stored_items(split):
+            for task in TASKS_OF["image" if item.image is not None else "audio"]:
+                seq = builder.build(task, item)
+                if seq is None:
+                    (t, reason), msg = next(iter(builder.drops.examples.items()))
+                    raise ValueError(f"gate A3: {t} record dropped ({reason}): {msg}")
+                verify_sequence(self.layout, seq, self.fmt)
+                built += 1
+            n += 1
+            if n >= self.settings.check_records:
+                return {"records": n, "sequences": built}
+        return {"records": n, "sequences": built}
+
+    def stored_items(self, split: str):
+        """The records of ``split`` as :class:`TaskItem` s, in stored order."""
         for shard in split_shards(self.root, split, self.manifest or read_manifest(self.root)):
             for raw in iter_raw_samples(shard.path, self.on_corrupt):
-                item = self.expand(decode_sample(raw))[0]
-                for task in TASKS_OF["image" if item.image is not None else "audio"]:
-                    seq = builder.build(task, item)
-                    if seq is None:
-                        (t, reason), msg = next(iter(builder.drops.examples.items()))
-                        raise ValueError(f"gate A3: {t} record dropped ({reason}): {msg}")
-                    verify_sequence(self.layout, seq, self.fmt)
-                    built += 1
-                n += 1
-                if n >= self.settings.check_records:
-                    return {"records": n, "sequences": built}
-        return {"records": n, "sequences": built}
+                yield self.expand(decode_sample(raw))[0]
 
     def stage3_rows(self, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """What a Stage 3 base is pretrained on (train) and scored on (val), as ``(input_ids, labels)`` pairs: each
         record's reading sequence (A2T or I2T, labels on the caption) and its caption alone (text-only, labelled)."""
         builder = SequenceBuilder(self.layout, self.fmt, self.settings.sequence)
         rows = []
-        for shard in split_shards(self.root, split, self.manifest or read_manifest(self.root)):
-            for raw in iter_raw_samples(shard.path, self.on_corrupt):
-                item = self.expand(decode_sample(raw))[0]
-                seq = builder.build("i2t" if item.image is not None else "a2t", item)
-                if seq is not None:
-                    rows.append((seq.input_ids, seq.labels))
-                rows.append(assemble_text(self.layout, item.text))
+        for item in self.stored_items(split):
+            seq = builder.build("i2t" if item.image is not None else "a2t", item)
+            if seq is not None:
+                rows.append((seq.input_ids, seq.labels))
+            rows.append(assemble_text(self.layout, item.text))
         return rows
 
     # -- checkpointed state ---------------------------------------------------------------------------

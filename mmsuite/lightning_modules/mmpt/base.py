@@ -327,7 +327,7 @@ def pretrain_base(model, layout: MMPTLayout, train: list, val: list, settings: P
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         opt.step()
         sched.step()
-        last = float(loss.detach())
+        last = loss.detach()  # read once at the end: no host sync per step
     model.eval()
     after = rows_loss(model, layout, val) if val else float("nan")
     return {
@@ -335,6 +335,6 @@ def pretrain_base(model, layout: MMPTLayout, train: list, val: list, settings: P
         "val_rows": len(val),
         "val_loss_before": before,
         "val_loss_after": after,
-        "train_loss_last": last,
+        "train_loss_last": float(last),
         "seconds": round(time.perf_counter() - start, 1),
     }
